@@ -110,7 +110,7 @@ def test_cli_all_writes_every_layout(tmp_path, capsys):
     assert (tmp_path / "imagenet/LOC_synset_mapping.txt").is_file()
     assert (tmp_path / "chestxray8/Data_Entry_2017.csv").is_file()
     assert (tmp_path / "brats/MICCAI_BraTS2020_TrainingData").is_dir()
-    assert (tmp_path / "lits/volume-0_0.png").is_file()
+    assert (tmp_path / "lits/dataset_6/dataset_6/volume-0_0.png").is_file()
     assert (tmp_path / "lits-nifti/volume-0.nii").is_file()
 
 

@@ -69,9 +69,19 @@ def generate(
         raise UserError(f"unknown size {size!r}; choose small or full")
     if count is not None and count < 1:
         raise UserError(f"--count must be at least 1, got {count}")
-    generator = GENERATORS[name]
+    try:
+        return _generate(
+            GENERATORS[name], name, Path(out), size, seed, count, workers, force, progress
+        )
+    except OSError as exc:
+        where = exc.filename or out
+        raise UserError(
+            f"{where}: {exc.strerror or exc}; check --out (a finished part is kept for a rerun)"
+        ) from None
+
+
+def _generate(generator, name, root, size, seed, count, workers, force, progress) -> Path:
     settings = _settings(name, size, seed, count)
-    root = Path(out)
     final, partial = root / name, root / f".{name}.partial"
     if final.exists():
         if _read_marker(final) == settings and not force:

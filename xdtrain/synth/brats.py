@@ -88,14 +88,10 @@ def plan(size: str, seed: int, count: int | None) -> Plan:
         jobs.append(Job(cid, tuple(files), {"grade": grade}))
         mapping.append([grade, "NA", "NA", "NA", "NA", cid])
         if grade == "HGG":
-            survival.append(
-                [
-                    cid,
-                    f"{rng.uniform(30, 85):.3f}",
-                    int(rng.integers(5, 1800)),
-                    str(rng.choice(["GTR", "STR", "NA"])),
-                ]
-            )
+            age, days = f"{rng.uniform(30, 85):.3f}", int(rng.integers(5, 1800))
+            if rng.random() < 0.1:  # as in the release: alive at last contact, as text
+                days = f"ALIVE ({days} days later)"
+            survival.append([cid, age, days, str(rng.choice(["GTR", "STR", "NA"]))])
     extra = {
         f"{ROOT}/name_mapping.csv": csv_bytes(
             [

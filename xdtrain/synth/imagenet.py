@@ -3,7 +3,8 @@
 ::
 
     LOC_synset_mapping.txt          "<wnid> <names>" per line, in label order
-    LOC_val_solution.csv            ImageId,PredictionString ("<wnid> x0 y0 x1 y1" per box)
+    LOC_val_solution.csv            ImageId,PredictionString ("<wnid> x0 y0 x1 y1" per box),
+                                    rows in no particular order
     LOC_train_solution.csv          the same for the train images that have boxes
     ILSVRC/Data/CLS-LOC/train/<wnid>/<wnid>_<n>.JPEG
     ILSVRC/Data/CLS-LOC/val/ILSVRC2012_val_<8 digits>.JPEG
@@ -161,15 +162,21 @@ def plan(size: str, seed: int, count: int | None) -> Plan:
     header = ["ImageId", "PredictionString"]
     extra = {
         "LOC_synset_mapping.txt": lines_bytes([f"{w} {n}" for w, n in SYNSETS]),
-        "LOC_val_solution.csv": csv_bytes(header, sorted(val_rows)),
+        "LOC_val_solution.csv": csv_bytes(header, _unsorted(val_rows, rng)),
         "LOC_train_solution.csv": csv_bytes(header, train_rows),
     }
     return Plan(jobs, extra)
 
 
+def _unsorted(rows: list, rng: np.random.Generator) -> list:
+    """The release lists val images in no particular order; readers must not rely on one."""
+    order = rng.permutation(len(rows))
+    return [rows[i] for i in order]
+
+
 def _prediction(wnid: str, params: dict, label: int) -> str:
     x0, y0, x1, y1 = bounding_box(params, label)
-    return f"{wnid} {x0} {y0} {x1} {y1} "
+    return f"{wnid} {x0} {y0} {x1} {y1}"
 
 
 def render(job: Job, size: str, seed: int) -> dict[str, bytes]:

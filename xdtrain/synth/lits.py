@@ -5,11 +5,16 @@ NIfTI release (``lits-nifti``)::
     volume-<N>.nii          CT in Hounsfield units, int16, 512x512xZ
     segmentation-<N>.nii    0 background, 1 liver, 2 tumour; uint8
 
-Kaggle PNG release (``lits``), one file per axial slice ``K`` (0-based)::
+Kaggle PNG release (``lits``, "lits-png"), one file per axial slice ``K`` (0-based), all in
+one flat folder ``dataset_6/dataset_6/``::
 
-    volume-<N>_<K>.png                    8-bit CT in an abdominal window
-    segmentation-<N>_livermask_<K>.png    255 where the liver (tumours included) is
-    segmentation-<N>_lesionmask_<K>.png   255 where a tumour is
+    volume-<N>_<K>.png                    8-bit greyscale CT in an abdominal window
+    segmentation-<N>_livermask_<K>.png    1 where the liver (tumours included) is, else 0
+    segmentation-<N>_lesionmask_<K>.png   1 where a tumour is, else 0
+
+Its slices are 256x256 (``--size full``; the NIfTI release's 512x512 resampled). The
+release's CSV index files are not written: their empty-mask flags are unreliable, so readers
+should look at the masks themselves.
 
 Scans are abdominal cross-sections: air, fat, soft tissue, spine, kidneys, gas pockets and a
 contrast-enhanced liver (about 110 HU) holding hypodense tumours (about 45 HU). The liver
@@ -21,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from PIL import Image
 
 from xdtrain.synth.common import Job, Plan, ellipse, ellipsoid, nifti_bytes, png_bytes, rng_for
 from xdtrain.synth.common import smooth_noise as noise
@@ -38,6 +44,8 @@ HU = {
 }
 # The window the PNG release's CT slices are stored in (level 40, width 400).
 PNG_WINDOW = (-160, 240)
+PNG_DIR = "dataset_6/dataset_6"
+PNG_SIDE = {"small": 64, "full": 256}
 
 
 def scan_shape(size: str, seed: int, index: int) -> tuple[int, int, int]:
@@ -77,7 +85,7 @@ def scan(size: str, seed: int, index: int):
         hu[kidney & ~liver] = HU["kidney"]
     gas = (noise(rng, shape, 9) > 0.7) & inner2d[..., None] & ~liver & (hu == HU["soft"])
     hu[gas] = HU["gas"]
-    hu += rng.normal(0, 12, shape).astype(np.float32)
+    hu += 12 * rng.standard_normal(shape, dtype=np.float32)
     affine = np.diag([-spacing_xy, -spacing_xy, spacing_z, 1.0])
     affine[:3, 3] = [spacing_xy * x / 2, spacing_xy * y / 2, -spacing_z * z]
     return np.clip(hu, -1024, 3071).round().astype(np.int16), labels, affine
@@ -106,12 +114,12 @@ class Release:
             else:
                 z = scan_shape(size, seed, index)[2]
                 files = tuple(
-                    f"{kind}-{index}_{part}{k}.png"
+                    f"{PNG_DIR}/{name}"
                     for k in range(z)
-                    for kind, part in (
-                        ("volume", ""),
-                        ("segmentation", "livermask_"),
-                        ("segmentation", "lesionmask_"),
+                    for name in (
+                        f"volume-{index}_{k}.png",
+                        f"segmentation-{index}_livermask_{k}.png",
+                        f"segmentation-{index}_lesionmask_{k}.png",
                     )
                 )
             jobs.append(Job(f"volume-{index}", files, {"index": index}))
@@ -127,14 +135,22 @@ class Release:
             }
         out = {}
         image = window_to_uint8(hu)
+        side = PNG_SIDE[size]
         for k in range(hu.shape[2]):
+            ct_path, liver_path, lesion_path = job.files[3 * k : 3 * k + 3]
             # Slices as a viewer shows them: rows are y, columns are x.
-            out[f"volume-{index}_{k}.png"] = png_bytes(image[:, :, k].T)
-            liver = ((labels[:, :, k] >= 1) * 255).astype(np.uint8).T
-            lesion = ((labels[:, :, k] == 2) * 255).astype(np.uint8).T
-            out[f"segmentation-{index}_livermask_{k}.png"] = png_bytes(liver)
-            out[f"segmentation-{index}_lesionmask_{k}.png"] = png_bytes(lesion)
+            out[ct_path] = png_bytes(_resize(image[:, :, k].T, side, Image.BILINEAR))
+            liver = (labels[:, :, k] >= 1).astype(np.uint8).T
+            lesion = (labels[:, :, k] == 2).astype(np.uint8).T
+            out[liver_path] = png_bytes(_resize(liver, side, Image.NEAREST))
+            out[lesion_path] = png_bytes(_resize(lesion, side, Image.NEAREST))
         return out
+
+
+def _resize(plane: np.ndarray, side: int, resample) -> np.ndarray:
+    if plane.shape == (side, side):
+        return plane
+    return np.asarray(Image.fromarray(plane).resize((side, side), resample))
 
 
 png_release = Release("lits")
