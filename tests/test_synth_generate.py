@@ -130,3 +130,11 @@ def test_console_script_is_installed(tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == str(tmp_path / "lits-nifti")
+
+
+def test_cli_summary_table_on_stderr(tmp_path, capsys):
+    assert main(["lits-nifti", "--out", str(tmp_path), "--count", "2"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip() == str(tmp_path / "lits-nifti")
+    row = next(line for line in captured.err.splitlines() if "lits-nifti" in line and "│" in line)
+    assert row.split("│")[3].strip() == "4"  # two volumes, two segmentations

@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
 
 from xdtrain.errors import run_cli
 from xdtrain.progress import make_progress
@@ -63,9 +67,23 @@ def main(argv: list[str] | None = None) -> int:
             )
             for name in names
         ]
+    if not args.quiet:
+        Console(stderr=True).print(summary(folders))
     for folder in folders:
         print(folder)
     return 0
+
+
+def summary(folders: list[Path]) -> Table:
+    """Files and bytes written per data set."""
+    table = Table(title="xd-synth", title_justify="left")
+    for column in ("data set", "folder", "files", "MB"):
+        table.add_column(column, justify="right" if column in ("files", "MB") else "left")
+    for folder in folders:
+        files = [p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")]
+        size = sum(p.stat().st_size for p in files) / 1e6
+        table.add_row(folder.name, str(folder), str(len(files)), f"{size:.1f}")
+    return table
 
 
 def entry() -> None:
