@@ -26,13 +26,13 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from xdtrain.rng import rng_for
 from xdtrain.synth.common import (
     Job,
     Plan,
     csv_bytes,
     ellipsoid,
     nifti_bytes,
-    rng_for,
     smooth_noise,
 )
 

@@ -22,7 +22,8 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from xdtrain.synth.common import Job, Plan, csv_bytes, ellipse, lines_bytes, png_bytes, rng_for
+from xdtrain.rng import rng_for
+from xdtrain.synth.common import Job, Plan, csv_bytes, ellipse, lines_bytes, png_bytes
 from xdtrain.synth.common import smooth_noise as noise
 
 name = "chestxray8"

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import gzip
 import io
-import zlib
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -48,14 +47,6 @@ class Generator(Protocol):
     def plan(self, size: str, seed: int, count: int | None) -> Plan: ...
 
     def render(self, job: Job, size: str, seed: int) -> dict[str, bytes]: ...
-
-
-def rng_for(seed: int, *parts: str | int) -> np.random.Generator:
-    """An independent, reproducible random stream for ``(seed, *parts)``."""
-    words = [seed & 0xFFFFFFFF]
-    for part in parts:
-        words.append(zlib.crc32(part.encode()) if isinstance(part, str) else int(part) & 0xFFFFFFFF)
-    return np.random.default_rng(words)
 
 
 def smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], cells: int = 6) -> np.ndarray:

@@ -21,6 +21,7 @@ import math
 import numpy as np
 from PIL import Image
 
+from xdtrain.rng import rng_for
 from xdtrain.synth.common import (
     Job,
     Plan,
@@ -29,7 +30,6 @@ from xdtrain.synth.common import (
     lines_bytes,
     png_bytes,
     polygon_mask,
-    rng_for,
     smooth_noise,
 )
 

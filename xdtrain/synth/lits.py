@@ -28,7 +28,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from xdtrain.synth.common import Job, Plan, ellipse, ellipsoid, nifti_bytes, png_bytes, rng_for
+from xdtrain.rng import rng_for
+from xdtrain.synth.common import Job, Plan, ellipse, ellipsoid, nifti_bytes, png_bytes
 from xdtrain.synth.common import smooth_noise as noise
 
 SIZE = {"small": ((64, 64), (24, 40), 6), "full": ((512, 512), (75, 200), 10)}
