@@ -1,0 +1,13 @@
+"""Packing raw data sets into WebDataset shards: one module per data set, listed once here."""
+
+from __future__ import annotations
+
+from xdtrain.shards import brats, chestxray8, imagenet, lits
+from xdtrain.shards.base import Packer
+
+PACKERS: dict[str, Packer] = {
+    "imagenet": imagenet,
+    "chestxray8": chestxray8,
+    "brats": brats,
+    "lits": lits,
+}

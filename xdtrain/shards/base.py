@@ -1,0 +1,126 @@
+"""The contract between the packing driver and the one module each data set has.
+
+A packer *scans* a raw data set without decoding it (which inputs exist, their labels and
+patients, what is malformed) and *encodes* one source into finished samples. The driver does
+everything else: splits, shuffling, shards, workers, resume and the manifest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import cv2
+import numpy as np
+
+
+@dataclass(slots=True)
+class Source:
+    """One input: an image (one sample) or a volume (one sample per kept slice)."""
+
+    key: str  # unique, without dots: becomes the sample key or its prefix
+    group: str  # the split unit: patient, case, volume; the key itself where there is none
+    params: dict[str, Any] = field(default_factory=dict)  # what encode needs: paths, labels
+    split: str | None = None  # fixed by the release (e.g. ChestX-ray8's test list)
+    stratum: str = ""  # splits are balanced per stratum (class, grade, ...)
+
+
+@dataclass
+class Sample:
+    """One finished WebDataset sample."""
+
+    key: str
+    parts: dict[str, bytes]  # extension -> bytes, in tar order
+    labels: tuple[int, ...] = ()  # classes present, counted per split in the manifest
+    note: dict[str, str] | None = None  # e.g. a conversion the manifest lists
+
+
+@dataclass
+class Scan:
+    """What a packer found in ``--src`` before any decoding."""
+
+    sources: list[Source]
+    classes: list[str]
+    skipped: list[dict[str, str]] = field(default_factory=list)  # {"input", "reason"}
+    notes: list[dict[str, str]] = field(default_factory=list)  # release quirks handled
+    info: dict[str, Any] = field(default_factory=dict)  # preprocessing, for the manifest
+
+
+class SkipItem(Exception):
+    """A malformed input that is skipped (and listed) rather than stopping the run."""
+
+
+class Packer(Protocol):
+    """A data set's packing module (``xdtrain/shards/<name>.py``)."""
+
+    name: str
+    volumetric: bool  # one source gives many samples (slices)
+    groups_are_keys: bool  # no patients: each source is its own group
+    components: dict[str, str]  # extension -> what it holds, for the manifest and docs
+
+    def add_arguments(self, group: argparse._ArgumentGroup) -> None: ...
+
+    def options(self, args: argparse.Namespace) -> dict[str, Any]: ...
+
+    def scan(self, src: Path, options: dict[str, Any]) -> Scan: ...
+
+    def split_ratios(self, ratios: dict[str, float], options: dict) -> dict[str, float]: ...
+
+    def encode(self, source: Source, options: dict[str, Any]) -> list[Sample]: ...
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def rel(path: Path, root: Path) -> str:
+    """``path`` relative to the source root, for the manifest."""
+    try:
+        return str(path.relative_to(root))
+    except ValueError:
+        return str(path)
+
+
+def png_bytes(array: np.ndarray, level: int = 3) -> bytes:
+    """PNG of an HxW or HxWxC uint8/uint16 array, channels in the order given.
+
+    OpenCV writes 16-bit and 4-channel PNGs (Pillow does not write 16-bit RGBA); it expects
+    BGR(A) order, so the first three channels are swapped here to keep RGB(A) on disk.
+    """
+    if array.ndim == 3 and array.shape[2] in (3, 4):
+        array = array[..., [2, 1, 0, *range(3, array.shape[2])]]
+    ok, buf = cv2.imencode(
+        ".png", np.ascontiguousarray(array), [cv2.IMWRITE_PNG_COMPRESSION, level]
+    )
+    if not ok:  # pragma: no cover - OpenCV fails only on unsupported dtypes
+        raise ValueError(f"cannot encode a {array.dtype} array of shape {array.shape} as PNG")
+    return buf.tobytes()
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    """Inverse of :func:`png_bytes` (RGB(A) order), for checks and tests."""
+    array = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if array is None:
+        raise ValueError("not a decodable PNG")
+    if array.ndim == 3 and array.shape[2] in (3, 4):
+        array = array[..., [2, 1, 0, *range(3, array.shape[2])]]
+    return array
+
+
+def int_bytes(values, dtype) -> bytes:
+    """A fixed-size little-endian binary label component (read by DALI with ``dtypes``)."""
+    return np.asarray(values, dtype=np.dtype(dtype).newbyteorder("<")).tobytes()
+
+
+def json_bytes(meta: dict) -> bytes:
+    """A sample's ``json`` component (keys sorted, so equal metadata gives equal bytes)."""
+    return json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
+
+
+def quantise(unit: np.ndarray, bits: int) -> np.ndarray:
+    """Values in [0, 1] to ``uint8`` or ``uint16``."""
+    top = (1 << bits) - 1
+    out = np.rint(np.clip(unit, 0.0, 1.0) * top)
+    return out.astype(np.uint8 if bits == 8 else np.uint16)

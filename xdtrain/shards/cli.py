@@ -1,0 +1,149 @@
+"""``xd-shard``: pack a raw data set into shards; ``verify`` and ``info`` a shard folder."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from xdtrain.errors import UserError, run_cli
+from xdtrain.progress import make_progress
+from xdtrain.shards import PACKERS
+from xdtrain.shards import manifest as manifest_mod
+from xdtrain.shards.pack import pack, shard_size
+from xdtrain.shards.splits import DEFAULT_FRACTIONS, parse_fractions, parse_ratios
+
+USAGE = f"""xd-shard --dataset {{{",".join(PACKERS)}}} [options]
+       xd-shard verify DIR
+       xd-shard info DIR"""
+
+
+def pack_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="xd-shard",
+        usage=USAGE,
+        description="Pack a raw data set into shuffled WebDataset shards with patient-level "
+        "splits, a DALI index per shard and manifest.json.",
+    )
+    parser.add_argument("--dataset", required=True, choices=list(PACKERS))
+    parser.add_argument("--src", help="raw data set folder (default: datasets/<dataset>)")
+    parser.add_argument("--out", help="output folder (default: shards/<dataset>)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of splits and shuffles")
+    parser.add_argument(
+        "--splits",
+        default="0.7,0.1,0.2",
+        help="train,val,test shares of patients' samples (default 0.7,0.1,0.2)",
+    )
+    parser.add_argument(
+        "--fractions",
+        default=",".join(str(f) for f in DEFAULT_FRACTIONS),
+        help="nested training fractions chosen by patient (default 0.5,0.1,0.01; empty for none)",
+    )
+    parser.add_argument("--shard-size", default="256MB", help="target shard size (default 256MB)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="encoding processes (default: all cores)",
+    )
+    parser.add_argument("--strict", action="store_true", help="stop at the first bad input")
+    parser.add_argument(
+        "--force", action="store_true", help="replace shards packed with other arguments"
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    seen: set[str] = set()
+    for name, packer in PACKERS.items():
+        group = parser.add_argument_group(f"{name} options")
+        packer.add_arguments(_Dedup(group, seen))
+    return parser
+
+
+class _Dedup:
+    """Lets two data sets declare the same option (e.g. ``--bits``) once."""
+
+    def __init__(self, group, seen: set[str]):
+        self.group, self.seen = group, seen
+
+    def add_argument(self, *flags, **kwargs):
+        if flags[0] in self.seen:
+            return None
+        self.seen.add(flags[0])
+        return self.group.add_argument(*flags, **kwargs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("verify", "info"):
+        return _folder_command(argv[0], argv[1:])
+    args = pack_parser().parse_args(argv)
+    packer = PACKERS[args.dataset]
+    src = Path(args.src or f"datasets/{args.dataset}")
+    out = Path(args.out or f"shards/{args.dataset}")
+    ratios = parse_ratios(args.splits)
+    fractions = parse_fractions(args.fractions) if args.fractions.strip() else ()
+    if args.workers < 1:
+        raise UserError(f"--workers must be at least 1, got {args.workers}")
+    with make_progress(enabled=not args.quiet) as progress:
+        manifest = pack(
+            packer,
+            src,
+            out,
+            options=packer.options(args),
+            seed=args.seed,
+            ratios=ratios,
+            fractions=fractions,
+            shard_bytes=shard_size(args.shard_size),
+            workers=args.workers,
+            strict=args.strict,
+            force=args.force,
+            progress=progress,
+        )
+    if not args.quiet:
+        console = Console(stderr=True)
+        console.print(manifest_mod.info_table(manifest))
+        if manifest["skipped"]:
+            console.print(_skipped_table(manifest["skipped"]))
+    print(out)
+    return 0
+
+
+def _skipped_table(skipped: list[dict], limit: int = 10) -> Table:
+    table = Table(
+        title=f"skipped inputs ({len(skipped)}; all are in manifest.json)", title_justify="left"
+    )
+    table.add_column("input")
+    table.add_column("reason")
+    for item in skipped[:limit]:
+        table.add_row(item["input"], item["reason"])
+    if len(skipped) > limit:
+        table.add_row("…", f"{len(skipped) - limit} more")
+    return table
+
+
+def _folder_command(command: str, argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog=f"xd-shard {command}")
+    parser.add_argument("folder", help="a folder written by xd-shard")
+    args = parser.parse_args(argv)
+    folder = Path(args.folder)
+    if command == "info":
+        manifest = manifest_mod.load(folder)
+        Console().print(manifest_mod.info_table(manifest))
+        if manifest["skipped"]:
+            Console().print(_skipped_table(manifest["skipped"]))
+        return 0
+    checked, problems = manifest_mod.verify(folder)
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    if problems:
+        print(f"{folder}: {len(problems)} problem(s) in {checked} shard(s)", file=sys.stderr)
+        return 1
+    print(f"{folder}: {checked} shard(s) match the manifest")
+    return 0
+
+
+def entry() -> None:
+    sys.exit(run_cli(main))

@@ -1,0 +1,463 @@
+"""The packing driver: scan, split, shuffle, encode in parallel, write shards, resume.
+
+Output of a run in ``OUT``::
+
+    train-p001-000000.tar (+ .idx)   training samples of the patients in the 1 % fraction
+    train-p010-000000.tar ...        ... in 10 % but not 1 %; then p050, p100 (the rest)
+    val-000000.tar, test-000000.tar
+    manifest.json                    written last: its presence means the run is complete
+
+Training shards are grouped by *fraction tier* so that the nested 50/10/1 % subsets (chosen
+by patient) are whole files: a 10 % run reads ``train-p001-*`` and ``train-p010-*``. Within
+each tier and split, samples are shuffled (seeded) across the whole group, because DALI's
+reader only shuffles within a small buffer.
+
+Resume: ``.xd-shard-state.json`` records every finished shard and where in the group's
+shuffled order it ended. A rerun with the same arguments starts after the last finished
+shard; since encoding is deterministic, the result is byte-identical to an uninterrupted run.
+Volumes (BraTS, LiTS) are first encoded case by case into ``.spool/`` so that their slices
+can be shuffled across cases while memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Executor, ProcessPoolExecutor
+from dataclasses import asdict
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from rich.progress import Progress
+
+from xdtrain import __version__
+from xdtrain.errors import UserError
+from xdtrain.fileio import atomic_write
+from xdtrain.rng import rng_for
+from xdtrain.shards import manifest as manifest_mod
+from xdtrain.shards.base import Packer, Sample, Scan, SkipItem, Source
+from xdtrain.shards.splits import SPLITS, assign_splits, fraction_tiers, tier_name
+from xdtrain.shards.tar import ShardWriter, index_path, parse_index
+
+STATE = ".xd-shard-state.json"
+SPOOL = ".spool"
+
+
+def registry() -> dict[str, Packer]:
+    from xdtrain.shards import PACKERS
+
+    return PACKERS
+
+
+# --------------------------------------------------------------------------- encoding jobs
+
+
+def _encode(dataset: str, options: dict, source: Source) -> tuple[list[Sample], str | None]:
+    """Encode one source in a worker; a malformed input comes back as a reason, not a crash."""
+    try:
+        return registry()[dataset].encode(source, options), None
+    except SkipItem as exc:
+        return [], str(exc)
+
+
+def ordered_map(fn: Callable, items: Iterable, pool: Executor | None, window: int) -> Iterator[Any]:
+    """``map(fn, items)`` in order, with at most ``window`` items in flight (bounded memory)."""
+    if pool is None:
+        yield from map(fn, items)
+        return
+    iterator = iter(items)
+    pending: deque = deque()
+    for item in iterator:
+        pending.append(pool.submit(fn, item))
+        if len(pending) >= window:
+            break
+    while pending:
+        result = pending.popleft().result()
+        nxt = next(iterator, pending)  # the deque itself marks the end
+        if nxt is not pending:
+            pending.append(pool.submit(fn, nxt))
+        yield result
+
+
+# --------------------------------------------------------------------------- state
+
+
+def _load_state(out: Path, fingerprint: dict) -> dict:
+    try:
+        state = json.loads((out / STATE).read_text())
+        if state.get("fingerprint") == fingerprint:
+            return state
+    except (OSError, ValueError):
+        pass
+    return {"fingerprint": fingerprint, "groups": {}}
+
+
+def _save_state(out: Path, state: dict) -> None:
+    atomic_write(out / STATE, json.dumps(state, separators=(",", ":")))
+
+
+def _clear_outputs(out: Path) -> None:
+    """Remove everything a previous xd-shard run wrote into ``out`` (and nothing else)."""
+    for path in out.iterdir():
+        name = path.name
+        ours = name.endswith((".tar", ".idx", ".tar.tmp")) or name in (
+            "manifest.json",
+            STATE,
+            SPOOL,
+        )
+        if not ours:
+            continue
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+# --------------------------------------------------------------------------- main entry
+
+
+def pack(
+    packer: Packer,
+    src: Path,
+    out: Path,
+    *,
+    options: dict,
+    seed: int,
+    ratios: dict[str, float],
+    fractions: tuple[float, ...],
+    shard_bytes: int,
+    workers: int = 1,
+    strict: bool = False,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> dict:
+    """Pack ``src`` into shards in ``out``; return the manifest."""
+    if not src.is_dir():
+        raise UserError(
+            f"{src}: source folder not found; pass --src with the raw {packer.name} "
+            "data set (xd-synth writes a small one)"
+        )
+    fingerprint = {
+        "dataset": packer.name,
+        "src": str(src.resolve()),
+        "seed": seed,
+        "splits": ratios,
+        "fractions": list(fractions),
+        "shard_bytes": shard_bytes,
+        "options": options,
+        "tool": __version__,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    done = manifest_mod.load(out, missing_ok=True)
+    if done is not None:
+        if done.get("fingerprint") == fingerprint and not force:
+            return done
+        if not force:
+            raise UserError(
+                f"{out} already holds shards packed with other arguments; pass --force to "
+                "replace them or choose another --out"
+            )
+    state = _load_state(out, fingerprint)
+    if force or not state["groups"]:
+        _clear_outputs(out)
+        state = {"fingerprint": fingerprint, "groups": {}}
+    for stale in out.glob(".*.tar.tmp"):
+        stale.unlink()
+
+    scan = packer.scan(src, options)
+    if strict and scan.skipped:
+        first = scan.skipped[0]
+        raise UserError(
+            f"{first['input']}: {first['reason']} (--strict; "
+            f"{len(scan.skipped)} input(s) would be skipped)"
+        )
+    if not scan.sources:
+        raise UserError(f"{src}: no usable {packer.name} inputs found; check --src")
+
+    split_of = _split_groups(packer, scan, ratios, seed, options)
+    train_groups = sorted({s.group for s in scan.sources if split_of[s.group] == "train"})
+    tiers = fraction_tiers(train_groups, fractions, seed) if train_groups else {}
+    plan = _plan_groups(scan.sources, split_of, tiers, fractions)
+
+    pool = ProcessPoolExecutor(max_workers=workers) if workers > 1 else None
+    try:
+        if packer.volumetric:
+            refs = _spool(packer, scan, out, options, pool, workers, strict, progress)
+        for group_name, sources in plan:
+            if state["groups"].get(group_name, {}).get("done"):
+                continue
+            rng = rng_for(seed, "order", group_name)
+            if packer.volumetric:
+                units = [ref for s in sources for ref in refs[s.key]]
+                units.sort(key=lambda u: u[1].key)
+            else:
+                units = sorted(sources, key=lambda s: s.key)
+            order = rng.permutation(len(units))
+            units = [units[i] for i in order]
+            _write_group(
+                packer,
+                group_name,
+                units,
+                out,
+                state,
+                options,
+                shard_bytes,
+                pool,
+                workers,
+                strict,
+                progress,
+            )
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+
+    skips, notes = _spool_record(out) if packer.volumetric else ([], [])
+    scan.skipped.extend(skips)
+    scan.notes.extend(notes)
+    manifest = manifest_mod.build(packer, scan, state, split_of, tiers, fingerprint, out)
+    manifest_mod.save(out, manifest)
+    (out / STATE).unlink(missing_ok=True)
+    shutil.rmtree(out / SPOOL, ignore_errors=True)
+    return manifest
+
+
+def _split_groups(packer, scan: Scan, ratios, seed, options) -> dict[str, str]:
+    fixed: dict[str, str] = {}
+    free: dict[str, str] = {}
+    weights: Counter = Counter()
+    for source in scan.sources:
+        weights[source.group] += 1
+        if source.split is not None:
+            if fixed.get(source.group, source.split) != source.split:
+                raise UserError(
+                    f"{source.group}: the release puts this patient in two splits "
+                    f"({fixed[source.group]}, {source.split})"
+                )
+            fixed[source.group] = source.split
+        else:
+            free.setdefault(source.group, source.stratum)
+    free = {g: s for g, s in free.items() if g not in fixed}
+    target = packer.split_ratios(ratios, options)
+    assigned = assign_splits(free, target, seed, dict(weights)) if free else {}
+    return {**assigned, **fixed}
+
+
+def _plan_groups(sources: list[Source], split_of, tiers, fractions) -> list[tuple[str, list]]:
+    """``[(group name, sources)]`` in writing order: train tiers small to large, val, test."""
+    by_name: dict[str, list[Source]] = {}
+    tier_names = [tier_name(f) for f in sorted(fractions)] + [tier_name(1.0)]
+    for name in [f"train-{t}" for t in tier_names] + [s for s in SPLITS if s != "train"]:
+        by_name[name] = []
+    for source in sources:
+        split = split_of[source.group]
+        name = f"train-{tier_name(tiers[source.group])}" if split == "train" else split
+        by_name[name].append(source)
+    return [(name, group) for name, group in by_name.items() if group]
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _write_group(
+    packer, group_name, units, out, state, options, shard_bytes, pool, workers, strict, progress
+) -> None:
+    record = state["groups"].setdefault(group_name, {"shards": [], "done": False})
+    start = record["shards"][-1]["next"] if record["shards"] else 0
+    task = progress.add_task(group_name, total=len(units), completed=start) if progress else None
+    if packer.volumetric:
+        reader = _SpoolReader(out / SPOOL)
+        results = ((reader.read(unit), None) for unit in units[start:])
+    else:
+        encode = partial(_encode, packer.name, options)
+        results = ordered_map(encode, units[start:], pool, window=max(4, workers * 16))
+
+    writer: ShardWriter | None = None
+    stats = _ShardStats()
+    position = start
+    try:
+        for unit, (samples, reason) in zip(units[start:], results, strict=True):
+            position += 1
+            if reason is not None:
+                skip = {"input": unit.params.get("input", unit.key), "reason": reason}
+                if strict:
+                    raise UserError(f"{skip['input']}: {reason} (--strict)")
+                stats.skipped.append(skip)
+            for sample in samples:
+                if writer is None:
+                    writer = ShardWriter(out / f"{group_name}-{len(record['shards']):06d}.tar")
+                writer.add(sample.key, sample.parts)
+                stats.add(sample, unit.group)
+            if progress:
+                progress.advance(task)
+            if writer is not None and writer.size >= shard_bytes:
+                _finish_shard(writer, stats, position, record, out, state)
+                writer, stats = None, _ShardStats()
+        if writer is not None:
+            _finish_shard(writer, stats, position, record, out, state)
+        else:  # inputs skipped after the last shard closed
+            record["tail_skipped"] = stats.skipped
+        record["done"] = True
+        _save_state(out, state)
+    finally:
+        if writer is not None and not writer.closed:
+            writer.abort()
+        if packer.volumetric:
+            reader.close()
+
+
+class _ShardStats:
+    def __init__(self):
+        self.groups: set[str] = set()
+        self.classes: Counter = Counter()
+        self.skipped: list[dict] = []
+        self.notes: list[dict] = []
+
+    def add(self, sample: Sample, group: str) -> None:
+        self.groups.add(group)
+        self.classes.update(sample.labels)
+        if sample.note:
+            self.notes.append(sample.note)
+
+
+def _finish_shard(writer: ShardWriter, stats: _ShardStats, position, record, out, state):
+    info = writer.close()
+    record["shards"].append(
+        {
+            **asdict(info),
+            "next": position,
+            "groups": sorted(stats.groups),
+            "classes": {str(k): v for k, v in sorted(stats.classes.items())},
+            "skipped": stats.skipped,
+            "notes": stats.notes,
+        }
+    )
+    _save_state(out, state)
+
+
+# --------------------------------------------------------------------------- volumes
+
+
+def _spool(packer, scan, out, options, pool, workers, strict, progress) -> dict[str, list]:
+    """Encode every volume into ``.spool/<key>.tar``; return its sample references."""
+    spool = out / SPOOL
+    spool.mkdir(exist_ok=True)
+    todo = [s for s in scan.sources if not (spool / f"{s.key}.json").exists()]
+    task = (
+        progress.add_task(
+            "volumes", total=len(scan.sources), completed=len(scan.sources) - len(todo)
+        )
+        if progress
+        else None
+    )
+    encode = partial(_encode, packer.name, options)
+    for source, (samples, reason) in zip(
+        todo, ordered_map(encode, todo, pool, workers * 2), strict=True
+    ):
+        if reason is not None and strict:
+            raise UserError(f"{source.params.get('input', source.key)}: {reason} (--strict)")
+        meta: dict[str, Any] = {"skipped": reason, "input": source.params.get("input", source.key)}
+        if samples:
+            writer = ShardWriter(spool / f"{source.key}.tar")
+            try:
+                for sample in samples:
+                    writer.add(sample.key, sample.parts)
+                writer.close()
+            except BaseException:
+                writer.abort()
+                raise
+        meta["labels"] = [list(s.labels) for s in samples]
+        meta["notes"] = [s.note for s in samples if s.note]
+        atomic_write(spool / f"{source.key}.json", json.dumps(meta))
+        if progress:
+            progress.advance(task)
+    refs: dict[str, list] = {}
+    for source in scan.sources:
+        meta = json.loads((spool / f"{source.key}.json").read_text())
+        if not meta["labels"]:
+            refs[source.key] = []
+            continue
+        index = parse_index(index_path(spool / f"{source.key}.tar").read_text())
+        refs[source.key] = [
+            _VolumeUnit(source, ref, tuple(labels))
+            for ref, labels in zip(index, meta["labels"], strict=True)
+        ]
+    return refs
+
+
+def _spool_record(out: Path) -> tuple[list[dict], list[dict]]:
+    """Volumes skipped while spooling, and notes on the ones kept."""
+    skips, notes = [], []
+    for path in sorted((out / SPOOL).glob("*.json")):
+        meta = json.loads(path.read_text())
+        if meta["skipped"]:
+            skips.append({"input": meta["input"], "reason": meta["skipped"]})
+        notes.extend(meta["notes"])
+    return skips, notes
+
+
+class _VolumeUnit(tuple):
+    """(source, sample reference, labels): one spooled slice."""
+
+    def __new__(cls, source, ref, labels):
+        return super().__new__(cls, (source, ref, labels))
+
+    @property
+    def group(self) -> str:
+        return self[0].group
+
+    @property
+    def key(self) -> str:
+        return self[1].key
+
+    @property
+    def params(self) -> dict:
+        return self[0].params
+
+
+class _SpoolReader:
+    """Reads spooled samples back by offset, keeping a few files open."""
+
+    def __init__(self, folder: Path, keep: int = 32):
+        self.folder, self.keep = folder, keep
+        self.files: dict[str, Any] = {}
+
+    def read(self, unit: _VolumeUnit) -> list[Sample]:
+        source, ref, labels = unit
+        fh = self.files.pop(source.key, None) or open(self.folder / f"{source.key}.tar", "rb")  # noqa: SIM115
+        self.files[source.key] = fh
+        if len(self.files) > self.keep:
+            oldest = next(iter(self.files))
+            self.files.pop(oldest).close()
+        return [Sample(ref.key, ref.read(fh), labels)]
+
+    def close(self) -> None:
+        for fh in self.files.values():
+            fh.close()
+        self.files.clear()
+
+
+def shard_size(text: str) -> int:
+    """``"256MB"`` -> bytes (KB/MB/GB are powers of 1000, KiB/MiB/GiB of 1024)."""
+    units = {
+        "": 1,
+        "B": 1,
+        "KB": 10**3,
+        "MB": 10**6,
+        "GB": 10**9,
+        "KIB": 2**10,
+        "MIB": 2**20,
+        "GIB": 2**30,
+    }
+    number = text.strip().upper().rstrip()
+    digits = number.rstrip("KMGIB")
+    unit = number[len(digits) :].strip()
+    try:
+        value = float(digits) * units[unit]
+    except (ValueError, KeyError):
+        raise UserError(f"--shard-size {text}: expected a size like 256MB or 64KiB") from None
+    if value < 1024:
+        raise UserError(f"--shard-size {text}: too small; use at least 1KiB")
+    return int(value)
