@@ -17,3 +17,28 @@ def raw(tmp_path_factory):
     for name, count in COUNTS.items():
         generate(name, root, size="small", seed=0, count=count)
     return root
+
+
+# Shard folders of every data set, packed from ``raw`` into small shards (several per split).
+PACK_ARGS = {
+    "imagenet": ("imagenet", "imagenet", ["--shard-size", "20KB"]),
+    "chestxray8": ("chestxray8", "chestxray8", ["--shard-size", "20KB", "--size", "64"]),
+    "brats": ("brats", "brats", ["--shard-size", "60KB"]),
+    "lits": ("lits", "lits", ["--shard-size", "20KB"]),
+    "lits-nifti": ("lits", "lits-nifti", ["--shard-size", "20KB"]),
+}
+
+
+@pytest.fixture(scope="session")
+def packed(raw, tmp_path_factory):
+    """``{name: shard folder}`` for every entry of :data:`PACK_ARGS`."""
+    from xdtrain.shards.cli import main
+
+    root = tmp_path_factory.mktemp("shards")
+    folders = {}
+    for name, (dataset, src, extra) in PACK_ARGS.items():
+        out = root / name
+        argv = ["--dataset", dataset, "--src", str(raw / src), "--out", str(out), "--quiet"]
+        assert main(argv + ["--workers", "1", *extra]) == 0
+        folders[name] = out
+    return folders

@@ -46,6 +46,8 @@ def test_killed_run_resumes_without_redoing_items(tmp_path, monkeypatch):
         generate("brats", tmp_path / "out", count=4)
     assert not (tmp_path / "out/brats").exists()  # nothing looks complete
     assert (tmp_path / "out/.brats.partial").is_dir()
+    # A file the killed run was writing when it died.
+    (tmp_path / "out/.brats.partial/.half.nii.gz.x1y2.tmp").write_bytes(b"half")
 
     monkeypatch.setattr(
         synth.brats,

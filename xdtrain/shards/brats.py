@@ -126,21 +126,18 @@ def scan(src: Path, options: dict) -> Scan:
             else:
                 missing.append(modality)
         leftovers = sorted(set(files.values()) - set(paths.values()))
-        if missing == ["seg"] and len(leftovers) == 1:
+        renamed = None
+        if "seg" in missing and len(leftovers) == 1:
             # The release misnames one case's segmentation (W39_1998.09.19_Segm.nii).
-            paths["seg"] = leftovers[0]
-            notes.append(
-                {
-                    "input": rel(leftovers[0], src),
-                    "note": f"segmentation of {case} under a non-standard name; used",
-                }
-            )
-            missing = []
+            paths["seg"] = renamed = leftovers[0]
+            missing.remove("seg")
         if missing:
-            skipped.append(
-                {"input": rel(folder, src), "reason": f"missing {', '.join(missing)} NIfTI file(s)"}
-            )
+            reason = f"missing {', '.join(missing)} NIfTI file(s)"
+            skipped.append({"input": rel(folder, src), "reason": reason})
             continue
+        if renamed is not None:
+            note = f"segmentation of {case} under a non-standard name; used"
+            notes.append({"input": rel(renamed, src), "note": note})
         sources.append(
             Source(
                 key=case,
@@ -171,9 +168,12 @@ def _load(path: str, what: str) -> np.ndarray:
     try:
         return np.asanyarray(nib.load(path).dataobj)
     except Exception as exc:  # nibabel raises many types for damaged files
-        raise SkipItem(
-            f"unreadable {what} NIfTI {Path(path).name} ({type(exc).__name__}: {str(exc)[:80]})"
-        ) from None
+        raise SkipItem(f"unreadable {what} NIfTI {Path(path).name} ({_why(exc, path)})") from None
+
+
+def _why(exc: Exception, path: str) -> str:
+    """An exception as a short reason, without the (already named) file's full path."""
+    return f"{type(exc).__name__}: {str(exc).replace(path, Path(path).name)[:80]}"
 
 
 def encode(source: Source, options: dict) -> list[Sample]:

@@ -21,7 +21,9 @@ can be shuffled across cases while memory stays bounded.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import multiprocessing
 import shutil
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
@@ -85,14 +87,22 @@ def ordered_map(fn: Callable, items: Iterable, pool: Executor | None, window: in
 # --------------------------------------------------------------------------- state
 
 
-def _load_state(out: Path, fingerprint: dict) -> dict:
+def _load_state(out: Path, fingerprint: dict) -> dict | None:
+    """The record of a killed run with the same inputs and arguments, if there is one."""
     try:
         state = json.loads((out / STATE).read_text())
-        if state.get("fingerprint") == fingerprint:
-            return state
     except (OSError, ValueError):
-        pass
-    return {"fingerprint": fingerprint, "groups": {}}
+        return None
+    return state if state.get("fingerprint") == fingerprint else None
+
+
+def _scan_digest(scan: Scan) -> str:
+    """Identifies the inputs found (names, patients, fixed splits), so changed inputs repack."""
+    digest = hashlib.sha256()
+    for source in scan.sources:
+        digest.update(f"{source.key}|{source.group}|{source.split}|{source.stratum}\n".encode())
+    digest.update(json.dumps(scan.skipped, sort_keys=True).encode())
+    return digest.hexdigest()
 
 
 def _save_state(out: Path, state: dict) -> None:
@@ -103,10 +113,15 @@ def _clear_outputs(out: Path) -> None:
     """Remove everything a previous xd-shard run wrote into ``out`` (and nothing else)."""
     for path in out.iterdir():
         name = path.name
-        ours = name.endswith((".tar", ".idx", ".tar.tmp")) or name in (
-            "manifest.json",
-            STATE,
-            SPOOL,
+        ours = (
+            name.endswith((".tar", ".idx"))
+            or (name.startswith(".") and name.endswith(".tmp"))
+            or name
+            in (
+                "manifest.json",
+                STATE,
+                SPOOL,
+            )
         )
         if not ours:
             continue
@@ -140,33 +155,6 @@ def pack(
             f"{src}: source folder not found; pass --src with the raw {packer.name} "
             "data set (xd-synth writes a small one)"
         )
-    fingerprint = {
-        "dataset": packer.name,
-        "src": str(src.resolve()),
-        "seed": seed,
-        "splits": ratios,
-        "fractions": list(fractions),
-        "shard_bytes": shard_bytes,
-        "options": options,
-        "tool": __version__,
-    }
-    out.mkdir(parents=True, exist_ok=True)
-    done = manifest_mod.load(out, missing_ok=True)
-    if done is not None:
-        if done.get("fingerprint") == fingerprint and not force:
-            return done
-        if not force:
-            raise UserError(
-                f"{out} already holds shards packed with other arguments; pass --force to "
-                "replace them or choose another --out"
-            )
-    state = _load_state(out, fingerprint)
-    if force or not state["groups"]:
-        _clear_outputs(out)
-        state = {"fingerprint": fingerprint, "groups": {}}
-    for stale in out.glob(".*.tar.tmp"):
-        stale.unlink()
-
     scan = packer.scan(src, options)
     if strict and scan.skipped:
         first = scan.skipped[0]
@@ -176,13 +164,43 @@ def pack(
         )
     if not scan.sources:
         raise UserError(f"{src}: no usable {packer.name} inputs found; check --src")
+    fingerprint = {
+        "dataset": packer.name,
+        "src": str(src.resolve()),
+        "inputs": _scan_digest(scan),
+        "seed": seed,
+        "splits": ratios,
+        "fractions": list(fractions),
+        "shard_bytes": shard_bytes,
+        "options": options,
+        "tool": __version__,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    done = manifest_mod.load(out, missing_ok=True)
+    if done is not None and not force:
+        if done.get("fingerprint") == fingerprint:
+            return done
+        raise UserError(
+            f"{out} already holds shards packed from other inputs or with other arguments; "
+            "pass --force to replace them or choose another --out"
+        )
+    state = _load_state(out, fingerprint)
+    if force or state is None:  # a fresh run: drop whatever an older run left
+        _clear_outputs(out)
+        state = {"fingerprint": fingerprint, "groups": {}}
+    for folder in (out, out / SPOOL):  # temporary files of a killed run
+        for stale in folder.glob(".*.tmp"):
+            stale.unlink()
 
     split_of = _split_groups(packer, scan, ratios, seed, options)
     train_groups = sorted({s.group for s in scan.sources if split_of[s.group] == "train"})
     tiers = fraction_tiers(train_groups, fractions, seed) if train_groups else {}
     plan = _plan_groups(scan.sources, split_of, tiers, fractions)
 
-    pool = ProcessPoolExecutor(max_workers=workers) if workers > 1 else None
+    # Workers start from a fresh server process, not a fork of this one: they must not
+    # inherit (and, through reference counting, copy) the scan of a million-image data set.
+    context = multiprocessing.get_context("forkserver")
+    pool = ProcessPoolExecutor(workers, mp_context=context) if workers > 1 else None
     try:
         if packer.volumetric:
             refs = _spool(packer, scan, out, options, pool, workers, strict, progress)
@@ -214,6 +232,15 @@ def pack(
         if pool is not None:
             pool.shutdown(cancel_futures=True)
 
+    written = sum(len(g["shards"]) for g in state["groups"].values())
+    if written == 0:
+        skipped = [s for g in state["groups"].values() for s in g.get("tail_skipped", [])]
+        skipped += _spool_record(out)[0] if packer.volumetric else []
+        first = f" (first: {skipped[0]['input']}: {skipped[0]['reason']})" if skipped else ""
+        raise UserError(
+            f"{src}: no samples written; all {len(scan.sources)} {packer.name} "
+            f"input(s) were skipped or held no kept slices{first}"
+        )
     skips, notes = _spool_record(out) if packer.volumetric else ([], [])
     scan.skipped.extend(skips)
     scan.notes.extend(notes)

@@ -95,6 +95,8 @@ def _generate(generator, name, root, size, seed, count, workers, force, progress
     if partial.exists() and _read_marker(partial) != settings:
         shutil.rmtree(partial)
     partial.mkdir(parents=True, exist_ok=True)
+    for stale in partial.rglob(".*.tmp"):  # half-written files of a killed run
+        stale.unlink()
     marker = {"settings": settings, "tool": f"xdtrain {__version__}"}
     atomic_write(partial / MARKER, json.dumps(marker, indent=2) + "\n")
 

@@ -1,0 +1,266 @@
+"""What each packer writes: labels, channels, masks and the quirks of each release."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import nibabel as nib
+import numpy as np
+from PIL import Image
+
+from xdtrain.shards import manifest as manifest_mod
+from xdtrain.shards.base import decode_png
+from xdtrain.shards.tar import read_samples
+from xdtrain.synth import brats as synth_brats
+from xdtrain.synth import lits as synth_lits
+
+
+def all_samples(folder, split=None) -> dict[str, dict[str, bytes]]:
+    manifest = manifest_mod.load(folder)
+    out = {}
+    for name, entry in manifest["splits"].items():
+        if split not in (None, name):
+            continue
+        for shard in entry["shards"]:
+            out.update(read_samples(folder / shard["name"]))
+    return out
+
+
+# --------------------------------------------------------------------------- ImageNet
+
+
+def test_imagenet_labels_follow_the_synset_mapping(raw, packed):
+    root = raw / "imagenet"
+    wnids = [line.split()[0] for line in (root / "LOC_synset_mapping.txt").read_text().splitlines()]
+    with open(root / "LOC_val_solution.csv", newline="") as fh:
+        val = {r["ImageId"]: r["PredictionString"].split()[0] for r in csv.DictReader(fh)}
+    samples = all_samples(packed["imagenet"])
+    assert len(samples) == len(list(root.rglob("*.JPEG")))
+    for key, parts in samples.items():
+        wnid = key.split("_")[0] if key in val or not key.startswith("ILSVRC") else None
+        wnid = val.get(key, wnid)
+        label = wnids.index(wnid)
+        assert parts["cls"] == str(label).encode()
+        assert np.frombuffer(parts["label.i64"], "<i8").tolist() == [label]
+        assert json.loads(parts["json"])["wnid"] == wnid
+
+
+def test_imagenet_train_is_official_train_and_val_test_split_official_val(packed):
+    folder = packed["imagenet"]
+    train = all_samples(folder, "train")
+    held_out = {**all_samples(folder, "val"), **all_samples(folder, "test")}
+    assert not any(k.startswith("ILSVRC2012_val_") for k in train)
+    assert all(k.startswith("ILSVRC2012_val_") for k in held_out)
+    manifest = manifest_mod.load(folder)
+    assert abs(manifest["splits"]["val"]["samples"] - manifest["splits"]["test"]["samples"]) <= 1
+
+
+def test_imagenet_copies_jpeg_bytes_and_converts_the_quirks(raw, packed):
+    root = raw / "imagenet"
+    manifest = manifest_mod.load(packed["imagenet"])
+    converted = {n["input"]: n["note"] for n in manifest["notes"]}
+    assert sorted(converted.values()) == [
+        "CMYK JPEG converted to RGB JPEG",
+        "L JPEG converted to RGB JPEG",
+        "RGB PNG converted to RGB JPEG",
+    ]
+    samples = all_samples(packed["imagenet"])
+    for path in root.rglob("*.JPEG"):
+        data = samples[path.name.split(".")[0]]["jpg"]
+        image = Image.open(io.BytesIO(data))
+        assert image.format == "JPEG" and image.mode == "RGB"
+        relative = str(path.relative_to(root))
+        if relative in converted:
+            assert data != path.read_bytes()
+        else:
+            assert data == path.read_bytes()  # copied unchanged
+
+
+def test_imagenet_max_side_and_class_subsets(raw, tmp_path):
+    from xdtrain.shards.cli import main
+
+    src = raw / "imagenet"
+    assert (
+        main(
+            [
+                "--dataset",
+                "imagenet",
+                "--src",
+                str(src),
+                "--out",
+                str(tmp_path / "a"),
+                "--max-side",
+                "40",
+                "--classes",
+                "10",
+                "--quiet",
+                "--workers",
+                "1",
+            ]
+        )
+        == 0
+    )
+    manifest = manifest_mod.load(tmp_path / "a")
+    assert manifest["classes"] == ["n01440764 tench, Tinca tinca"]  # every 100th synset
+    samples = all_samples(tmp_path / "a")
+    assert samples and all(json.loads(p["json"])["wnid"] == "n01440764" for p in samples.values())
+    for parts in samples.values():
+        assert max(Image.open(io.BytesIO(parts["jpg"])).size) <= 40
+
+
+# --------------------------------------------------------------------------- ChestX-ray8
+
+
+def test_chestxray8_labels_lists_and_greyscale(raw, packed):
+    root = raw / "chestxray8"
+    with open(root / "Data_Entry_2017.csv", newline="") as fh:
+        rows = {r["Image Index"][:-4]: r for r in csv.DictReader(fh)}
+    test_list = {n[:-4] for n in (root / "test_list.txt").read_text().split()}
+    manifest = manifest_mod.load(packed["chestxray8"])
+    outputs = manifest["classes"]
+    assert len(outputs) == 15 and outputs[-1] == "No Finding" and outputs[0] == "Atelectasis"
+    for split in ("train", "val", "test"):
+        for key, parts in all_samples(packed["chestxray8"], split).items():
+            assert (split == "test") == (key in test_list)
+            expected = rows[key]["Finding Labels"].split("|")
+            vector = list(parts["labels.u8"])
+            assert [outputs[i] for i, v in enumerate(vector) if v] == expected
+            image = Image.open(io.BytesIO(parts["jpg"]))
+            assert image.mode == "L" and image.size == (64, 64)
+            assert json.loads(parts["json"])["patient"] == rows[key]["Patient ID"]
+    notes = [n["note"] for n in manifest["notes"]]
+    assert notes == ["RGBA PNG converted to greyscale"]
+
+
+def test_chestxray8_png_codec_is_lossless(raw, tmp_path):
+    from xdtrain.shards.cli import main
+
+    src = raw / "chestxray8"
+    assert (
+        main(
+            [
+                "--dataset",
+                "chestxray8",
+                "--src",
+                str(src),
+                "--out",
+                str(tmp_path),
+                "--codec",
+                "png",
+                "--size",
+                "128",
+                "--quiet",
+                "--workers",
+                "1",
+            ]
+        )
+        == 0
+    )
+    samples = all_samples(tmp_path)
+    for key, parts in list(samples.items())[:5]:
+        source = next(src.glob(f"images_*/images/{key}.png"))
+        original = np.asarray(Image.open(source).convert("L"))
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(parts["png"]))), original)
+
+
+# --------------------------------------------------------------------------- BraTS
+
+
+def _case(raw, number):
+    folder = raw / "brats" / synth_brats.ROOT / synth_brats.case_id(number)
+    volumes = {}
+    for path in folder.iterdir():
+        kind = "seg" if "seg" in path.name.lower() else path.name.split("_")[-1].split(".")[0]
+        volumes[kind] = np.asarray(nib.load(path).dataobj)
+    return volumes
+
+
+def test_brats_channels_masks_and_positions(raw, packed):
+    manifest = manifest_mod.load(packed["brats"])
+    cases = manifest["preprocessing"]["cases"]
+    assert manifest["preprocessing"]["channels"] == ["flair", "t1", "t1ce", "t2"]
+    samples = all_samples(packed["brats"])
+    by_case: dict[str, list[int]] = {}
+    for key, parts in samples.items():
+        meta = json.loads(parts["json"])
+        case_index, z, depth = np.frombuffer(parts["pos.i32"], "<i4").tolist()
+        assert cases[case_index] == meta["case"] and z == meta["slice"] and key.endswith(f"{z:03d}")
+        by_case.setdefault(meta["case"], []).append(z)
+    for number, case in enumerate(cases, 1):
+        volumes = _case(raw, number)
+        brain = volumes["flair"] > 0
+        expected = np.flatnonzero(brain.any(axis=(0, 1))).tolist()
+        assert sorted(by_case[case]) == expected  # --slices brain: exactly the brain slices
+        z = expected[len(expected) // 2]
+        parts = samples[f"{case}_{z:03d}"]
+        image, mask = decode_png(parts["img.png"]), decode_png(parts["mask.png"])
+        assert image.shape == (64, 64, 4) and image.dtype == np.uint8
+        seg = volumes["seg"][:, :, z].T
+        assert np.array_equal(mask, np.select([seg == 4, seg == 2, seg == 1], [3, 2, 1], 0))
+        for channel, modality in enumerate(("flair", "t1", "t1ce", "t2")):
+            source = volumes[modality][:, :, z].T.astype(float)
+            inside = source > 0
+            assert (image[..., channel][~inside] == 0).all()
+            # Same ordering of intensities: the channel is this modality, rescaled.
+            corr = np.corrcoef(image[..., channel][inside], source[inside])[0, 1]
+            assert corr > 0.99, modality
+    notes = manifest["notes"]
+    assert len(notes) == 1 and notes[0]["input"].endswith(synth_brats.MISNAMED_SEG)
+
+
+def test_brats_16_bit_and_all_slices(raw, tmp_path):
+    from xdtrain.shards.cli import main
+
+    assert (
+        main(
+            [
+                "--dataset",
+                "brats",
+                "--src",
+                str(raw / "brats"),
+                "--out",
+                str(tmp_path),
+                "--bits",
+                "16",
+                "--slices",
+                "all",
+                "--quiet",
+                "--workers",
+                "1",
+            ]
+        )
+        == 0
+    )
+    samples = all_samples(tmp_path)
+    assert len(samples) == 3 * synth_brats.SIZE["small"][0][2]
+    image = decode_png(next(iter(samples.values()))["img.png"])
+    assert image.dtype == np.uint16 and image.shape[2] == 4
+
+
+# --------------------------------------------------------------------------- LiTS
+
+
+def test_lits_both_releases_give_the_same_masks(packed):
+    png = all_samples(packed["lits"])
+    nifti = all_samples(packed["lits-nifti"])
+    assert png.keys() == nifti.keys()
+    for key in list(png)[:10]:
+        assert np.array_equal(decode_png(png[key]["mask.png"]), decode_png(nifti[key]["mask.png"]))
+
+
+def test_lits_masks_merge_tumour_over_liver_and_window_hu(raw, packed):
+    samples = all_samples(packed["lits-nifti"])
+    hu, labels, _ = synth_lits.scan("small", 0, 0)
+    kept = [k for k in range(labels.shape[2]) if labels[:, :, k].any()]
+    assert sorted(int(k.split("_")[1]) for k in samples if k.startswith("volume-0_")) == kept
+    k = int(np.argmax((labels == 2).sum(axis=(0, 1))))
+    parts = samples[f"volume-0_{k:04d}"]
+    mask, image = decode_png(parts["mask.png"]), decode_png(parts["img.png"])
+    assert np.array_equal(mask, labels[:, :, k].T)
+    expected = np.rint(np.clip((hu[:, :, k].T + 200) / 450, 0, 1) * 255)
+    assert np.abs(image.astype(int) - expected).max() <= 1
+    png = all_samples(packed["lits"])[f"volume-0_{k:04d}"]
+    liver_and_lesion = decode_png(png["mask.png"])
+    assert set(np.unique(liver_and_lesion).tolist()) == {0, 1, 2}

@@ -1,0 +1,139 @@
+"""Same inputs, same bytes; a killed run, rerun, finishes with exactly those bytes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from xdtrain.errors import UserError
+from xdtrain.shards import manifest as manifest_mod
+from xdtrain.shards.cli import main
+from xdtrain.shards.pack import STATE
+from xdtrain.synth import generate
+
+XD_SHARD = str(Path(sys.executable).with_name("xd-shard"))
+
+
+def digests(folder: Path) -> dict[str, str]:
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.iterdir())
+        if p.is_file()
+    }
+
+
+def test_same_inputs_and_seed_give_identical_shards(raw, tmp_path):
+    args = ["--dataset", "lits", "--src", str(raw / "lits"), "--shard-size", "20KB", "--quiet"]
+    assert main([*args, "--out", str(tmp_path / "a"), "--workers", "1"]) == 0
+    assert main([*args, "--out", str(tmp_path / "b"), "--workers", "2"]) == 0
+    assert main([*args, "--out", str(tmp_path / "c"), "--workers", "1", "--seed", "1"]) == 0
+    a, b, c = (digests(tmp_path / n) for n in "abc")
+    assert a == b  # manifest included: it holds no time stamps or worker counts
+    assert a != c
+
+
+def _kill_when(command: list[str], ready, timeout: float = 60.0) -> None:
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    try:
+        while not ready():
+            assert process.poll() is None, "the run finished before it could be killed"
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait()
+
+
+def _finished_shards(out: Path) -> int:
+    try:
+        state = json.loads((out / STATE).read_text())
+    except (OSError, ValueError):
+        return 0
+    return sum(len(g["shards"]) for g in state["groups"].values())
+
+
+def test_sigkill_halfway_then_rerun_is_byte_identical(tmp_path):
+    src = generate("imagenet", tmp_path / "raw", count=30)
+    args = [
+        "--dataset",
+        "imagenet",
+        "--src",
+        str(src),
+        "--shard-size",
+        "4KB",
+        "--workers",
+        "1",
+        "--quiet",
+    ]
+    reference = tmp_path / "reference"
+    assert main([*args, "--out", str(reference)]) == 0
+    total = sum(len(e["shards"]) for e in manifest_mod.load(reference)["splits"].values())
+    assert total > 100
+
+    out = tmp_path / "out"
+    _kill_when([XD_SHARD, *args, "--out", str(out)], lambda: _finished_shards(out) >= total // 3)
+    assert not (out / "manifest.json").exists()  # nothing looks complete
+    done_before = _finished_shards(out)
+    assert 0 < done_before < total
+    finished = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
+
+    assert main([*args, "--out", str(out)]) == 0
+    assert digests(out) == digests(reference)
+    rewritten = [n for n, t in finished.items() if (out / n).stat().st_mtime_ns != t]
+    assert len(rewritten) <= 1  # at most the shard renamed just before the kill was recorded
+
+
+def test_sigkill_while_spooling_volumes_then_rerun_is_byte_identical(raw, tmp_path):
+    args = [
+        "--dataset",
+        "brats",
+        "--src",
+        str(raw / "brats"),
+        "--shard-size",
+        "40KB",
+        "--workers",
+        "1",
+        "--quiet",
+    ]
+    assert main([*args, "--out", str(tmp_path / "reference")]) == 0
+    out = tmp_path / "out"
+    spool = out / ".spool"
+    _kill_when(
+        [XD_SHARD, *args, "--out", str(out)],
+        lambda: len(list(spool.glob("*.json"))) >= 1 if spool.is_dir() else False,
+    )
+    assert not (out / "manifest.json").exists()
+    assert main([*args, "--out", str(out)]) == 0
+    assert digests(out) == digests(tmp_path / "reference")
+
+
+def test_rerun_of_a_finished_folder_and_other_arguments(raw, tmp_path):
+    args = [
+        "--dataset",
+        "lits",
+        "--src",
+        str(raw / "lits-nifti"),
+        "--out",
+        str(tmp_path),
+        "--quiet",
+        "--workers",
+        "1",
+    ]
+    assert main(args) == 0
+    before = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+    assert main(args) == 0  # up to date: nothing rewritten
+    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == before
+    with pytest.raises(UserError, match="--force"):
+        main([*args, "--seed", "5"])
+    (tmp_path / "notes.txt").write_text("mine")
+    assert main([*args, "--seed", "5", "--force"]) == 0
+    assert manifest_mod.load(tmp_path)["seed"] == 5
+    assert (tmp_path / "notes.txt").read_text() == "mine"  # only xd-shard's own files replaced
