@@ -23,9 +23,15 @@ test: lint
 
 # The end-to-end flow on generated data; it grows as the pipeline does.
 DEMO_DIR := datasets
+SHARD_DIR := shards
 demo: $(STAMP)
 	$(BIN)/xd-synth all --out $(DEMO_DIR) --size small --seed 0
-	@echo "demo: raw data sets in the real layouts are in $(DEMO_DIR)/"
+	$(BIN)/xd-shard --dataset imagenet --src $(DEMO_DIR)/imagenet --out $(SHARD_DIR)/imagenet
+	$(BIN)/xd-shard --dataset chestxray8 --src $(DEMO_DIR)/chestxray8 --out $(SHARD_DIR)/chestxray8 --size 128
+	$(BIN)/xd-shard --dataset brats --src $(DEMO_DIR)/brats --out $(SHARD_DIR)/brats
+	$(BIN)/xd-shard --dataset lits --src $(DEMO_DIR)/lits-nifti --out $(SHARD_DIR)/lits
+	$(BIN)/xd-shard verify $(SHARD_DIR)/brats
+	@echo "demo: raw data sets in $(DEMO_DIR)/, shards in $(SHARD_DIR)/ (xd-shard info $(SHARD_DIR)/<name>)"
 
 clean-demo:
-	rm -rf $(DEMO_DIR)
+	rm -rf $(DEMO_DIR) $(SHARD_DIR)/imagenet $(SHARD_DIR)/chestxray8 $(SHARD_DIR)/brats $(SHARD_DIR)/lits

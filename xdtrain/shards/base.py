@@ -71,6 +71,9 @@ class Packer(Protocol):
 
     def encode(self, source: Source, options: dict[str, Any]) -> list[Sample]: ...
 
+    def cpu_bound(self, options: dict[str, Any]) -> bool:
+        """Whether encoding needs worker processes (False: plain copying, done in-process)."""
+
 
 # --------------------------------------------------------------------------- helpers
 

@@ -228,3 +228,7 @@ def encode(source: Source, options: dict) -> list[Sample]:
             )
         )
     return samples
+
+
+def cpu_bound(options: dict) -> bool:
+    return True

@@ -40,6 +40,7 @@ components = {
     "labels.u8": "15 uint8 0/1: the 14 findings in manifest class order, then No Finding",
     "json": "finding names, patient id, image name, follow-up, view, age, sex",
 }
+TABLES = ("Data_Entry_2017.csv", "Data_Entry_2017_v2020.csv")
 REQUIRED = ("Image Index", "Finding Labels", "Follow-up #", "Patient ID")
 IMAGE = re.compile(r"\d{8}_\d{3}\.png")
 DEFAULT_QUALITY = 95
@@ -87,12 +88,14 @@ def _read_list(path: Path) -> set[str]:
 
 
 def scan(src: Path, options: dict) -> Scan:
-    table = src / "Data_Entry_2017.csv"
-    if not table.is_file():
+    # The 2020 re-release renames the table and a column ("Patient Sex"); both are read.
+    tables = [src / name for name in TABLES if (src / name).is_file()]
+    if not tables:
         raise UserError(
-            f"{table}: not found; pass --src with the ChestX-ray8 folder "
+            f"{src / TABLES[0]}: not found; pass --src with the ChestX-ray8 folder "
             "(Data_Entry_2017.csv, images_*/images/)"
         )
+    table = tables[0]
     test, train_val = _read_list(src / "test_list.txt"), _read_list(src / "train_val_list.txt")
     files = {p.name: p for p in src.glob("images*/**/*.png") if IMAGE.fullmatch(p.name)}
     if not files:
@@ -107,7 +110,7 @@ def scan(src: Path, options: dict) -> Scan:
             raise UserError(f"{table}: missing column(s) {', '.join(missing)}")
         for number, row in enumerate(reader, 2):
             image = (row["Image Index"] or "").strip()
-            where = f"Data_Entry_2017.csv:{number}"
+            where = f"{table.name}:{number}"
             labels = [x.strip() for x in (row["Finding Labels"] or "").split("|")]
             unknown = [x for x in labels if x not in OUTPUTS]
             if unknown or (NO_FINDING in labels and len(labels) > 1):
@@ -123,7 +126,7 @@ def scan(src: Path, options: dict) -> Scan:
         skipped.append(
             {
                 "input": rel(files[image], src),
-                "reason": "image without a row in Data_Entry_2017.csv",
+                "reason": f"image without a row in {table.name}",
             }
         )
     # A patient's stratum: whether any of their films shows a finding.
@@ -210,3 +213,7 @@ def _grey(image: Image.Image) -> Image.Image:
     if image.mode in ("I;16", "I"):
         return Image.fromarray((np.asarray(image, np.uint32) >> 8).clip(0, 255).astype(np.uint8))
     return image.convert("L")
+
+
+def cpu_bound(options: dict) -> bool:
+    return True

@@ -264,3 +264,7 @@ def _read_png(path: str) -> np.ndarray:
             return np.asarray(image.convert("L"))
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise SkipItem(f"{Path(path).name}: cannot decode image ({str(exc)[:60]})") from None
+
+
+def cpu_bound(options: dict) -> bool:
+    return True

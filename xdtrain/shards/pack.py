@@ -22,12 +22,13 @@ can be shuffled across cases while memory stays bounded.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import multiprocessing
 import shutil
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Executor, ProcessPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
@@ -65,23 +66,31 @@ def _encode(dataset: str, options: dict, source: Source) -> tuple[list[Sample], 
         return [], str(exc)
 
 
-def ordered_map(fn: Callable, items: Iterable, pool: Executor | None, window: int) -> Iterator[Any]:
-    """``map(fn, items)`` in order, with at most ``window`` items in flight (bounded memory)."""
+def _apply(fn: Callable, batch: list) -> list:
+    return [fn(item) for item in batch]
+
+
+def ordered_map(
+    fn: Callable, items: Iterable, pool: Executor | None, window: int, batch: int = 1
+) -> Iterator[Any]:
+    """``map(fn, items)`` in order, at most ``window`` batches of ``batch`` items in flight.
+
+    Bounded memory whatever the number of items; batches amortise the cost of a task.
+    """
     if pool is None:
         yield from map(fn, items)
         return
-    iterator = iter(items)
+    source = iter(items)
+    batches = iter(lambda: list(itertools.islice(source, batch)), [])
     pending: deque = deque()
-    for item in iterator:
-        pending.append(pool.submit(fn, item))
-        if len(pending) >= window:
-            break
+    for chunk in itertools.islice(batches, window):
+        pending.append(pool.submit(_apply, fn, chunk))
     while pending:
-        result = pending.popleft().result()
-        nxt = next(iterator, pending)  # the deque itself marks the end
-        if nxt is not pending:
-            pending.append(pool.submit(fn, nxt))
-        yield result
+        results = pending.popleft().result()
+        chunk = next(batches, None)
+        if chunk is not None:
+            pending.append(pool.submit(_apply, fn, chunk))
+        yield from results
 
 
 # --------------------------------------------------------------------------- state
@@ -200,7 +209,10 @@ def pack(
     # Workers start from a fresh server process, not a fork of this one: they must not
     # inherit (and, through reference counting, copy) the scan of a million-image data set.
     context = multiprocessing.get_context("forkserver")
-    pool = ProcessPoolExecutor(workers, mp_context=context) if workers > 1 else None
+    if workers > 1 and packer.cpu_bound(options):
+        pool = ProcessPoolExecutor(workers, mp_context=context)
+    else:  # plain copying is fastest in this process: no bytes shipped between processes
+        pool = None
     try:
         if packer.volumetric:
             refs = _spool(packer, scan, out, options, pool, workers, strict, progress)
@@ -299,11 +311,22 @@ def _write_group(
         results = ((reader.read(unit), None) for unit in units[start:])
     else:
         encode = partial(_encode, packer.name, options)
-        results = ordered_map(encode, units[start:], pool, window=max(4, workers * 16))
+        results = ordered_map(encode, units[start:], pool, window=workers * 4, batch=16)
 
     writer: ShardWriter | None = None
     stats = _ShardStats()
-    position = start
+    position, number = start, len(record["shards"])
+    # A finished shard is fsynced, renamed and recorded on a helper thread while the next one
+    # is written; one at a time, so records stay in order and errors surface at the next.
+    finisher = ThreadPoolExecutor(max_workers=1)
+    finishing = None
+
+    def finish(writer, stats, position):
+        nonlocal finishing
+        if finishing is not None:
+            finishing.result()
+        finishing = finisher.submit(_finish_shard, writer, stats, position, record, out, state)
+
     try:
         for unit, (samples, reason) in zip(units[start:], results, strict=True):
             position += 1
@@ -314,21 +337,28 @@ def _write_group(
                 stats.skipped.append(skip)
             for sample in samples:
                 if writer is None:
-                    writer = ShardWriter(out / f"{group_name}-{len(record['shards']):06d}.tar")
+                    writer = ShardWriter(out / f"{group_name}-{number:06d}.tar")
+                    number += 1
                 writer.add(sample.key, sample.parts)
                 stats.add(sample, unit.group)
-            if progress:
-                progress.advance(task)
+            if progress and position % 64 == 0:
+                progress.update(task, completed=position)
             if writer is not None and writer.size >= shard_bytes:
-                _finish_shard(writer, stats, position, record, out, state)
+                finish(writer, stats, position)
                 writer, stats = None, _ShardStats()
         if writer is not None:
-            _finish_shard(writer, stats, position, record, out, state)
-        else:  # inputs skipped after the last shard closed
+            finish(writer, stats, position)
+            writer, stats = None, _ShardStats()
+        if finishing is not None:
+            finishing.result()
+        if stats.skipped:  # inputs skipped after the last shard closed
             record["tail_skipped"] = stats.skipped
         record["done"] = True
         _save_state(out, state)
+        if progress:
+            progress.update(task, completed=position)
     finally:
+        finisher.shutdown(wait=True)
         if writer is not None and not writer.closed:
             writer.abort()
         if packer.volumetric:

@@ -1,0 +1,211 @@
+#!/usr/bin/env python3
+"""Packing throughput and memory of xd-shard on full-size synthetic data; prints JSON.
+
+Measures, in one run on the same files:
+
+* ImageNet copy-through images/s of ``xd-shard --workers N``, and of GNU ``tar cf`` over the
+  same image files (the speed of merely reading and writing them), and their ratio;
+* full-size BraTS cases/s (240x240x155, four modalities) with ``--workers N``;
+* the peak RSS of the largest process of each run, at two ImageNet sizes, to show that memory
+  does not grow with the data set.
+
+Page-cache copies are fast and noisy, so every measurement is the median of interleaved runs,
+each after a ``sync``; the marginal rate between the two ImageNet sizes cancels the fixed
+costs of a run (interpreter start, imports, manifest).
+
+Example::
+
+    python tools/bench_shard.py --images-per-class 100 --cases 8 --workers 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from xdtrain.synth import generate
+
+# Runs a command and reports its wall time and the peak RSS of its largest process.
+_MEASURE = """
+import json, resource, subprocess, sys, time
+start = time.perf_counter()
+done = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+seconds = time.perf_counter() - start
+peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+print(json.dumps({"rc": done.returncode, "seconds": seconds, "peak_rss_kib": peak_kib,
+                  "stderr": done.stderr.decode()[-2000:]}))
+"""
+
+
+def measure(command: list[str]) -> dict:
+    out = subprocess.run(
+        [sys.executable, "-c", _MEASURE, *command], capture_output=True, text=True, check=True
+    )
+    result = json.loads(out.stdout)
+    if result["rc"] != 0:
+        raise SystemExit(f"{command[0]} failed: {result['stderr']}")
+    return result
+
+
+def xd_shard(dataset: str, src: Path, out: Path, workers: int) -> dict:
+    exe = str(Path(sys.executable).with_name("xd-shard"))
+    return measure(
+        [
+            exe,
+            "--dataset",
+            dataset,
+            "--src",
+            str(src),
+            "--out",
+            str(out),
+            "--workers",
+            str(workers),
+            "--quiet",
+        ]
+    )
+
+
+def warm(folder: Path) -> int:
+    """Read every file once so both contenders start from the page cache; return the count."""
+    count = 0
+    for path in folder.rglob("*"):
+        if path.is_file():
+            path.read_bytes()
+            count += 1
+    return count
+
+
+def _median_runs(commands: dict[str, list[str]], repeats: int) -> dict[str, dict]:
+    """Run each command ``repeats`` times, interleaved, after a sync; keep the median run."""
+    runs: dict[str, list[dict]] = {name: [] for name in commands}
+    for _ in range(repeats):
+        for name, command in commands.items():
+            subprocess.run(["sync"], check=True)
+            runs[name].append(measure(command))
+    return {name: sorted(r, key=lambda x: x["seconds"])[len(r) // 2] for name, r in runs.items()}
+
+
+def bench_imagenet(root: Path, sizes: list[int], workers: int, repeats: int) -> dict:
+    """Copy-through against GNU tar, end to end at each size and as a marginal rate."""
+    exe = str(Path(sys.executable).with_name("xd-shard"))
+    rows = []
+    for per_class in sizes:
+        src = generate(
+            "imagenet", root / f"raw-{per_class}", size="full", count=per_class, workers=workers
+        )
+        images = warm(src / "ILSVRC")
+        out = root / f"shards-{per_class}"
+        best = _median_runs(
+            {
+                "tar": ["tar", "cf", str(root / "gnu.tar"), "-C", str(src), "ILSVRC"],
+                # --force: every repeat packs from scratch into the same folder.
+                "xd_shard": [
+                    exe,
+                    "--dataset",
+                    "imagenet",
+                    "--src",
+                    str(src),
+                    "--out",
+                    str(out),
+                    "--workers",
+                    str(workers),
+                    "--quiet",
+                    "--force",
+                ],
+            },
+            repeats,
+        )
+        megabytes = sum(p.stat().st_size for p in (src / "ILSVRC").rglob("*.JPEG")) / 1e6
+        rows.append(
+            {
+                "images": images,
+                "megabytes": round(megabytes, 1),
+                "gnu_tar_seconds": round(best["tar"]["seconds"], 3),
+                "xd_shard_seconds": round(best["xd_shard"]["seconds"], 3),
+                "gnu_tar_images_per_s": round(images / best["tar"]["seconds"], 1),
+                "xd_shard_images_per_s": round(images / best["xd_shard"]["seconds"], 1),
+                "ratio_to_gnu_tar": round(best["tar"]["seconds"] / best["xd_shard"]["seconds"], 3),
+                "xd_shard_peak_rss_mib": round(best["xd_shard"]["peak_rss_kib"] / 1024, 1),
+            }
+        )
+        shutil.rmtree(out)
+        (root / "gnu.tar").unlink()
+    small, large = rows[0], rows[-1]
+    extra = large["images"] - small["images"]
+    tar_rate = extra / (large["gnu_tar_seconds"] - small["gnu_tar_seconds"])
+    ours_rate = extra / (large["xd_shard_seconds"] - small["xd_shard_seconds"])
+    return {
+        "runs": rows,
+        # Fixed costs (interpreter start, imports, manifest) cancel in the difference.
+        "marginal_gnu_tar_images_per_s": round(tar_rate, 1),
+        "marginal_xd_shard_images_per_s": round(ours_rate, 1),
+        "marginal_ratio_to_gnu_tar": round(ours_rate / tar_rate, 3),
+    }
+
+
+def bench_brats(root: Path, cases: int, workers: int) -> dict:
+    src = generate("brats", root / "raw-brats", size="full", count=cases, workers=workers)
+    warm(src)
+    ours = xd_shard("brats", src, root / "shards-brats", workers)
+    manifest = json.loads((root / "shards-brats" / "manifest.json").read_text())
+    slices = sum(e["samples"] for e in manifest["splits"].values())
+    return {
+        "cases": cases,
+        "slices_written": slices,
+        "cases_per_s": round(cases / ours["seconds"], 3),
+        "slices_per_s": round(slices / ours["seconds"], 1),
+        "peak_rss_mib": round(ours["peak_rss_kib"] / 1024, 1),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--images-per-class",
+        type=int,
+        default=100,
+        help="ImageNet images per class (10 classes), also packed at 4x",
+    )
+    parser.add_argument("--repeats", type=int, default=3, help="runs per measurement")
+    parser.add_argument("--cases", type=int, default=8, help="full-size BraTS cases")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--tmp", help="scratch folder (default: a new temporary folder)")
+    args = parser.parse_args()
+    root = Path(args.tmp or tempfile.mkdtemp(prefix="bench_shard_"))
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        sizes = [args.images_per_class, args.images_per_class * 4]
+        imagenet = bench_imagenet(root, sizes, args.workers, args.repeats)
+        brats = bench_brats(root, args.cases, args.workers)
+    finally:
+        if not args.tmp:
+            shutil.rmtree(root, ignore_errors=True)
+    report = {
+        "benchmark": "bench_shard",
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+        },
+        "workers": args.workers,
+        "imagenet_copy_through": imagenet,
+        "brats_full_size": brats,
+        "peak_rss_mib_max": max(
+            [r["xd_shard_peak_rss_mib"] for r in imagenet["runs"]] + [brats["peak_rss_mib"]]
+        ),
+    }
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
