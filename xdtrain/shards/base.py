@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import cv2
 import numpy as np
 
 
@@ -92,6 +91,8 @@ def png_bytes(array: np.ndarray, level: int = 3) -> bytes:
     OpenCV writes 16-bit and 4-channel PNGs (Pillow does not write 16-bit RGBA); it expects
     BGR(A) order, so the first three channels are swapped here to keep RGB(A) on disk.
     """
+    import cv2  # imported on use: packing ImageNet does not need it
+
     if array.ndim == 3 and array.shape[2] in (3, 4):
         array = array[..., [2, 1, 0, *range(3, array.shape[2])]]
     ok, buf = cv2.imencode(
@@ -104,6 +105,8 @@ def png_bytes(array: np.ndarray, level: int = 3) -> bytes:
 
 def decode_png(data: bytes) -> np.ndarray:
     """Inverse of :func:`png_bytes` (RGB(A) order), for checks and tests."""
+    import cv2
+
     array = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if array is None:
         raise ValueError("not a decodable PNG")

@@ -19,7 +19,6 @@ import csv
 import re
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 
 from xdtrain.errors import UserError
@@ -165,6 +164,8 @@ def scan(src: Path, options: dict) -> Scan:
 
 
 def _load(path: str, what: str) -> np.ndarray:
+    import nibabel as nib  # imported on use: packing ImageNet does not need it
+
     try:
         return np.asanyarray(nib.load(path).dataobj)
     except Exception as exc:  # nibabel raises many types for damaged files

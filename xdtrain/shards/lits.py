@@ -24,7 +24,6 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
@@ -216,6 +215,8 @@ def encode(source: Source, options: dict) -> list[Sample]:
 
 def _nifti_planes(source: Source, options: dict):
     """Yield (k, image, mask, depth) per axial slice, reading the volumes slab by slab."""
+    import nibabel as nib  # imported on use: packing ImageNet does not need it
+
     try:
         volume = nib.load(source.params["volume"], keep_file_open=True)
         seg = nib.load(source.params["segmentation"], keep_file_open=True)
