@@ -257,11 +257,11 @@ def test_lits_masks_merge_tumour_over_liver_and_window_hu(raw, packed):
     kept = [k for k in range(labels.shape[2]) if labels[:, :, k].any()]
     assert sorted(int(k.split("_")[1]) for k in samples if k.startswith("volume-0_")) == kept
     k = int(np.argmax((labels == 2).sum(axis=(0, 1))))
-    parts = samples[f"volume-0_{k:04d}"]
+    parts = samples[f"volume-0_{k:03d}"]
     mask, image = decode_png(parts["mask.png"]), decode_png(parts["img.png"])
     assert np.array_equal(mask, labels[:, :, k].T)
     expected = np.rint(np.clip((hu[:, :, k].T + 200) / 450, 0, 1) * 255)
     assert np.abs(image.astype(int) - expected).max() <= 1
-    png = all_samples(packed["lits"])[f"volume-0_{k:04d}"]
+    png = all_samples(packed["lits"])[f"volume-0_{k:03d}"]
     liver_and_lesion = decode_png(png["mask.png"])
     assert set(np.unique(liver_and_lesion).tolist()) == {0, 1, 2}

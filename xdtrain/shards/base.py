@@ -15,6 +15,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from xdtrain.errors import UserError
+
 
 @dataclass(slots=True)
 class Source:
@@ -74,7 +76,65 @@ class Packer(Protocol):
         """Whether encoding needs worker processes (False: plain copying, done in-process)."""
 
 
+# --------------------------------------------------------------------------- shared options
+
+
+def add_shared_arguments(group: argparse._ArgumentGroup) -> None:
+    """Options that several data sets read, each with its own default."""
+    group.add_argument(
+        "--quality",
+        type=int,
+        default=None,
+        help="JPEG quality of re-encoded images (ImageNet 90, ChestX-ray8 95)",
+    )
+    group.add_argument(
+        "--slices",
+        choices=["brain", "tumor", "liver", "all"],
+        default=None,
+        help="BraTS: brain (default), tumor or all; LiTS: liver (default) or all",
+    )
+    group.add_argument(
+        "--bits",
+        type=int,
+        choices=[8, 16],
+        default=None,
+        help="BraTS, LiTS: bits per image channel (default 8)",
+    )
+
+
+def jpeg_quality(args: argparse.Namespace, default: int) -> int:
+    quality = args.quality or default
+    if not 1 <= quality <= 100:
+        raise UserError(f"--quality {quality}: must be between 1 and 100")
+    return quality
+
+
+def slices_option(args: argparse.Namespace, dataset: str, allowed: tuple[str, ...]) -> str:
+    """``--slices`` for a volumetric data set; the first allowed value is its default."""
+    slices = args.slices or allowed[0]
+    if slices not in allowed:
+        quoted = ", ".join(f"'{a}'" for a in allowed)
+        raise UserError(f"--slices {slices}: {dataset} keeps {quoted} slices")
+    return slices
+
+
 # --------------------------------------------------------------------------- helpers
+
+
+def slice_sample(
+    source: Source, k: int, depth: int, image: np.ndarray, mask: np.ndarray, meta: dict[str, Any]
+) -> Sample:
+    """One axial slice of a volume: ``img.png``, ``mask.png``, ``pos.i32`` and ``json``."""
+    return Sample(
+        key=f"{source.key}_{k:0{max(3, len(str(depth - 1)))}d}",
+        parts={
+            "img.png": png_bytes(image),
+            "mask.png": png_bytes(mask),
+            "pos.i32": int_bytes([source.params["case_index"], k, depth], np.int32),
+            "json": json_bytes({"case": source.key, "slice": k, "slices": depth, **meta}),
+        },
+        labels=tuple(int(v) for v in np.unique(mask)),
+    )
 
 
 def rel(path: Path, root: Path) -> str:

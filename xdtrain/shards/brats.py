@@ -27,11 +27,10 @@ from xdtrain.shards.base import (
     Scan,
     SkipItem,
     Source,
-    int_bytes,
-    json_bytes,
-    png_bytes,
     quantise,
     rel,
+    slice_sample,
+    slices_option,
 )
 
 name = "brats"
@@ -51,19 +50,6 @@ CASE = re.compile(r"BraTS20_Training_\d+")
 
 def add_arguments(group) -> None:
     group.add_argument(
-        "--slices",
-        choices=["brain", "tumor", "liver", "all"],
-        default=None,
-        help="BraTS: brain (default), tumor or all; LiTS: liver (default) or all",
-    )
-    group.add_argument(
-        "--bits",
-        type=int,
-        choices=[8, 16],
-        default=None,
-        help="BraTS/LiTS: bits per image channel (default 8)",
-    )
-    group.add_argument(
         "--clip",
         default="0.5,99.5",
         help="BraTS: percentiles of brain voxels each modality is clipped to",
@@ -77,9 +63,7 @@ def options(args) -> dict:
         raise UserError(f"--clip {args.clip}: expected two percentiles like 0.5,99.5") from None
     if not 0 <= lo < hi <= 100:
         raise UserError(f"--clip {args.clip}: need 0 <= low < high <= 100")
-    slices = args.slices or "brain"
-    if slices not in ("brain", "tumor", "all"):
-        raise UserError(f"--slices {slices}: BraTS keeps 'brain', 'tumor' or 'all' slices")
+    slices = slices_option(args, "BraTS", ("brain", "tumor", "all"))
     return {"slices": slices, "bits": args.bits or 8, "clip": [lo, hi]}
 
 
@@ -214,20 +198,8 @@ def encode(source: Source, options: dict) -> list[Sample]:
     samples = []
     for z in np.flatnonzero(keep).tolist():
         image = np.stack([c[:, :, z].T for c in channels], axis=-1)
-        plane = mask[:, :, z].T
-        meta = {"case": source.key, "slice": z, "slices": depth, "grade": source.params["grade"]}
-        samples.append(
-            Sample(
-                key=f"{source.key}_{z:03d}",
-                parts={
-                    "img.png": png_bytes(image),
-                    "mask.png": png_bytes(plane),
-                    "pos.i32": int_bytes([source.params["case_index"], z, depth], np.int32),
-                    "json": json_bytes(meta),
-                },
-                labels=tuple(int(v) for v in np.unique(plane)),
-            )
-        )
+        meta = {"grade": source.params["grade"]}
+        samples.append(slice_sample(source, z, depth, image, mask[:, :, z].T, meta))
     return samples
 
 

@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from xdtrain.errors import UserError
-from xdtrain.shards.base import Sample, Scan, SkipItem, Source, json_bytes, rel
+from xdtrain.shards.base import Sample, Scan, SkipItem, Source, jpeg_quality, json_bytes, rel
 
 name = "chestxray8"
 volumetric = False
@@ -56,20 +56,12 @@ def add_arguments(group) -> None:
         default="jpg",
         help="ChestX-ray8: jpg (q95, GPU-decodable, default) or png (lossless)",
     )
-    group.add_argument(
-        "--quality",
-        type=int,
-        default=None,
-        help="JPEG quality of re-encoded images (ImageNet 90, ChestX-ray8 95)",
-    )
 
 
 def options(args) -> dict:
     if args.size < 16:
         raise UserError(f"--size {args.size}: must be at least 16")
-    quality = args.quality or DEFAULT_QUALITY
-    if not 1 <= quality <= 100:
-        raise UserError(f"--quality {quality}: must be between 1 and 100")
+    quality = jpeg_quality(args, DEFAULT_QUALITY)
     return {"size": args.size, "codec": args.codec, "quality": quality}
 
 

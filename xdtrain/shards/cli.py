@@ -14,6 +14,7 @@ from xdtrain.errors import UserError, run_cli
 from xdtrain.progress import make_progress
 from xdtrain.shards import PACKERS
 from xdtrain.shards import manifest as manifest_mod
+from xdtrain.shards.base import add_shared_arguments
 from xdtrain.shards.pack import pack, shard_size
 from xdtrain.shards.splits import DEFAULT_FRACTIONS, parse_fractions, parse_ratios
 
@@ -55,24 +56,10 @@ def pack_parser() -> argparse.ArgumentParser:
         "--force", action="store_true", help="replace shards packed with other arguments"
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar or summary")
-    seen: set[str] = set()
+    add_shared_arguments(parser.add_argument_group("options of several data sets"))
     for name, packer in PACKERS.items():
-        group = parser.add_argument_group(f"{name} options")
-        packer.add_arguments(_Dedup(group, seen))
+        packer.add_arguments(parser.add_argument_group(f"{name} options"))
     return parser
-
-
-class _Dedup:
-    """Lets two data sets declare the same option (e.g. ``--bits``) once."""
-
-    def __init__(self, group, seen: set[str]):
-        self.group, self.seen = group, seen
-
-    def add_argument(self, *flags, **kwargs):
-        if flags[0] in self.seen:
-            return None
-        self.seen.add(flags[0])
-        return self.group.add_argument(*flags, **kwargs)
 
 
 def main(argv: list[str] | None = None) -> int:

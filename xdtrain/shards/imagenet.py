@@ -29,7 +29,7 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from xdtrain.errors import UserError
-from xdtrain.shards.base import Sample, Scan, SkipItem, Source, int_bytes, rel
+from xdtrain.shards.base import Sample, Scan, SkipItem, Source, int_bytes, jpeg_quality, rel
 
 name = "imagenet"
 volumetric = False
@@ -73,12 +73,6 @@ def add_arguments(group) -> None:
         default="header",
         help="ImageNet: how copied JPEGs are checked (default: header)",
     )
-    group.add_argument(
-        "--quality",
-        type=int,
-        default=None,
-        help="JPEG quality of re-encoded images (ImageNet 90, ChestX-ray8 95)",
-    )
 
 
 def options(args) -> dict:
@@ -86,9 +80,7 @@ def options(args) -> dict:
         raise UserError(f"--val-share {args.val_share}: must be between 0 and 1")
     if args.max_side is not None and args.max_side < 16:
         raise UserError(f"--max-side {args.max_side}: must be at least 16")
-    quality = args.quality or DEFAULT_QUALITY
-    if not 1 <= quality <= 100:
-        raise UserError(f"--quality {quality}: must be between 1 and 100")
+    quality = jpeg_quality(args, DEFAULT_QUALITY)
     return {
         "classes": args.classes,
         "max_side": args.max_side,

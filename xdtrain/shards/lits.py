@@ -7,7 +7,7 @@
   ``segmentation-N_lesionmask_K.png``): already windowed 8-bit slices; the two masks are
   merged, tumour winning over liver.
 
-Sample ``volume-3_0042`` (volume, slice index)::
+Sample ``volume-3_042`` (volume, slice index; at least three digits)::
 
     img.png    1-channel CT slice
     mask.png   uint8: 0 background, 1 liver, 2 tumour
@@ -33,11 +33,10 @@ from xdtrain.shards.base import (
     Scan,
     SkipItem,
     Source,
-    int_bytes,
-    json_bytes,
-    png_bytes,
     quantise,
     rel,
+    slice_sample,
+    slices_option,
 )
 
 name = "lits"
@@ -65,20 +64,7 @@ def add_arguments(group) -> None:
     group.add_argument(
         "--window",
         default="-200,250",
-        help="LiTS NIfTI: Hounsfield window low,high (default -200,250)",
-    )
-    group.add_argument(
-        "--slices",
-        choices=["brain", "tumor", "liver", "all"],
-        default=None,
-        help="BraTS: brain (default), tumor or all; LiTS: liver (default) or all",
-    )
-    group.add_argument(
-        "--bits",
-        type=int,
-        choices=[8, 16],
-        default=None,
-        help="BraTS/LiTS: bits per image channel (default 8)",
+        help="LiTS NIfTI: Hounsfield window low,high (default -200,250; write --window=-100,200)",
     )
 
 
@@ -89,9 +75,7 @@ def options(args) -> dict:
         raise UserError(f"--window {args.window}: expected low,high like -200,250") from None
     if lo >= hi:
         raise UserError(f"--window {args.window}: low must be below high")
-    slices = args.slices or "liver"
-    if slices not in ("liver", "all"):
-        raise UserError(f"--slices {slices}: LiTS keeps 'liver' or 'all' slices")
+    slices = slices_option(args, "LiTS", ("liver", "all"))
     return {"release": args.release, "window": [lo, hi], "slices": slices, "bits": args.bits or 8}
 
 
@@ -195,21 +179,8 @@ def encode(source: Source, options: dict) -> list[Sample]:
         planes = _png_planes(source)
     samples = []
     for k, image, mask, depth in planes:
-        if options["slices"] == "liver" and not mask.any():
-            continue
-        meta = {"case": source.key, "slice": k, "slices": depth}
-        samples.append(
-            Sample(
-                key=f"{source.key}_{k:04d}",
-                parts={
-                    "img.png": png_bytes(image),
-                    "mask.png": png_bytes(mask),
-                    "pos.i32": int_bytes([source.params["case_index"], k, depth], np.int32),
-                    "json": json_bytes(meta),
-                },
-                labels=tuple(int(v) for v in np.unique(mask)),
-            )
-        )
+        if options["slices"] == "all" or mask.any():
+            samples.append(slice_sample(source, k, depth, image, mask, {}))
     return samples
 
 
