@@ -183,24 +183,28 @@ def render(job: Job, size: str, seed: int) -> dict[str, bytes]:
     p = job.params
     rng = rng_for(seed, name, job.key)
     w, h = p["w"], p["h"]
-    base = rng.uniform(40, 215, size=3)
-    tint = rng.uniform(20, 60, size=3)
+    base = rng.uniform(40, 215, size=3).astype(np.float32)
+    tint = rng.uniform(20, 60, size=3).astype(np.float32)
+    grain = 6 * rng.standard_normal((h, w, 3), dtype=np.float32)  # sensor noise, everywhere
     background = base + tint * np.stack([smooth_noise(rng, (h, w), 4) for _ in range(3)], -1)
-    background += rng.normal(0, 6, size=(h, w, 3))
     shape, fill = class_design(p["label"])
     mask = polygon_mask((h, w), shape_outline(shape, p["cx"], p["cy"], p["r"], p["angle"]))
     if shape == "ring":
         inner = shape_outline("disk", p["cx"], p["cy"], p["r"] * 0.55, p["angle"])
         mask &= ~polygon_mask((h, w), inner)
     colour = (base + rng.choice([-1, 1], size=3) * rng.uniform(90, 140, size=3)) % 256
-    foreground = np.broadcast_to(colour, (h, w, 3)).astype(np.float64)
+    luma = np.array([0.299, 0.587, 0.114], np.float32)
+    if abs(float((colour - base) @ luma)) < 60:  # keep the shape visible in greyscale too
+        colour = colour * 0.35 if float(base @ luma) > 127 else 255 - (255 - colour) * 0.35
+    foreground = np.broadcast_to(colour.astype(np.float32), (h, w, 3))
     if fill == "stripes":
-        yy, xx = np.mgrid[0:h, 0:w]
+        yy, xx = np.ogrid[0:h, 0:w]
         period = max(6.0, p["r"] / 2.5)
         theta = float(rng.uniform(0, math.pi))
-        wave = np.sin((xx * math.cos(theta) + yy * math.sin(theta)) * 2 * math.pi / period) > 0
+        phase = (xx * math.cos(theta) + yy * math.sin(theta)) * (2 * math.pi / period)
+        wave = np.sin(phase.astype(np.float32)) > 0
         foreground = np.where(wave[..., None], foreground, 255 - foreground)
-    pixels = np.where(mask[..., None], foreground + rng.normal(0, 6, (h, w, 3)), background)
+    pixels = np.where(mask[..., None], foreground, background) + grain
     image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
     (path,) = job.files
     if p["quirk"] == "cmyk":
