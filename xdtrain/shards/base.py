@@ -24,9 +24,18 @@ class Source:
 
     key: str  # unique, without dots: becomes the sample key or its prefix
     group: str  # the split unit: patient, case, volume; the key itself where there is none
-    params: dict[str, Any] = field(default_factory=dict)  # what encode needs: paths, labels
-    split: str | None = None  # fixed by the release (e.g. ChestX-ray8's test list)
+    # What encode needs: a dict with "input" (the path shown in messages), or, where millions
+    # of sources must stay small, any object with describe(key) -> that path.
+    params: Any = field(default_factory=dict)
+    split: str | None = None  # fixed by the release (e.g. ChestX-ray8's test list), else assigned
     stratum: str = ""  # splits are balanced per stratum (class, grade, ...)
+    tier: float = 1.0  # training sources: the smallest data fraction holding their group
+
+    def describe(self) -> str:
+        """The input's path (relative to --src) for messages and the manifest."""
+        if isinstance(self.params, dict):
+            return self.params.get("input", self.key)
+        return self.params.describe(self.key)
 
 
 @dataclass

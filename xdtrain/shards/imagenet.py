@@ -25,6 +25,7 @@ import csv
 import io
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 from PIL import Image, UnidentifiedImageError
 
@@ -133,6 +134,24 @@ def _val_labels(src: Path) -> dict[str, str]:
     return labels
 
 
+class ImageRef(NamedTuple):
+    """Where an image is and its label, shared by all images of a folder and class.
+
+    ImageNet has 1.28 million images: a source must not carry its own path strings.
+    """
+
+    folder: str
+    relative_folder: str
+    suffix: str
+    label: int
+
+    def path(self, key: str) -> str:
+        return f"{self.folder}/{key}{self.suffix}"
+
+    def describe(self, key: str) -> str:
+        return f"{self.relative_folder}/{key}{self.suffix}"
+
+
 def _images(folder: Path) -> list[str]:
     """File names in ``folder``, sorted (``os.scandir``: no stat call per file)."""
     with os.scandir(folder) as entries:
@@ -153,17 +172,19 @@ def scan(src: Path, options: dict) -> Scan:
     skipped: list[dict] = []
 
     def add(folder: Path, filename: str, wnid: str, split: str | None) -> None:
-        relative = f"{folder_rel[folder]}/{filename}"
         key, _, suffix = filename.partition(".")
         if f".{suffix}".lower() not in EXTENSIONS:
+            relative = f"{folder_rel[folder]}/{filename}"
             skipped.append({"input": relative, "reason": "not a .JPEG file"})
             return
         if wnid not in label_of:
             return  # a synset left out by --classes
-        label = label_of[wnid]
-        params = {"input": relative, "path": f"{folder}/{filename}", "label": label, "wnid": wnid}
-        sources.append(Source(key, key, params, split=split, stratum=wnid))
+        refs = folder_refs.setdefault((folder, suffix, wnid), {})
+        if split not in refs:  # shared by every image of a folder, class and split
+            refs[split] = ImageRef(str(folder), folder_rel[folder], f".{suffix}", label_of[wnid])
+        sources.append(Source(key, key, refs[split], split=split, stratum=wnid))
 
+    folder_refs: dict[tuple, dict] = {}
     folder_rel: dict[Path, str] = {}
     for folder in sorted(p for p in train_dir.iterdir() if p.is_dir()):
         folder_rel[folder] = rel(folder, src)
@@ -177,8 +198,9 @@ def scan(src: Path, options: dict) -> Scan:
             continue
         if folder.name not in label_of:
             continue
+        wnid = folder.name  # one string for the whole folder
         for filename in _images(folder):
-            add(folder, filename, folder.name, "train")
+            add(folder, filename, wnid, "train")
     val_labels = _val_labels(src)
     folder_rel[val_dir] = rel(val_dir, src)
     seen = set()
@@ -258,7 +280,8 @@ def cpu_bound(options: dict) -> bool:
 
 
 def encode(source: Source, options: dict) -> list[Sample]:
-    data = _read(source.params["path"])
+    ref: ImageRef = source.params
+    data = _read(ref.path(source.key))
     frame = jpeg_frame(data)
     copy = (
         options["check"] == "header"
@@ -276,11 +299,11 @@ def encode(source: Source, options: dict) -> list[Sample]:
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
             raise SkipItem(f"cannot decode image ({str(exc)[:80]})") from None
         if image.format != "JPEG" or image.mode != "RGB":
-            note = {"input": source.params["input"], "note": f"{kind} converted to RGB JPEG"}
+            note = {"input": source.describe(), "note": f"{kind} converted to RGB JPEG"}
             data = _reencode(image, options)
         elif options["max_side"] is not None and max(image.size) > options["max_side"]:
             data = _reencode(image, options)
-    label = source.params["label"]
+    label = ref.label
     parts = {"jpg": data, "cls": _CLS[label], "label.i64": _LABEL[label]}
     return [Sample(source.key, parts, (label,), note)]
 

@@ -48,7 +48,7 @@ def save(folder: Path, manifest: dict) -> None:
     atomic_write(Path(folder) / NAME, json.dumps(manifest, indent=1) + "\n")
 
 
-def build(packer, scan, state, split_of, tiers, fingerprint, out) -> dict:
+def build(packer, scan, state, fingerprint) -> dict:
     """Assemble the manifest from the scan and the per-shard records of the run."""
     splits: dict[str, dict] = {}
     skipped = list(scan.skipped)

@@ -42,7 +42,7 @@ from xdtrain.fileio import atomic_write
 from xdtrain.rng import rng_for
 from xdtrain.shards import manifest as manifest_mod
 from xdtrain.shards.base import Packer, Sample, Scan, SkipItem, Source
-from xdtrain.shards.splits import SPLITS, assign_splits, fraction_tiers, tier_name
+from xdtrain.shards.splits import SPLITS, assign_splits, fraction_tier_indices, tier_name
 from xdtrain.shards.tar import ShardWriter, index_path, parse_index
 
 STATE = ".xd-shard-state.json"
@@ -201,10 +201,9 @@ def pack(
         for stale in folder.glob(".*.tmp"):
             stale.unlink()
 
-    split_of = _split_groups(packer, scan, ratios, seed, options)
-    train_groups = sorted({s.group for s in scan.sources if split_of[s.group] == "train"})
-    tiers = fraction_tiers(train_groups, fractions, seed) if train_groups else {}
-    plan = _plan_groups(scan.sources, split_of, tiers, fractions)
+    _assign_splits(packer, scan, ratios, seed, options)
+    _assign_tiers(scan, fractions, seed)
+    plan = _plan_groups(scan.sources, fractions)
 
     # Workers start from a fresh server process, not a fork of this one: they must not
     # inherit (and, through reference counting, copy) the scan of a million-image data set.
@@ -256,43 +255,62 @@ def pack(
     skips, notes = _spool_record(out) if packer.volumetric else ([], [])
     scan.skipped.extend(skips)
     scan.notes.extend(notes)
-    manifest = manifest_mod.build(packer, scan, state, split_of, tiers, fingerprint, out)
+    manifest = manifest_mod.build(packer, scan, state, fingerprint)
     manifest_mod.save(out, manifest)
     (out / STATE).unlink(missing_ok=True)
     shutil.rmtree(out / SPOOL, ignore_errors=True)
     return manifest
 
 
-def _split_groups(packer, scan: Scan, ratios, seed, options) -> dict[str, str]:
+def _assign_splits(packer, scan: Scan, ratios, seed, options) -> None:
+    """Give every source a split: the release's where it fixes one, else one per group.
+
+    Dictionaries here hold only the groups being split (patients, official val images), never
+    one entry per source of a million-image training set.
+    """
     fixed: dict[str, str] = {}
-    free: dict[str, str] = {}
-    weights: Counter = Counter()
-    for source in scan.sources:
-        weights[source.group] += 1
-        if source.split is not None:
-            if fixed.get(source.group, source.split) != source.split:
+    if not packer.groups_are_keys:  # a patient with one fixed-split film follows that film
+        for source in scan.sources:
+            fixed_split = source.split
+            if (
+                fixed_split is not None
+                and fixed.setdefault(source.group, fixed_split) != fixed_split
+            ):
                 raise UserError(
                     f"{source.group}: the release puts this patient in two splits "
                     f"({fixed[source.group]}, {source.split})"
                 )
-            fixed[source.group] = source.split
-        else:
+    free: dict[str, str] = {}
+    weights: Counter = Counter()
+    for source in scan.sources:
+        if source.split is None and source.group not in fixed:
             free.setdefault(source.group, source.stratum)
-    free = {g: s for g, s in free.items() if g not in fixed}
-    target = packer.split_ratios(ratios, options)
-    assigned = assign_splits(free, target, seed, dict(weights)) if free else {}
-    return {**assigned, **fixed}
+            weights[source.group] += 1
+    assigned = assign_splits(free, packer.split_ratios(ratios, options), seed, dict(weights))
+    for source in scan.sources:
+        if source.split is None:
+            source.split = fixed.get(source.group) or assigned[source.group]
 
 
-def _plan_groups(sources: list[Source], split_of, tiers, fractions) -> list[tuple[str, list]]:
+def _assign_tiers(scan: Scan, fractions: tuple[float, ...], seed: int) -> None:
+    """Give every training source the smallest data fraction that holds its group."""
+    train = sorted((s for s in scan.sources if s.split == "train"), key=lambda s: s.group)
+    groups = [[*members] for _, members in itertools.groupby(train, key=lambda s: s.group)]
+    choices = [*sorted(fractions), 1.0]
+    indices = fraction_tier_indices(len(groups), fractions, seed)
+    for members, index in zip(groups, indices.tolist(), strict=True):
+        for source in members:
+            source.tier = choices[index]
+
+
+def _plan_groups(sources: list[Source], fractions) -> list[tuple[str, list]]:
     """``[(group name, sources)]`` in writing order: train tiers small to large, val, test."""
     by_name: dict[str, list[Source]] = {}
     tier_names = [tier_name(f) for f in sorted(fractions)] + [tier_name(1.0)]
     for name in [f"train-{t}" for t in tier_names] + [s for s in SPLITS if s != "train"]:
         by_name[name] = []
     for source in sources:
-        split = split_of[source.group]
-        name = f"train-{tier_name(tiers[source.group])}" if split == "train" else split
+        name = f"train-{tier_name(source.tier)}" if source.split == "train" else source.split
         by_name[name].append(source)
     return [(name, group) for name, group in by_name.items() if group]
 
@@ -331,7 +349,7 @@ def _write_group(
         for unit, (samples, reason) in zip(units[start:], results, strict=True):
             position += 1
             if reason is not None:
-                skip = {"input": unit.params.get("input", unit.key), "reason": reason}
+                skip = {"input": unit.describe(), "reason": reason}
                 if strict:
                     raise UserError(f"{skip['input']}: {reason} (--strict)")
                 stats.skipped.append(skip)
@@ -414,8 +432,8 @@ def _spool(packer, scan, out, options, pool, workers, strict, progress) -> dict[
         todo, ordered_map(encode, todo, pool, workers * 2), strict=True
     ):
         if reason is not None and strict:
-            raise UserError(f"{source.params.get('input', source.key)}: {reason} (--strict)")
-        meta: dict[str, Any] = {"skipped": reason, "input": source.params.get("input", source.key)}
+            raise UserError(f"{source.describe()}: {reason} (--strict)")
+        meta: dict[str, Any] = {"skipped": reason, "input": source.describe()}
         if samples:
             writer = ShardWriter(spool / f"{source.key}.tar")
             try:
@@ -469,9 +487,8 @@ class _VolumeUnit(tuple):
     def key(self) -> str:
         return self[1].key
 
-    @property
-    def params(self) -> dict:
-        return self[0].params
+    def describe(self) -> str:
+        return self[0].describe()
 
 
 class _SpoolReader:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 
+import numpy as np
+
 from xdtrain.errors import UserError
 from xdtrain.rng import rng_for
 
@@ -107,16 +109,26 @@ def _ensure_every_split_has_a_group(assignment, active, weights) -> None:
         assignment[smallest] = split
 
 
-def fraction_tiers(groups: list[str], fractions: tuple[float, ...], seed: int) -> dict[str, float]:
-    """For each training group, the smallest fraction that contains it (1.0 for the rest).
+def fraction_tier_indices(n: int, fractions: tuple[float, ...], seed: int) -> np.ndarray:
+    """For ``n`` training groups in sorted order: the index into ``sorted(fractions) + [1.0]``
+    of the smallest fraction holding each group.
 
     Fractions are nested: the groups in 1 % are in 10 %, those in 10 % are in 50 %. A fraction
-    holds ``ceil(f * n)`` groups, at least one.
+    holds ``ceil(f * n)`` groups, at least one. Works on arrays, so a million groups cost a
+    few megabytes.
     """
-    order = sorted(groups)
-    rng_for(seed, "fractions").shuffle(order)
-    tiers = dict.fromkeys(order, 1.0)
-    for fraction in sorted(fractions, reverse=True):
-        for group in order[: max(1, math.ceil(fraction * len(order)))]:
-            tiers[group] = fraction
-    return tiers
+    position = np.empty(n, np.int64)
+    position[rng_for(seed, "fractions").permutation(n)] = np.arange(n)
+    ascending = sorted(fractions)
+    index = np.full(n, len(ascending), np.int8)
+    for i, fraction in reversed(list(enumerate(ascending))):
+        index[position < max(1, math.ceil(fraction * n))] = i
+    return index
+
+
+def fraction_tiers(groups: list[str], fractions: tuple[float, ...], seed: int) -> dict[str, float]:
+    """For each training group, the smallest fraction that contains it (1.0 for the rest)."""
+    order = sorted(set(groups))
+    choices = [*sorted(fractions), 1.0]
+    indices = fraction_tier_indices(len(order), fractions, seed)
+    return {group: choices[i] for group, i in zip(order, indices.tolist(), strict=True)}
