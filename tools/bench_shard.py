@@ -6,8 +6,9 @@ Measures, in one run on the same files:
 * ImageNet copy-through images/s of ``xd-shard --workers N``, and of GNU ``tar cf`` over the
   same image files (the speed of merely reading and writing them), and their ratio;
 * full-size BraTS cases/s (240x240x155, four modalities) with ``--workers N``;
-* the peak RSS of the largest process of each run, at two ImageNet sizes, to show that memory
-  does not grow with the data set.
+* the peak RSS of the largest process of each run, at two ImageNet sizes, and of scanning and
+  planning a full ImageNet-1k listing (1.28 million images), the only part of a run whose
+  memory grows with the data set.
 
 Page-cache copies are fast and noisy, so every measurement is the median of interleaved runs,
 each after a ``sync``; the marginal rate between the two ImageNet sizes cancels the fixed
@@ -151,6 +152,66 @@ def bench_imagenet(root: Path, sizes: list[int], workers: int, repeats: int) -> 
     }
 
 
+_PLAN_MEMORY = """
+import argparse, json, resource, sys
+from pathlib import Path
+from xdtrain.shards import imagenet
+from xdtrain.shards.pack import plan_groups, shuffled
+from xdtrain.shards.splits import DEFAULT_FRACTIONS, parse_ratios
+args = argparse.Namespace(classes=1000, max_side=None, val_share=0.5, check="header", quality=None)
+options = imagenet.options(args)
+scan = imagenet.scan(Path(sys.argv[1]), options)
+groups = plan_groups(imagenet, scan, ratios=parse_ratios("0.7,0.1,0.2"),
+                     fractions=DEFAULT_FRACTIONS, seed=0, options=options)
+name, largest = max(groups, key=lambda g: len(g[1]))
+units = shuffled(largest, 0, name)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({"sources": len(scan.sources), "peak_rss_mib": round(peak, 1)}))
+"""
+
+
+def bench_imagenet_1k_plan(root: Path, per_class: int = 1281, val: int = 50_000) -> dict:
+    """Peak RSS of scanning and planning a full-size ImageNet-1k listing.
+
+    The tree holds 1.28 million hard links to one small JPEG: real directory entries for the
+    scan, no 140 GB of data. What a run keeps per image lives in this phase; the writing phase
+    adds a bounded amount (the ``runs`` above).
+    """
+    from PIL import Image
+
+    src = root / "imagenet-1k-listing"
+    image = root / "tiny.JPEG"
+    Image.new("RGB", (8, 8)).save(image, quality=90)
+    wnids = [f"n{10_000_000 + i:08d}" for i in range(1000)]
+    train = src / "ILSVRC/Data/CLS-LOC/train"
+    for wnid in wnids:  # file systems cap the links to one file: one JPEG per folder
+        (train / wnid).mkdir(parents=True)
+        first = train / wnid / f"{wnid}_0.JPEG"
+        shutil.copy(image, first)
+        for n in range(1, per_class):
+            os.link(first, train / wnid / f"{wnid}_{n}.JPEG")
+    (src / "ILSVRC/Data/CLS-LOC/val").mkdir(parents=True)
+    rows = []
+    for n in range(1, val + 1):
+        target = src / f"ILSVRC/Data/CLS-LOC/val/ILSVRC2012_val_{n:08d}.JPEG"
+        if n % 10_000 == 1:
+            shutil.copy(image, target)
+            first = target
+        else:
+            os.link(first, target)
+        rows.append(f"ILSVRC2012_val_{n:08d},{wnids[n % 1000]} 0 0 7 7")
+    (src / "LOC_synset_mapping.txt").write_text("".join(f"{w} class {w}\n" for w in wnids))
+    (src / "LOC_val_solution.csv").write_text("ImageId,PredictionString\n" + "\n".join(rows))
+    start = time.perf_counter()
+    out = subprocess.run(
+        [sys.executable, "-c", _PLAN_MEMORY, str(src)], capture_output=True, text=True, check=True
+    )
+    result = json.loads(out.stdout)
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    shutil.rmtree(src)
+    return result
+
+
 def bench_brats(root: Path, cases: int, workers: int) -> dict:
     src = generate("brats", root / "raw-brats", size="full", count=cases, workers=workers)
     warm(src)
@@ -185,6 +246,7 @@ def main() -> int:
         sizes = [args.images_per_class, args.images_per_class * 4]
         imagenet = bench_imagenet(root, sizes, args.workers, args.repeats)
         brats = bench_brats(root, args.cases, args.workers)
+        plan = bench_imagenet_1k_plan(root)
     finally:
         if not args.tmp:
             shutil.rmtree(root, ignore_errors=True)
@@ -199,6 +261,7 @@ def main() -> int:
         "workers": args.workers,
         "imagenet_copy_through": imagenet,
         "brats_full_size": brats,
+        "imagenet_1k_scan_and_plan": plan,
         "peak_rss_mib_max": max(
             [r["xd_shard_peak_rss_mib"] for r in imagenet["runs"]] + [brats["peak_rss_mib"]]
         ),

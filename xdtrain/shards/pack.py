@@ -201,9 +201,7 @@ def pack(
         for stale in folder.glob(".*.tmp"):
             stale.unlink()
 
-    _assign_splits(packer, scan, ratios, seed, options)
-    _assign_tiers(scan, fractions, seed)
-    plan = _plan_groups(scan.sources, fractions)
+    plan = plan_groups(packer, scan, ratios=ratios, fractions=fractions, seed=seed, options=options)
 
     # Workers start from a fresh server process, not a fork of this one: they must not
     # inherit (and, through reference counting, copy) the scan of a million-image data set.
@@ -218,14 +216,10 @@ def pack(
         for group_name, sources in plan:
             if state["groups"].get(group_name, {}).get("done"):
                 continue
-            rng = rng_for(seed, "order", group_name)
             if packer.volumetric:
-                units = [ref for s in sources for ref in refs[s.key]]
-                units.sort(key=lambda u: u[1].key)
+                units = shuffled([ref for s in sources for ref in refs[s.key]], seed, group_name)
             else:
-                units = sorted(sources, key=lambda s: s.key)
-            order = rng.permutation(len(units))
-            units = [units[i] for i in order]
+                units = shuffled(sources, seed, group_name)
             _write_group(
                 packer,
                 group_name,
@@ -260,6 +254,28 @@ def pack(
     (out / STATE).unlink(missing_ok=True)
     shutil.rmtree(out / SPOOL, ignore_errors=True)
     return manifest
+
+
+def plan_groups(
+    packer: Packer,
+    scan: Scan,
+    *,
+    ratios: dict[str, float],
+    fractions: tuple[float, ...],
+    seed: int,
+    options: dict,
+) -> list[tuple[str, list[Source]]]:
+    """Assign splits and fraction tiers; return ``[(group name, sources)]`` in writing order."""
+    _assign_splits(packer, scan, ratios, seed, options)
+    _assign_tiers(scan, fractions, seed)
+    return _plan_groups(scan.sources, fractions)
+
+
+def shuffled(units: list, seed: int, group_name: str) -> list:
+    """The seeded order in which a group's units (sources or slices) are written."""
+    units = sorted(units, key=lambda unit: unit.key)
+    order = rng_for(seed, "order", group_name).permutation(len(units))
+    return [units[i] for i in order.tolist()]
 
 
 def _assign_splits(packer, scan: Scan, ratios, seed, options) -> None:
