@@ -91,12 +91,13 @@ def test_sigkill_halfway_then_rerun_is_byte_identical(tmp_path):
     assert len(rewritten) <= 1  # at most the shard renamed just before the kill was recorded
 
 
-def test_sigkill_while_spooling_volumes_then_rerun_is_byte_identical(raw, tmp_path):
+def test_sigkill_while_spooling_volumes_then_rerun_is_byte_identical(tmp_path):
+    src = generate("brats", tmp_path / "raw", count=8)  # enough cases to be killed among
     args = [
         "--dataset",
         "brats",
         "--src",
-        str(raw / "brats"),
+        str(src),
         "--shard-size",
         "40KB",
         "--workers",

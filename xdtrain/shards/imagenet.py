@@ -231,11 +231,24 @@ def scan(src: Path, options: dict) -> Scan:
 
 
 def _read(path: str) -> bytes:
+    """A whole file, with the fewest system calls (this runs once per ImageNet image)."""
     try:
-        with open(path, "rb") as fh:
-            return fh.read()
+        fd = os.open(path, os.O_RDONLY)
     except OSError as exc:
         raise SkipItem(f"unreadable file ({exc.strerror})") from None
+    try:
+        size = os.fstat(fd).st_size
+        data = os.read(fd, size)
+        while len(data) < size:  # a short read: keep going
+            more = os.read(fd, size - len(data))
+            if not more:
+                break
+            data += more
+        return data
+    except OSError as exc:
+        raise SkipItem(f"unreadable file ({exc.strerror})") from None
+    finally:
+        os.close(fd)
 
 
 def _ends_complete(data: bytes) -> bool:
