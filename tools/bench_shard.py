@@ -86,11 +86,19 @@ def warm(folder: Path) -> int:
     return count
 
 
-def _median_runs(commands: dict[str, list[str]], repeats: int) -> dict[str, dict]:
-    """Run each command ``repeats`` times, interleaved, after a sync; keep the median run."""
+def _median_runs(commands: dict[str, list[str]], outputs: list[Path], repeats: int) -> dict:
+    """Run each command ``repeats`` times, interleaved, after a sync; keep the median run.
+
+    The previous run's output is deleted before each run, outside the timing: removing
+    hundreds of megabytes is not part of writing them.
+    """
     runs: dict[str, list[dict]] = {name: [] for name in commands}
     for _ in range(repeats):
         for name, command in commands.items():
+            for output in outputs:
+                if output.is_dir():
+                    shutil.rmtree(output)
+                output.unlink(missing_ok=True)
             subprocess.run(["sync"], check=True)
             runs[name].append(measure(command))
     return {name: sorted(r, key=lambda x: x["seconds"])[len(r) // 2] for name, r in runs.items()}
@@ -115,7 +123,6 @@ def bench_imagenet(root: Path, sizes: list[int], workers: int, repeats: int) -> 
                     "-c",
                     f'tar cf "{root}/gnu.tar" -C "{src}" ILSVRC && sync "{root}/gnu.tar"',
                 ],
-                # --force: every repeat packs from scratch into the same folder.
                 "xd_shard": [
                     exe,
                     "--dataset",
@@ -127,9 +134,9 @@ def bench_imagenet(root: Path, sizes: list[int], workers: int, repeats: int) -> 
                     "--workers",
                     str(workers),
                     "--quiet",
-                    "--force",
                 ],
             },
+            [out, root / "gnu.tar"],
             repeats,
         )
         megabytes = sum(p.stat().st_size for p in (src / "ILSVRC").rglob("*.JPEG")) / 1e6
@@ -149,8 +156,8 @@ def bench_imagenet(root: Path, sizes: list[int], workers: int, repeats: int) -> 
                 "xd_shard_peak_rss_mib": round(best["xd_shard"]["peak_rss_kib"] / 1024, 1),
             }
         )
-        shutil.rmtree(out)
-        (root / "gnu.tar").unlink()
+        shutil.rmtree(out, ignore_errors=True)
+        (root / "gnu.tar").unlink(missing_ok=True)
     small, large = rows[0], rows[-1]
     extra = large["images"] - small["images"]
     tar_rate = extra / (large["gnu_tar_seconds"] - small["gnu_tar_seconds"])
