@@ -203,3 +203,14 @@ def test_verify_finds_damage_and_info_prints_the_table(packed, tmp_path, capsys)
     assert "train" in out and "tumour" in out
     assert run_cli(main, ["info", str(tmp_path)]) == 2
     assert "no manifest" in capsys.readouterr().err
+
+
+def test_lits_window_option(raw, tmp_path, capsys):
+    src = str(raw / "lits-nifti")
+    argv = ["--dataset", "lits", "--src", src, "--quiet", "--workers", "1"]
+    assert main([*argv, "--out", str(tmp_path / "a"), "--window=-100,200"]) == 0
+    assert manifest_mod.load(tmp_path / "a")["preprocessing"]["window_hu"] == [-100.0, 200.0]
+    assert run_cli(main, [*argv, "--out", str(tmp_path / "b"), "--window=5,1"]) == 2
+    assert capsys.readouterr().err == "error: --window 5,1: low must be below high\n"
+    assert run_cli(main, [*argv, "--out", str(tmp_path / "c"), "--slices", "brain"]) == 2
+    assert "LiTS keeps 'liver', 'all' slices" in capsys.readouterr().err

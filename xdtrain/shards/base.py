@@ -118,6 +118,17 @@ def jpeg_quality(args: argparse.Namespace, default: int) -> int:
     return quality
 
 
+def float_pair(text: str, option: str, example: str) -> tuple[float, float]:
+    """``"low,high"`` with low < high, e.g. a window or a percentile range."""
+    try:
+        low, high = (float(v) for v in text.split(","))
+    except ValueError:
+        raise UserError(f"{option} {text}: expected low,high like {example}") from None
+    if low >= high:
+        raise UserError(f"{option} {text}: low must be below high")
+    return low, high
+
+
 def slices_option(args: argparse.Namespace, dataset: str, allowed: tuple[str, ...]) -> str:
     """``--slices`` for a volumetric data set; the first allowed value is its default."""
     slices = args.slices or allowed[0]

@@ -27,6 +27,7 @@ from xdtrain.shards.base import (
     Scan,
     SkipItem,
     Source,
+    float_pair,
     quantise,
     rel,
     slice_sample,
@@ -57,12 +58,9 @@ def add_arguments(group) -> None:
 
 
 def options(args) -> dict:
-    try:
-        lo, hi = (float(v) for v in args.clip.split(","))
-    except ValueError:
-        raise UserError(f"--clip {args.clip}: expected two percentiles like 0.5,99.5") from None
+    lo, hi = float_pair(args.clip, "--clip", "0.5,99.5")
     if not 0 <= lo < hi <= 100:
-        raise UserError(f"--clip {args.clip}: need 0 <= low < high <= 100")
+        raise UserError(f"--clip {args.clip}: percentiles lie between 0 and 100")
     slices = slices_option(args, "BraTS", ("brain", "tumor", "all"))
     return {"slices": slices, "bits": args.bits or 8, "clip": [lo, hi]}
 

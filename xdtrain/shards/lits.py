@@ -33,6 +33,7 @@ from xdtrain.shards.base import (
     Scan,
     SkipItem,
     Source,
+    float_pair,
     quantise,
     rel,
     slice_sample,
@@ -69,12 +70,7 @@ def add_arguments(group) -> None:
 
 
 def options(args) -> dict:
-    try:
-        lo, hi = (float(v) for v in args.window.split(","))
-    except ValueError:
-        raise UserError(f"--window {args.window}: expected low,high like -200,250") from None
-    if lo >= hi:
-        raise UserError(f"--window {args.window}: low must be below high")
+    lo, hi = float_pair(args.window, "--window", "-200,250")
     slices = slices_option(args, "LiTS", ("liver", "all"))
     return {"release": args.release, "window": [lo, hi], "slices": slices, "bits": args.bits or 8}
 
