@@ -58,22 +58,20 @@ def measure(command: list[str]) -> dict:
     return result
 
 
-def xd_shard(dataset: str, src: Path, out: Path, workers: int) -> dict:
+def xd_shard_command(dataset: str, src: Path, out: Path, workers: int) -> list[str]:
     exe = str(Path(sys.executable).with_name("xd-shard"))
-    return measure(
-        [
-            exe,
-            "--dataset",
-            dataset,
-            "--src",
-            str(src),
-            "--out",
-            str(out),
-            "--workers",
-            str(workers),
-            "--quiet",
-        ]
-    )
+    return [
+        exe,
+        "--dataset",
+        dataset,
+        "--src",
+        str(src),
+        "--out",
+        str(out),
+        "--workers",
+        str(workers),
+        "--quiet",
+    ]
 
 
 def warm(folder: Path) -> int:
@@ -106,7 +104,6 @@ def _median_runs(commands: dict[str, list[str]], outputs: list[Path], repeats: i
 
 def bench_imagenet(root: Path, sizes: list[int], workers: int, repeats: int) -> dict:
     """Copy-through against GNU tar, end to end at each size and as a marginal rate."""
-    exe = str(Path(sys.executable).with_name("xd-shard"))
     rows = []
     for per_class in sizes:
         src = generate(
@@ -123,18 +120,7 @@ def bench_imagenet(root: Path, sizes: list[int], workers: int, repeats: int) -> 
                     "-c",
                     f'tar cf "{root}/gnu.tar" -C "{src}" ILSVRC && sync "{root}/gnu.tar"',
                 ],
-                "xd_shard": [
-                    exe,
-                    "--dataset",
-                    "imagenet",
-                    "--src",
-                    str(src),
-                    "--out",
-                    str(out),
-                    "--workers",
-                    str(workers),
-                    "--quiet",
-                ],
+                "xd_shard": xd_shard_command("imagenet", src, out, workers),
             },
             [out, root / "gnu.tar"],
             repeats,
@@ -237,7 +223,7 @@ def bench_imagenet_1k_plan(root: Path, per_class: int = 1281, val: int = 50_000)
 def bench_brats(root: Path, cases: int, workers: int) -> dict:
     src = generate("brats", root / "raw-brats", size="full", count=cases, workers=workers)
     warm(src)
-    ours = xd_shard("brats", src, root / "shards-brats", workers)
+    ours = measure(xd_shard_command("brats", src, root / "shards-brats", workers))
     manifest = json.loads((root / "shards-brats" / "manifest.json").read_text())
     slices = sum(e["samples"] for e in manifest["splits"].values())
     return {
@@ -258,6 +244,18 @@ def main() -> int:
         help="ImageNet images per class (10 classes), also packed at 4x",
     )
     parser.add_argument("--repeats", type=int, default=3, help="runs per measurement")
+    parser.add_argument(
+        "--listing-per-class",
+        type=int,
+        default=1281,
+        help="training entries per class of the ImageNet-1k listing",
+    )
+    parser.add_argument(
+        "--listing-val",
+        type=int,
+        default=50_000,
+        help="validation entries of the ImageNet-1k listing",
+    )
     parser.add_argument("--cases", type=int, default=8, help="full-size BraTS cases")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--tmp", help="scratch folder (default: a new temporary folder)")
@@ -268,7 +266,7 @@ def main() -> int:
         sizes = [args.images_per_class, args.images_per_class * 4]
         imagenet = bench_imagenet(root, sizes, args.workers, args.repeats)
         brats = bench_brats(root, args.cases, args.workers)
-        plan = bench_imagenet_1k_plan(root)
+        plan = bench_imagenet_1k_plan(root, args.listing_per_class, args.listing_val)
     finally:
         if not args.tmp:
             shutil.rmtree(root, ignore_errors=True)
