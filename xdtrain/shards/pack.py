@@ -40,6 +40,7 @@ from xdtrain import __version__
 from xdtrain.errors import UserError
 from xdtrain.fileio import atomic_write
 from xdtrain.rng import rng_for
+from xdtrain.shards import PACKERS
 from xdtrain.shards import manifest as manifest_mod
 from xdtrain.shards.base import Packer, Sample, Scan, SkipItem, Source
 from xdtrain.shards.splits import SPLITS, assign_splits, fraction_tier_indices, tier_name
@@ -49,19 +50,13 @@ STATE = ".xd-shard-state.json"
 SPOOL = ".spool"
 
 
-def registry() -> dict[str, Packer]:
-    from xdtrain.shards import PACKERS
-
-    return PACKERS
-
-
 # --------------------------------------------------------------------------- encoding jobs
 
 
 def _encode(dataset: str, options: dict, source: Source) -> tuple[list[Sample], str | None]:
     """Encode one source in a worker; a malformed input comes back as a reason, not a crash."""
     try:
-        return registry()[dataset].encode(source, options), None
+        return PACKERS[dataset].encode(source, options), None
     except SkipItem as exc:
         return [], str(exc)
 
@@ -122,15 +117,9 @@ def _clear_outputs(out: Path) -> None:
     """Remove everything a previous xd-shard run wrote into ``out`` (and nothing else)."""
     for path in out.iterdir():
         name = path.name
+        temporary = name.startswith(".") and name.endswith(".tmp")
         ours = (
-            name.endswith((".tar", ".idx"))
-            or (name.startswith(".") and name.endswith(".tmp"))
-            or name
-            in (
-                "manifest.json",
-                STATE,
-                SPOOL,
-            )
+            name.endswith((".tar", ".idx")) or temporary or name in ("manifest.json", STATE, SPOOL)
         )
         if not ours:
             continue
