@@ -56,11 +56,13 @@ def build(packer, scan, state, fingerprint) -> dict:
     for group_name, record in state["groups"].items():
         split, _, tier = group_name.partition("-")
         entry = splits.setdefault(
-            split, {"samples": 0, "groups": set(), "classes": Counter(), "shards": []}
+            split,
+            {"samples": 0, "groups": set(), "count": 0, "classes": Counter(), "shards": []},
         )
         for shard in record["shards"]:
             entry["samples"] += shard["samples"]
             entry["groups"].update(shard["groups"])
+            entry["count"] += shard["group_count"]
             entry["classes"].update({int(k): v for k, v in shard["classes"].items()})
             entry["shards"].append(
                 {k: shard[k] for k in ("name", "samples", "bytes", "sha256")} | {"tier": tier}
@@ -69,9 +71,11 @@ def build(packer, scan, state, fingerprint) -> dict:
             notes.extend(shard["notes"])
         skipped.extend(record.get("tail_skipped", []))
     for entry in splits.values():
-        groups = sorted(entry.pop("groups"))
-        entry["patients"] = len(groups)
-        if not packer.groups_are_keys:
+        groups, count = sorted(entry.pop("groups")), entry.pop("count")
+        if packer.groups_are_keys:  # no patients: each sample is its own group
+            entry["patients"] = count
+        else:
+            entry["patients"] = len(groups)
             entry["patient_ids"] = groups
         entry["classes"] = {
             scan.classes[k]: entry["classes"].get(k, 0) for k in range(len(scan.classes))

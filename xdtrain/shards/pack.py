@@ -337,7 +337,7 @@ def _write_group(
         results = ordered_map(encode, units[start:], pool, window=workers * 4, batch=16)
 
     writer: ShardWriter | None = None
-    stats = _ShardStats()
+    stats = _ShardStats(not packer.groups_are_keys)
     position, number = start, len(record["shards"])
     # A finished shard is fsynced, renamed and recorded on a helper thread while the next one
     # is written; one at a time, so records stay in order and errors surface at the next.
@@ -368,10 +368,10 @@ def _write_group(
                 progress.update(task, completed=position)
             if writer is not None and writer.size >= shard_bytes:
                 finish(writer, stats, position)
-                writer, stats = None, _ShardStats()
+                writer, stats = None, _ShardStats(not packer.groups_are_keys)
         if writer is not None:
             finish(writer, stats, position)
-            writer, stats = None, _ShardStats()
+            writer, stats = None, _ShardStats(not packer.groups_are_keys)
         if finishing is not None:
             finishing.result()
         if stats.skipped:  # inputs skipped after the last shard closed
@@ -389,31 +389,41 @@ def _write_group(
 
 
 class _ShardStats:
-    def __init__(self):
+    """What the manifest needs to know of one shard.
+
+    Patient ids are kept only where there are patients: ImageNet's "groups" are its 1.28
+    million image keys, which the state file, rewritten after every shard, must not carry.
+    """
+
+    def __init__(self, keep_groups: bool):
+        self.keep_groups = keep_groups
         self.groups: set[str] = set()
+        self.count = 0
         self.classes: Counter = Counter()
         self.skipped: list[dict] = []
         self.notes: list[dict] = []
 
     def add(self, sample: Sample, group: str) -> None:
-        self.groups.add(group)
+        if self.keep_groups:
+            self.groups.add(group)
+        self.count += 1
         self.classes.update(sample.labels)
         if sample.note:
             self.notes.append(sample.note)
 
+    def record(self) -> dict:
+        return {
+            "groups": sorted(self.groups),
+            "group_count": len(self.groups) if self.keep_groups else self.count,
+            "classes": {str(k): v for k, v in sorted(self.classes.items())},
+            "skipped": self.skipped,
+            "notes": self.notes,
+        }
+
 
 def _finish_shard(writer: ShardWriter, stats: _ShardStats, position, record, out, state):
     info = writer.close()
-    record["shards"].append(
-        {
-            **asdict(info),
-            "next": position,
-            "groups": sorted(stats.groups),
-            "classes": {str(k): v for k, v in sorted(stats.classes.items())},
-            "skipped": stats.skipped,
-            "notes": stats.notes,
-        }
-    )
+    record["shards"].append({**asdict(info), "next": position, **stats.record()})
     _save_state(out, state)
 
 
