@@ -18,7 +18,7 @@ costs of a run (interpreter start, imports, manifest).
 
 Example::
 
-    python tools/bench_shard.py --images-per-class 100 --cases 8 --workers 2
+    python tools/bench_shard.py --images-per-class 200 --cases 8 --workers 2 --repeats 5
 """
 
 from __future__ import annotations
