@@ -199,11 +199,6 @@ def pack(
         pool = ProcessPoolExecutor(workers, mp_context=context)
     else:  # plain copying is fastest in this process: no bytes shipped between processes
         pool = None
-    # Every group's record exists before writing starts: from then on only the finisher
-    # thread changes the state (while it may be serialising it).
-    for group_name, _ in plan:
-        state["groups"].setdefault(group_name, {"shards": [], "done": False})
-    finisher = _Finisher()
     try:
         if packer.volumetric:
             refs = _spool(packer, scan, out, options, pool, workers, strict, progress)
@@ -226,11 +221,8 @@ def pack(
                 workers,
                 strict,
                 progress,
-                finisher,
             )
-        finisher.drain()
     finally:
-        finisher.close()
         if pool is not None:
             pool.shutdown(cancel_futures=True)
 
@@ -332,20 +324,9 @@ def _plan_groups(sources: list[Source], fractions) -> list[tuple[str, list]]:
 
 
 def _write_group(
-    packer,
-    group_name,
-    units,
-    out,
-    state,
-    options,
-    shard_bytes,
-    pool,
-    workers,
-    strict,
-    progress,
-    finisher: _Finisher,
+    packer, group_name, units, out, state, options, shard_bytes, pool, workers, strict, progress
 ) -> None:
-    record = state["groups"][group_name]
+    record = state["groups"].setdefault(group_name, {"shards": [], "done": False})
     start = record["shards"][-1]["next"] if record["shards"] else 0
     task = progress.add_task(group_name, total=len(units), completed=start) if progress else None
     if packer.volumetric:
@@ -358,9 +339,16 @@ def _write_group(
     writer: ShardWriter | None = None
     stats = _ShardStats(not packer.groups_are_keys)
     position, number = start, len(record["shards"])
+    # A finished shard is fsynced, renamed and recorded on a helper thread while the next one
+    # is written; one at a time, so records stay in order and errors surface at the next.
+    finisher = ThreadPoolExecutor(max_workers=1)
+    finishing = None
 
     def finish(writer, stats, position):
-        finisher.submit(_finish_shard, writer, stats, position, record, out, state)
+        nonlocal finishing
+        if finishing is not None:
+            finishing.result()
+        finishing = finisher.submit(_finish_shard, writer, stats, position, record, out, state)
 
     try:
         for unit, (samples, reason) in zip(units[start:], results, strict=True):
@@ -384,11 +372,16 @@ def _write_group(
         if writer is not None:
             finish(writer, stats, position)
             writer, stats = None, _ShardStats(not packer.groups_are_keys)
-        # Recorded after the group's last shard, on the same thread, without waiting here.
-        finisher.submit(_finish_group, record, stats.skipped, out, state)
+        if finishing is not None:
+            finishing.result()
+        if stats.skipped:  # inputs skipped after the last shard closed
+            record["tail_skipped"] = stats.skipped
+        record["done"] = True
+        _save_state(out, state)
         if progress:
             progress.update(task, completed=position)
     finally:
+        finisher.shutdown(wait=True)
         if writer is not None and not writer.closed:
             writer.abort()
         if packer.volumetric:
@@ -426,38 +419,6 @@ class _ShardStats:
             "skipped": self.skipped,
             "notes": self.notes,
         }
-
-
-class _Finisher:
-    """Closes, fsyncs, renames and records finished shards on one helper thread, in order.
-
-    The writing thread goes on with the next shard (and the next group) meanwhile; at most
-    ``depth`` shards wait, and an error surfaces at the next submission or at ``drain``.
-    """
-
-    def __init__(self, depth: int = 2):
-        self.pool = ThreadPoolExecutor(max_workers=1)
-        self.pending: deque = deque()
-        self.depth = depth
-
-    def submit(self, fn: Callable, *args) -> None:
-        while len(self.pending) >= self.depth or (self.pending and self.pending[0].done()):
-            self.pending.popleft().result()
-        self.pending.append(self.pool.submit(fn, *args))
-
-    def drain(self) -> None:
-        while self.pending:
-            self.pending.popleft().result()
-
-    def close(self) -> None:
-        self.pool.shutdown(wait=True)
-
-
-def _finish_group(record: dict, tail_skipped: list, out: Path, state: dict) -> None:
-    if tail_skipped:  # inputs skipped after the last shard closed
-        record["tail_skipped"] = tail_skipped
-    record["done"] = True
-    _save_state(out, state)
 
 
 def _finish_shard(writer: ShardWriter, stats: _ShardStats, position, record, out, state):
