@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+from PIL import UnidentifiedImageError
 
 from xdtrain.errors import UserError
 
@@ -57,6 +58,10 @@ class Scan:
     skipped: list[dict[str, str]] = field(default_factory=list)  # {"input", "reason"}
     notes: list[dict[str, str]] = field(default_factory=list)  # release quirks handled
     info: dict[str, Any] = field(default_factory=dict)  # preprocessing, for the manifest
+
+
+# What Pillow raises for an unreadable, truncated or malformed image file.
+DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError)
 
 
 class SkipItem(Exception):

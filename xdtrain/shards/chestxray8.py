@@ -20,10 +20,19 @@ import re
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from xdtrain.errors import UserError
-from xdtrain.shards.base import Sample, Scan, SkipItem, Source, jpeg_quality, json_bytes, rel
+from xdtrain.shards.base import (
+    DECODE_ERRORS,
+    Sample,
+    Scan,
+    SkipItem,
+    Source,
+    jpeg_quality,
+    json_bytes,
+    rel,
+)
 
 name = "chestxray8"
 volumetric = False
@@ -177,7 +186,7 @@ def encode(source: Source, options: dict) -> list[Sample]:
     try:
         image = Image.open(path)
         image.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except DECODE_ERRORS as exc:
         raise SkipItem(f"cannot decode image ({str(exc)[:80]})") from None
     note = None
     if image.mode not in ("L", "I;16", "I"):

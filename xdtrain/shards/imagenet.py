@@ -27,10 +27,19 @@ import os
 from pathlib import Path
 from typing import NamedTuple
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from xdtrain.errors import UserError
-from xdtrain.shards.base import Sample, Scan, SkipItem, Source, int_bytes, jpeg_quality, rel
+from xdtrain.shards.base import (
+    DECODE_ERRORS,
+    Sample,
+    Scan,
+    SkipItem,
+    Source,
+    int_bytes,
+    jpeg_quality,
+    rel,
+)
 
 name = "imagenet"
 volumetric = False
@@ -309,7 +318,7 @@ def encode(source: Source, options: dict) -> list[Sample]:
             image = Image.open(io.BytesIO(data))
             kind = f"{image.mode} {image.format}"
             image.load()  # raises on truncated or corrupt data
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        except DECODE_ERRORS as exc:
             raise SkipItem(f"cannot decode image ({str(exc)[:80]})") from None
         if image.format != "JPEG" or image.mode != "RGB":
             note = {"input": source.describe(), "note": f"{kind} converted to RGB JPEG"}

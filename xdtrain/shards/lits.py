@@ -25,10 +25,11 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from xdtrain.errors import UserError
 from xdtrain.shards.base import (
+    DECODE_ERRORS,
     Sample,
     Scan,
     SkipItem,
@@ -230,7 +231,7 @@ def _read_png(path: str) -> np.ndarray:
     try:
         with Image.open(path) as image:
             return np.asarray(image.convert("L"))
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except DECODE_ERRORS as exc:
         raise SkipItem(f"{Path(path).name}: cannot decode image ({str(exc)[:60]})") from None
 
 
