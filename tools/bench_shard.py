@@ -146,18 +146,31 @@ def bench_imagenet(root: Path, sizes: list[int], workers: int, repeats: int) -> 
         (root / "gnu.tar").unlink(missing_ok=True)
     small, large = rows[0], rows[-1]
     extra = large["images"] - small["images"]
-    tar_rate = extra / (large["gnu_tar_seconds"] - small["gnu_tar_seconds"])
-    tar_fsync_rate = extra / (large["gnu_tar_fsync_seconds"] - small["gnu_tar_fsync_seconds"])
-    ours_rate = extra / (large["xd_shard_seconds"] - small["xd_shard_seconds"])
+    tar_rate = _rate(extra, large["gnu_tar_seconds"] - small["gnu_tar_seconds"])
+    tar_fsync_rate = _rate(extra, large["gnu_tar_fsync_seconds"] - small["gnu_tar_fsync_seconds"])
+    ours_rate = _rate(extra, large["xd_shard_seconds"] - small["xd_shard_seconds"])
     return {
         "runs": rows,
         # Fixed costs (interpreter start, imports, manifest) cancel in the difference.
-        "marginal_gnu_tar_images_per_s": round(tar_rate, 1),
-        "marginal_xd_shard_images_per_s": round(ours_rate, 1),
-        "marginal_ratio_to_gnu_tar": round(ours_rate / tar_rate, 3),
-        "marginal_gnu_tar_fsync_images_per_s": round(tar_fsync_rate, 1),
-        "marginal_ratio_to_gnu_tar_fsync": round(ours_rate / tar_fsync_rate, 3),
+        "marginal_gnu_tar_images_per_s": _round(tar_rate, 1),
+        "marginal_xd_shard_images_per_s": _round(ours_rate, 1),
+        "marginal_ratio_to_gnu_tar": _ratio(ours_rate, tar_rate),
+        "marginal_gnu_tar_fsync_images_per_s": _round(tar_fsync_rate, 1),
+        "marginal_ratio_to_gnu_tar_fsync": _ratio(ours_rate, tar_fsync_rate),
     }
+
+
+def _rate(extra: int, seconds: float) -> float | None:
+    """Images/s of the extra images; None when the sizes are too close to time apart."""
+    return extra / seconds if seconds > 0 else None
+
+
+def _round(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+def _ratio(ours: float | None, theirs: float | None) -> float | None:
+    return None if ours is None or theirs is None else round(ours / theirs, 3)
 
 
 _PLAN_MEMORY = """
