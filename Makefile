@@ -31,6 +31,7 @@ demo: $(STAMP)
 	$(BIN)/xd-shard --dataset brats --src $(DEMO_DIR)/brats --out $(SHARD_DIR)/brats
 	$(BIN)/xd-shard --dataset lits --src $(DEMO_DIR)/lits-nifti --out $(SHARD_DIR)/lits
 	$(BIN)/xd-shard verify $(SHARD_DIR)/brats
+	$(BIN)/python -m xdtrain.data configs/demo/pt_simclr_imagenet.yaml --set data.shards=$(SHARD_DIR)/imagenet
 	@echo "demo: raw data sets in $(DEMO_DIR)/, shards in $(SHARD_DIR)/ (xd-shard info $(SHARD_DIR)/<name>)"
 
 clean-demo:

@@ -50,7 +50,8 @@ class DataConfig:
     shards: str = ""  # folder written by xd-shard; empty: shards/<dataset>
     backend: Literal["dali", "albumentations"] = "dali"
     device: Literal["auto", "gpu", "cpu"] = "auto"
-    augment: str = "standard"  # augmentation preset name
+    augment: str = "standard"  # preset (docs/pipelines.md); its purpose picks the pipeline
+    solarize: float = 0.0  # SimCLR: probability of solarizing a view (BYOL uses 0.2 on one view)
     image_size: int = 224
     channels: int = 3
     views: int = 2  # SimCLR views per sample

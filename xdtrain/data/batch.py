@@ -1,0 +1,36 @@
+"""The batch contract both backends honour.
+
+A batch is a dict of torch tensors (on the GPU when the pipeline runs there):
+
+- ``views``: list of ``[B, C, S, S]`` float tensors (SimCLR), or ``image``: ``[B, C, S, S]``;
+- ``label``: ``int64 [B]`` class index (ImageNet) or ``float32 [B, 15]`` multi-hot
+  (ChestX-ray8), absent for segmentation;
+- ``mask``: ``int64 [B, S, S]`` (segmentation) with ``case``, ``slice``, ``slices``:
+  ``int64 [B]`` from ``pos.i32``, so 3-D volumes can be rebuilt for per-case metrics;
+- ``keys``: list of the samples' keys; ``bad_samples``: samples in this batch that failed
+  to decode and were replaced by others of the batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from xdtrain.data.shardset import Layout
+
+
+def key_of(info: bytes) -> tuple[str, str]:
+    """``(shard path, sample key)`` from DALI's ``source_info`` (``path:offset:member``)."""
+    text = info.rstrip(b"\0").decode()
+    path, _, rest = text.rpartition(":")
+    path = path.rpartition(":")[0]
+    return path, rest.partition(".")[0]
+
+
+def labels(layout: Layout, raw: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The label entries of a batch from the fixed-size binary label component."""
+    if layout.kind == "multiclass":
+        return {"label": raw.reshape(-1).long()}
+    if layout.kind == "multilabel":
+        return {"label": raw.float()}
+    pos = raw.long()
+    return {"case": pos[:, 0], "slice": pos[:, 1], "slices": pos[:, 2]}

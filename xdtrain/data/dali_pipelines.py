@@ -1,0 +1,232 @@
+"""The DALI pipelines, one graph per purpose, for CPU (``device_id=None``) and GPU alike.
+
+A graph reads like its augmentation list. It takes the encoded components of a sample from
+either the shard reader or, when a batch must be rebuilt after a decoding failure, from
+``external_source`` nodes with the same names, so both paths run the same operators.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from nvidia.dali import fn, pipeline_def, types
+
+from xdtrain.data import dali_ops as ops
+from xdtrain.data.presets import Augment, for_greyscale
+from xdtrain.data.shardset import Layout
+
+PURPOSES = ("simclr", "classify_train", "classify_eval", "segment_train", "segment_eval")
+DTYPES = {"int64": types.INT64, "uint8": types.UINT8, "int32": types.INT32}
+
+
+@dataclass(frozen=True)
+class Graph:
+    """Everything a pipeline's graph depends on, apart from batch size, threads and seed."""
+
+    purpose: str
+    layout: Layout
+    image_ext: str
+    bits: int
+    size: int
+    channels: int  # channels of the output images
+    views: int = 2
+    aug: Augment | None = None
+    device: str = "cpu"  # "cpu" or "gpu"
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        """Names of the pipeline's outputs, in order."""
+        if self.purpose == "simclr":
+            images = tuple(f"view{i}" for i in range(self.views))
+        elif self.purpose.startswith("segment"):
+            images = ("image", "mask")
+        else:
+            images = ("image",)
+        return (*images, "label", "info")
+
+    @property
+    def components(self) -> list[str]:
+        """Shard components the reader returns: image, label, then mask if any."""
+        parts = [self.image_ext, self.layout.label]
+        return parts + ([self.layout.mask] if self.layout.mask else [])
+
+
+def build(graph: Graph, *, batch_size, threads, seed, device_id=None, reader=None):
+    """A built pipeline for ``graph``; ``reader`` holds ``fn.readers.webdataset`` arguments
+    (paths, index_paths, shard_id, …), or ``None`` for ``external_source`` inputs."""
+
+    @pipeline_def(enable_conditionals=True)
+    def pipe():
+        inputs = read(graph, reader) if reader is not None else external(graph)
+        return GRAPHS[graph.purpose](inputs, graph)
+
+    dev = device_id if graph.device == "gpu" else None
+    p = pipe(
+        batch_size=batch_size,
+        num_threads=threads,
+        device_id=dev,
+        seed=seed,
+        prefetch_queue_depth=2,
+        exec_dynamic=True,
+    )
+    p.build()
+    return p
+
+
+def read(graph: Graph, reader: dict) -> dict:
+    """Encoded components from the shards, plus the padded ``source_info`` of each sample."""
+    parts = fn.readers.webdataset(
+        ext=graph.components,
+        dtypes=[types.UINT8, DTYPES[graph.layout.label_dtype]]
+        + ([types.UINT8] if graph.layout.mask else []),
+        missing_component_behavior="error",
+        name="reader",
+        **reader,
+    )
+    inputs = {"image": parts[0], "label": parts[1]}
+    if graph.layout.mask:
+        inputs["mask"] = parts[2]
+    inputs["info"] = fn.pad(fn.get_property(parts[0], key="source_info"), fill_value=0)
+    return inputs
+
+
+def external(graph: Graph) -> dict:
+    names = ["image", "label"] + (["mask"] if graph.layout.mask else []) + ["info"]
+    return {name: fn.external_source(name=name, device="cpu") for name in names}
+
+
+def external_batch(graph: Graph, samples: list[dict[str, bytes]], infos: list[bytes]) -> dict:
+    """``feed_input`` data for :func:`external` from raw component bytes."""
+    width = max(len(i) for i in infos)
+    label_dtype = np.dtype(graph.layout.label_dtype).newbyteorder("<")
+    data = {
+        "image": [np.frombuffer(s[graph.image_ext], np.uint8) for s in samples],
+        "label": [np.frombuffer(s[graph.layout.label], label_dtype).copy() for s in samples],
+        "info": [np.frombuffer(i.ljust(width, b"\0"), np.uint8) for i in infos],
+    }
+    if graph.layout.mask:
+        data["mask"] = [np.frombuffer(s[graph.layout.mask], np.uint8) for s in samples]
+    return data
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def peak(graph: Graph) -> float:
+    return 65535.0 if graph.bits == 16 and graph.image_ext.endswith("png") else 255.0
+
+
+def decode_image(encoded, graph: Graph):
+    """HWC ``uint8`` (or ``uint16`` for 16-bit PNG), on the GPU when the graph is."""
+    if graph.layout.stored_channels == 3:
+        kind = types.RGB
+    elif graph.layout.stored_channels == 1 and peak(graph) == 255.0:
+        kind = types.GRAY
+    else:
+        kind = types.ANY_DATA  # 4-channel MRI, 16-bit CT: as stored
+    dtype = types.UINT16 if peak(graph) > 255 else types.UINT8
+    if graph.device == "gpu" and graph.image_ext == "jpg":
+        return fn.decoders.image(encoded, device="mixed", output_type=kind)
+    image = fn.decoders.image(encoded, device="cpu", output_type=kind, dtype=dtype)
+    return image.gpu() if graph.device == "gpu" else image
+
+
+def decode_mask(encoded, graph: Graph):
+    mask = fn.decoders.image(encoded, device="cpu", output_type=types.GRAY)
+    return mask.gpu() if graph.device == "gpu" else mask
+
+
+# --------------------------------------------------------------------------- graphs
+
+
+def _colour(image, graph: Graph, aug: Augment, scale: float):
+    """The colour steps of SimCLR and classification, per sample, in SimCLR's order."""
+    if graph.layout.greyscale:
+        image = ops.brightness_contrast(image, for_greyscale(aug))
+    else:
+        image = ops.colour_jitter(image, aug)
+    if aug.blur_p > 0:
+        image = ops.gaussian_blur(image, aug)
+    if aug.solarize_p > 0 and scale == 255.0:
+        image = ops.solarize(image, aug)
+    if aug.sharpness_p > 0 and scale == 255.0:
+        image = ops.sharpen(image, aug, scale)
+    if aug.noise_p > 0:
+        image = ops.gaussian_noise(image, aug, scale)
+    return image
+
+
+def _finish(image, graph: Graph, mirror=None, scale: float = 255.0):
+    stored = graph.layout.stored_channels
+    chw = ops.normalise(image, stored, rgb=stored == 3, mirror=mirror, peak=scale)
+    return ops.to_channels(chw, stored, graph.channels)
+
+
+def _augment_view(decoded, graph: Graph):
+    aug, scale = graph.aug, peak(graph)
+    view = ops.random_resized_crop(decoded, graph.size, aug)
+    view = _colour(view, graph, aug, scale)
+    mirror = fn.random.coin_flip(probability=aug.flip_p)
+    return _finish(view, graph, mirror, scale)
+
+
+def simclr_views(inputs: dict, graph: Graph):
+    """N views of each sample: decode once, then crop, flip and colour each view."""
+    decoded = decode_image(inputs["image"], graph)
+    views = [_augment_view(decoded, graph) for _ in range(graph.views)]
+    return (*views, inputs["label"], inputs["info"])
+
+
+def classify_train(inputs: dict, graph: Graph):
+    image = _augment_view(decode_image(inputs["image"], graph), graph)
+    return image, inputs["label"], inputs["info"]
+
+
+def classify_eval(inputs: dict, graph: Graph):
+    """Resize the shorter side to size/0.875, then the centre crop (torchvision's recipe)."""
+    decoded = decode_image(inputs["image"], graph)
+    resized = fn.resize(decoded, resize_shorter=round(graph.size / 0.875), antialias=True)
+    cropped = fn.crop(resized, crop=[graph.size, graph.size])
+    return _finish(cropped, graph, scale=peak(graph)), inputs["label"], inputs["info"]
+
+
+def _float_image(inputs: dict, graph: Graph):
+    image = decode_image(inputs["image"], graph)
+    return fn.cast(image, dtype=types.FLOAT) * (1.0 / peak(graph))
+
+
+def segment_train(inputs: dict, graph: Graph):
+    """Image and mask share the crop window, flip and rotation; the mask is resampled with
+    nearest neighbour and never intensity-augmented."""
+    aug = graph.aug
+    image = _float_image(inputs, graph)
+    mask = decode_mask(inputs["mask"], graph)
+    start, end = ops.shared_window(aug)
+    image = ops.resize_window(image, start, end, graph.size, nearest=False)
+    mask = ops.resize_window(mask, start, end, graph.size, nearest=True)
+    flip = fn.random.coin_flip(probability=aug.flip_p)
+    image = fn.flip(image, horizontal=flip)
+    mask = fn.flip(mask, horizontal=flip)
+    if aug.rotate_p > 0:
+        image, mask = ops.rotate_pair(image, mask, aug)
+    if aug.jitter_p > 0:
+        image = ops.brightness_contrast(image, aug, centre=0.5)
+    return _finish(image, graph, scale=1.0), mask, inputs["label"], inputs["info"]
+
+
+def segment_eval(inputs: dict, graph: Graph):
+    image = _float_image(inputs, graph)
+    mask = decode_mask(inputs["mask"], graph)
+    image = fn.resize(image, size=[graph.size, graph.size], antialias=True)
+    mask = fn.resize(mask, size=[graph.size, graph.size], interp_type=types.INTERP_NN)
+    return _finish(image, graph, scale=1.0), mask, inputs["label"], inputs["info"]
+
+
+GRAPHS = {
+    "simclr": simclr_views,
+    "classify_train": classify_train,
+    "classify_eval": classify_eval,
+    "segment_train": segment_train,
+    "segment_eval": segment_eval,
+}
