@@ -70,6 +70,7 @@ class ModelConfig:
     encoder_weights: str | None = None  # encoder.pt, a run checkpoint or a torchvision state dict
     frozen_encoder: bool = False  # linear evaluation: frozen weights and batch-norm statistics
     projection_dims: list[int] = field(default_factory=lambda: [2048, 128])
+    projection_sigmoid: bool = False  # the study's head ends in a sigmoid
 
 
 @dataclass
@@ -91,6 +92,7 @@ class OptimConfig:
     weight_decay: float = 0.0
     momentum: float = 0.9
     scale_lr: bool = False  # multiply lr by global batch / 256
+    trust_coefficient: float = 0.001  # LARS eta
 
 
 @dataclass
@@ -100,7 +102,7 @@ class ScheduleConfig:
     name: Literal["cosine", "exponential", "constant"] = "cosine"
     warmup_epochs: float = 0.0
     gamma: float = 0.95  # exponential: factor per epoch
-    min_lr: float = 0.0
+    min_lr: float = 0.0  # cosine: final learning rate as a share of the base rate
 
 
 @dataclass

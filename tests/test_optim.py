@@ -1,0 +1,99 @@
+"""xdtrain.optim: LARS exclusions and zero gradients, learning-rate scaling, schedules."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from xdtrain.config import OptimConfig, ScheduleConfig
+from xdtrain.models import get_model
+from xdtrain.optim import LARS, build_optimizer, build_scheduler, lr_factor, param_groups
+
+
+def test_biases_and_norm_parameters_get_no_decay_or_adaptation():
+    model = get_model("resnet18", num_classes=4)
+    optimiser = build_optimizer(model, OptimConfig(name="lars", lr=0.1, weight_decay=1e-4), 256)
+    decayed, plain = optimiser.param_groups
+    assert decayed["adapt"] and decayed["weight_decay"] == 1e-4
+    assert not plain["adapt"] and plain["weight_decay"] == 0.0
+    plain_ids = {id(p) for p in plain["params"]}
+    for name, param in model.named_parameters():
+        is_plain = name.endswith(".bias") or ".bn" in name or "downsample.1" in name
+        assert (id(param) in plain_ids) == is_plain, name
+
+
+def test_lars_updates_excluded_parameters_like_plain_sgd():
+    bias = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    weight = torch.nn.Parameter(torch.ones(2, 2))
+    groups = [
+        {"params": [weight], "weight_decay": 0.1, "adapt": True},
+        {"params": [bias], "weight_decay": 0.0, "adapt": False},
+    ]
+    optimiser = LARS(groups, lr=0.5, momentum=0.0, eta=0.001)
+    bias.grad = torch.tensor([0.2, 0.4])
+    weight.grad = torch.full((2, 2), 0.3)
+    optimiser.step()
+    assert torch.allclose(bias, torch.tensor([1.0 - 0.1, -2.0 - 0.2]))  # lr × grad, unscaled
+    grad = torch.full((2, 2), 0.3) + 0.1 * torch.ones(2, 2)
+    ratio = 0.001 * torch.ones(2, 2).norm() / grad.norm()
+    assert torch.allclose(weight, torch.ones(2, 2) - 0.5 * ratio * grad)
+
+
+def test_lars_stays_finite_at_zero_gradient_and_zero_weights():
+    zero_w = torch.nn.Parameter(torch.zeros(3, 3))
+    some_w = torch.nn.Parameter(torch.ones(3, 3))
+    optimiser = LARS([{"params": [zero_w, some_w], "weight_decay": 0.0, "adapt": True}], lr=1.0)
+    zero_w.grad = torch.ones(3, 3)
+    some_w.grad = torch.zeros(3, 3)
+    for _ in range(3):
+        optimiser.step()
+    assert torch.isfinite(zero_w).all() and torch.isfinite(some_w).all()
+    assert torch.equal(some_w, torch.ones(3, 3))
+
+
+def test_frozen_parameters_are_left_out():
+    model = get_model("resnet18", num_classes=3, frozen_encoder=True)
+    groups = param_groups(model, 1e-4)
+    params = [p for g in groups for p in g["params"]]
+    assert len(params) == 2  # the head's weight and bias
+
+
+@pytest.mark.parametrize("name,cls", [("adamw", torch.optim.AdamW), ("sgd", torch.optim.SGD)])
+def test_adamw_and_sgd_with_scaled_lr(name, cls):
+    model = get_model("resnet18", num_classes=2)
+    config = OptimConfig(name=name, lr=0.1, weight_decay=0.05, scale_lr=True)
+    optimiser = build_optimizer(model, config, global_batch=512)
+    assert isinstance(optimiser, cls)
+    assert optimiser.param_groups[0]["lr"] == pytest.approx(0.2)
+    assert [g["weight_decay"] for g in optimiser.param_groups] == [0.05, 0.0]
+
+
+def test_cosine_with_warmup():
+    schedule = ScheduleConfig(name="cosine", warmup_epochs=1, min_lr=0.1)
+    factors = [lr_factor(schedule, s, steps_per_epoch=10, epochs=5) for s in range(50)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert factors[10] == pytest.approx(1.0)
+    assert factors[30] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert min(factors[10:]) > 0.1 and factors[10:] == sorted(factors[10:], reverse=True)
+
+
+def test_exponential_decays_once_per_epoch_and_constant_stays():
+    schedule = ScheduleConfig(name="exponential", gamma=0.9)
+    factors = [lr_factor(schedule, s, steps_per_epoch=4, epochs=3) for s in range(12)]
+    assert factors == pytest.approx([1.0] * 4 + [0.9] * 4 + [0.81] * 4)
+    constant = ScheduleConfig(name="constant", warmup_epochs=0.5)
+    assert [lr_factor(constant, s, 4, 3) for s in range(4)] == [0.5, 1.0, 1.0, 1.0]
+
+
+def test_scheduler_steps_per_iteration():
+    model = torch.nn.Linear(2, 2)
+    optimiser = torch.optim.SGD(model.parameters(), lr=1.0)
+    scheduler = build_scheduler(optimiser, ScheduleConfig(name="exponential", gamma=0.5), 2, 3)
+    lrs = []
+    for _ in range(6):
+        lrs.append(optimiser.param_groups[0]["lr"])
+        optimiser.step()
+        scheduler.step()
+    assert lrs == [1.0, 1.0, 0.5, 0.5, 0.25, 0.25]

@@ -1,0 +1,99 @@
+"""Objectives: NT-Xent (per GPU or with gathered negatives), multi-label BCE, segmentation.
+
+NT-Xent (Chen et al. 2020, eq. 1): for 2N projections of N samples, the loss of an anchor
+is ``-log(exp(sim(i, j)/t) / sum_{k != i} exp(sim(i, k)/t))`` with ``j`` its other view and
+``sim`` the cosine similarity, averaged over all 2N anchors.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """``all_gather`` whose backward sends each rank the summed gradient of its slice."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        size = grad.shape[0] // dist.get_world_size()
+        rank = dist.get_rank()
+        return grad[rank * size : (rank + 1) * size]
+
+
+def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """All ranks' ``tensor`` concatenated in rank order, with gradients to every rank."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor
+    return _GatherWithGrad.apply(tensor)
+
+
+def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float, gather: bool = False):
+    """NT-Xent of two views' projections ``[N, D]``.
+
+    ``gather=False`` uses the local batch only (the study's per-GPU loss: 2N - 2 negatives
+    per anchor). ``gather=True`` contrasts the local anchors with the projections of every
+    rank. Under DDP, which averages gradients over ranks, the gathered loss then trains
+    exactly as the loss of one process over the whole global batch."""
+    z1 = F.normalize(z1.float(), dim=1)
+    z2 = F.normalize(z2.float(), dim=1)
+    n = z1.shape[0]
+    offset = 0
+    c1, c2 = z1, z2
+    if gather:
+        c1, c2 = gather_with_grad(z1), gather_with_grad(z2)
+        if c1 is not z1:
+            offset = dist.get_rank() * n
+    total = c1.shape[0]
+    anchors = torch.cat([z1, z2])  # [2n, D]
+    candidates = torch.cat([c1, c2])  # [2T, D]
+    logits = anchors @ candidates.T / temperature
+    local = torch.arange(n, device=z1.device) + offset
+    self_index = torch.cat([local, local + total])
+    positive = torch.cat([local + total, local])
+    logits[torch.arange(2 * n, device=z1.device), self_index] = float("-inf")
+    return F.cross_entropy(logits, positive)
+
+
+def multilabel_bce(
+    logits: torch.Tensor, targets: torch.Tensor, class_weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Binary cross-entropy per output, weighted per class (``[C]``), averaged."""
+    loss = F.binary_cross_entropy_with_logits(logits.float(), targets.float(), reduction="none")
+    if class_weights is not None:
+        loss = loss * class_weights.to(loss.device)
+    return loss.mean()
+
+
+def soft_dice_loss(logits: torch.Tensor, mask: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    """1 − mean soft Dice over the foreground classes (class 0 is background)."""
+    probs = logits.float().softmax(dim=1)
+    onehot = F.one_hot(mask, probs.shape[1]).permute(0, 3, 1, 2).to(probs.dtype)
+    dims = (0, 2, 3)
+    inter = (probs * onehot).sum(dims)
+    denom = probs.sum(dims) + onehot.sum(dims)
+    dice = (2 * inter + eps) / (denom + eps)
+    return 1 - dice[1:].mean()
+
+
+def segmentation_loss(
+    logits: torch.Tensor,
+    mask: torch.Tensor,
+    class_weights: torch.Tensor | None = None,
+    dice_weight: float = 0.0,
+) -> torch.Tensor:
+    """Cross-entropy with optional class weights, plus ``dice_weight`` × soft Dice loss."""
+    weight = class_weights.to(logits.device) if class_weights is not None else None
+    loss = F.cross_entropy(logits.float(), mask, weight=weight)
+    if dice_weight:
+        loss = loss + dice_weight * soft_dice_loss(logits, mask)
+    return loss

@@ -1,0 +1,228 @@
+"""Metrics that stream over batches and reduce across DDP ranks.
+
+Call ``update`` per batch and ``compute`` once at the end, on every rank (``compute`` takes
+part in collective operations when a process group is running; every rank gets the same
+result).
+
+Empty-target convention (segmentation): a score whose denominator is zero is 1 when the
+class or region is absent from both the target and the prediction of a case, else 0. So a
+case without the class, predicted without it, scores Dice, IoU, precision and recall of 1;
+predicted with it, 0; a missed class scores 0 by the formulas themselves. Per-case means thus
+reward correctly predicting absence (a BraTS case without enhancing tumour, predicted
+without it, counts as a perfect ET case), as the BraTS challenge ranking does.
+
+AUROC of a class whose targets are all equal is undefined: it is reported as NaN and left
+out of the means (the count of classes averaged is reported).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from sklearn.metrics import roc_auc_score
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _sum_across_ranks(values: torch.Tensor) -> torch.Tensor:
+    if _distributed():
+        values = values.clone()
+        dist.all_reduce(values)
+    return values
+
+
+def _gather_objects(obj) -> list:
+    if not _distributed():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+class TopKAccuracy:
+    """Top-k accuracy of class logits ``[B, C]`` against class indices ``[B]``."""
+
+    def __init__(self, ks: tuple[int, ...] = (1, 5)):
+        self.ks = ks
+        self.correct = torch.zeros(len(ks), dtype=torch.float64)
+        self.count = 0
+
+    def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        top = logits.detach().topk(min(max(self.ks), logits.shape[1]), dim=1).indices
+        hits = top == labels.view(-1, 1)
+        for i, k in enumerate(self.ks):
+            self.correct[i] += hits[:, :k].any(dim=1).sum().item()
+        self.count += labels.numel()
+
+    def compute(self) -> dict[str, float]:
+        totals = _sum_across_ranks(torch.cat([self.correct, torch.tensor([float(self.count)])]))
+        count = totals[-1].item()
+        return {f"top{k}": totals[i].item() / max(count, 1) for i, k in enumerate(self.ks)}
+
+
+class MultiLabelAUROC:
+    """Per-class AUROC of multi-label scores ``[B, C]`` (scikit-learn's ``roc_auc_score``).
+
+    ``mean`` averages the classes in ``findings`` (ChestX-ray8: the 14 findings, without
+    ``No Finding``); ``mean_all`` every class, for comparison with the study, which averaged
+    ``No Finding`` in."""
+
+    def __init__(self, names: list[str], findings: int | None = None):
+        self.names = list(names)
+        self.findings = len(names) if findings is None else findings
+        self.scores: list[np.ndarray] = []
+        self.targets: list[np.ndarray] = []
+
+    def update(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        self.scores.append(logits.detach().float().cpu().numpy())
+        self.targets.append(targets.detach().cpu().numpy().astype(np.int8))
+
+    def compute(self) -> dict:
+        parts = _gather_objects((self.scores, self.targets))
+        scores = np.concatenate([s for p in parts for s in p[0]] or [np.zeros((0, 0))])
+        targets = np.concatenate([t for p in parts for t in p[1]] or [np.zeros((0, 0))])
+        per_class = {}
+        for i, name in enumerate(self.names):
+            column = targets[:, i] if targets.size else np.zeros(0)
+            if column.size == 0 or column.min() == column.max():
+                per_class[name] = float("nan")
+            else:
+                per_class[name] = float(roc_auc_score(column, scores[:, i]))
+        values = list(per_class.values())
+        findings = [v for v in values[: self.findings] if not np.isnan(v)]
+        every = [v for v in values if not np.isnan(v)]
+        return {
+            "auroc": per_class,
+            "mean": float(np.mean(findings)) if findings else float("nan"),
+            "mean_all": float(np.mean(every)) if every else float("nan"),
+            "classes_averaged": len(findings),
+            "samples": int(targets.shape[0]),
+        }
+
+
+def _ratio(num: float, den: float, empty: float) -> float:
+    return num / den if den > 0 else empty
+
+
+def overlap_scores(tp: float, fp: float, fn: float) -> dict[str, float]:
+    """Dice, IoU, precision, recall from voxel counts, with the empty-target convention."""
+    target_empty, pred_empty = tp + fn == 0, tp + fp == 0
+    both_empty = 1.0 if target_empty and pred_empty else 0.0
+    return {
+        "dice": _ratio(2 * tp, 2 * tp + fp + fn, both_empty),
+        "iou": _ratio(tp, tp + fp + fn, both_empty),
+        "precision": _ratio(tp, tp + fp, both_empty),
+        "recall": _ratio(tp, tp + fn, both_empty),
+    }
+
+
+class SegmentationMetrics:
+    """Dice, IoU, precision and recall per region, over all pixels and per case.
+
+    ``regions`` maps a name to the labels it contains (BraTS: WT = {1, 2, 3}, TC = {1, 3},
+    ET = {3}; LiTS: liver = {1, 2}, tumour = {2}). Per-case scores are those of the 3-D
+    volume made of all the case's slices, wherever (batch, rank) they were scored; ``hd95``
+    rebuilds the volumes from ``slice`` indices and adds the 95th-percentile Hausdorff
+    distance in voxels."""
+
+    def __init__(self, regions: dict[str, tuple[int, ...]], hd95: bool = False):
+        self.regions = {name: tuple(labels) for name, labels in regions.items()}
+        self.hd95 = hd95
+        self.cases: dict[int, np.ndarray] = defaultdict(lambda: np.zeros((len(regions), 3)))
+        self.slices: dict[int, dict[int, tuple[np.ndarray, np.ndarray]]] = defaultdict(dict)
+
+    def update(
+        self,
+        pred: torch.Tensor,
+        target: torch.Tensor,
+        case: torch.Tensor,
+        slice_index: torch.Tensor | None = None,
+    ) -> None:
+        """``pred`` and ``target``: label maps ``[B, H, W]``; ``case``: ``[B]`` case ids."""
+        pred, target = pred.detach(), target.detach()
+        counts = []
+        for labels in self.regions.values():
+            lab = torch.tensor(labels, device=pred.device)
+            p, t = torch.isin(pred, lab), torch.isin(target, lab)
+            counts.append(
+                torch.stack([(p & t).sum((1, 2)), (p & ~t).sum((1, 2)), (~p & t).sum((1, 2))], 1)
+            )
+        counts = torch.stack(counts, 1).cpu().numpy()  # [B, regions, (tp, fp, fn)]
+        for i, c in enumerate(case.tolist()):
+            self.cases[int(c)] += counts[i]
+        if self.hd95:
+            if slice_index is None:
+                raise ValueError("SegmentationMetrics(hd95=True) needs slice indices")
+            for i, (c, s) in enumerate(zip(case.tolist(), slice_index.tolist(), strict=True)):
+                self.slices[int(c)][int(s)] = (
+                    pred[i].cpu().numpy().astype(np.uint8),
+                    target[i].cpu().numpy().astype(np.uint8),
+                )
+
+    def compute(self) -> dict:
+        merged: dict[int, np.ndarray] = defaultdict(lambda: np.zeros((len(self.regions), 3)))
+        for part in _gather_objects(dict(self.cases)):
+            for case, counts in part.items():
+                merged[case] += counts
+        result: dict = {"cases": len(merged), "regions": {}}
+        names = list(self.regions)
+        total = sum(merged.values()) if merged else np.zeros((len(names), 3))
+        distances = self._hd95(names) if self.hd95 else {}
+        for r, name in enumerate(names):
+            per_case = [overlap_scores(*merged[c][r]) for c in sorted(merged)]
+            entry = {"all_pixels": overlap_scores(*total[r])}
+            for metric in ("dice", "iou", "precision", "recall"):
+                values = [s[metric] for s in per_case]
+                entry[f"{metric}_per_case"] = float(np.mean(values)) if values else float("nan")
+            entry["dice_cases"] = {
+                int(c): s["dice"] for c, s in zip(sorted(merged), per_case, strict=True)
+            }
+            if distances:
+                finite = [d for d in distances[name].values() if np.isfinite(d)]
+                entry["hd95_per_case"] = float(np.mean(finite)) if finite else float("nan")
+            result["regions"][name] = entry
+        return result
+
+    def _hd95(self, names: list[str]) -> dict[str, dict[int, float]]:
+        volumes: dict[int, dict[int, tuple]] = defaultdict(dict)
+        for part in _gather_objects(dict(self.slices)):
+            for case, slices in part.items():
+                volumes[case].update(slices)
+        out: dict[str, dict[int, float]] = {name: {} for name in names}
+        for case, slices in volumes.items():
+            order = sorted(slices)
+            pred = np.stack([slices[s][0] for s in order])
+            target = np.stack([slices[s][1] for s in order])
+            for name in names:
+                labels = list(self.regions[name])
+                out[name][case] = hd95(np.isin(pred, labels), np.isin(target, labels))
+        return out
+
+
+def hd95(pred: np.ndarray, target: np.ndarray) -> float:
+    """95th percentile of the symmetric surface distance in voxels; 0 when both are empty,
+    inf when exactly one is."""
+    from scipy import ndimage
+
+    if not pred.any() and not target.any():
+        return 0.0
+    if not pred.any() or not target.any():
+        return float("inf")
+
+    def surface(mask):
+        return mask & ~ndimage.binary_erosion(mask)
+
+    sp, st = surface(pred), surface(target)
+    to_target = ndimage.distance_transform_edt(~st)[sp]
+    to_pred = ndimage.distance_transform_edt(~sp)[st]
+    return float(np.percentile(np.concatenate([to_target, to_pred]), 95))
+
+
+# classes, then the regions each challenge ranks by
+BRATS_REGIONS = {"NCR/NET": (1,), "ED": (2,), "ET": (3,), "WT": (1, 2, 3), "TC": (1, 3)}
+LITS_REGIONS = {"parenchyma": (1,), "liver": (1, 2), "tumour": (2,)}

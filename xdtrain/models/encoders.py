@@ -1,0 +1,57 @@
+"""ResNet encoders: torchvision ResNets without their classifier, keys unchanged.
+
+An encoder is a plain ``torchvision.models.ResNet`` whose ``fc`` is an identity, so its
+state dict has exactly torchvision's keys minus ``fc.*``: weights exported from xdtrain load
+into ``torchvision.models.resnet50()`` and the other way round.
+"""
+
+from __future__ import annotations
+
+import torch
+import torchvision
+from torch import nn
+
+ENCODERS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048}  # name -> feature width
+# channels of the feature maps at 1/2 (stem), 1/4, 1/8, 1/16 and 1/32 of the input
+STAGE_CHANNELS = {
+    "resnet18": (64, 64, 128, 256, 512),
+    "resnet34": (64, 64, 128, 256, 512),
+    "resnet50": (64, 256, 512, 1024, 2048),
+}
+
+
+def build_encoder(name: str, in_channels: int = 3) -> torchvision.models.ResNet:
+    """A randomly initialised ResNet trunk (``fc`` = identity) taking ``in_channels``."""
+    if name not in ENCODERS:
+        raise ValueError(f"unknown encoder {name!r}; choose one of {sorted(ENCODERS)}")
+    encoder = getattr(torchvision.models, name)(weights=None)
+    encoder.fc = nn.Identity()
+    if in_channels != 3:
+        old = encoder.conv1
+        encoder.conv1 = nn.Conv2d(
+            in_channels, old.out_channels, old.kernel_size, old.stride, old.padding, bias=False
+        )
+        nn.init.kaiming_normal_(encoder.conv1.weight, mode="fan_out", nonlinearity="relu")
+    return encoder
+
+
+def stage_features(encoder: torchvision.models.ResNet, x: torch.Tensor) -> list[torch.Tensor]:
+    """Feature maps at 1/2, 1/4, 1/8, 1/16 and 1/32 of the input size (for the U-Net)."""
+    stem = encoder.relu(encoder.bn1(encoder.conv1(x)))
+    x1 = encoder.layer1(encoder.maxpool(stem))
+    x2 = encoder.layer2(x1)
+    x3 = encoder.layer3(x2)
+    x4 = encoder.layer4(x3)
+    return [stem, x1, x2, x3, x4]
+
+
+def adapt_first_conv(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
+    """Pretrained ``conv1`` weights for ``in_channels`` inputs.
+
+    The summed response over the source channels is spread evenly over the new ones, so an
+    image whose channels are all equal gives the same activation as before: RGB -> 1 channel
+    is the sum over RGB, RGB -> 4 channels repeats 3/4 of the RGB mean."""
+    if weight.shape[1] == in_channels:
+        return weight
+    total = weight.sum(dim=1, keepdim=True)
+    return total.repeat(1, in_channels, 1, 1) / in_channels

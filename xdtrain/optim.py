@@ -1,0 +1,122 @@
+"""Optimisers and learning-rate schedules, stepped every iteration.
+
+Weight decay and LARS's trust-ratio adaptation apply to weights of convolutions and linear
+layers only; biases and normalisation parameters (every parameter with one dimension) are
+excluded, as in SimCLR and in the LARS paper (the study's LARS adapted them too, and could
+divide by a zero norm).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum and layer-wise trust ratios (You et al. 2017).
+
+    For a parameter group with ``adapt=True`` the update of ``w`` uses
+    ``g + wd·w`` scaled by ``eta·‖w‖ / ‖g + wd·w‖``; when either norm is zero the ratio is 1,
+    so a zero gradient or a zero-initialised weight never gives inf or NaN."""
+
+    def __init__(
+        self,
+        params,
+        lr: float,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        eta: float = 0.001,
+    ):
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, adapt=True)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad
+                if group["adapt"]:
+                    if group["weight_decay"]:
+                        grad = grad.add(p, alpha=group["weight_decay"])
+                    w_norm = torch.linalg.vector_norm(p)
+                    g_norm = torch.linalg.vector_norm(grad)
+                    ratio = torch.where(
+                        (w_norm > 0) & (g_norm > 0),
+                        group["eta"] * w_norm / g_norm.clamp_min(1e-12),
+                        torch.ones_like(w_norm),
+                    )
+                    grad = grad * ratio
+                state = self.state[p]
+                buf = state.get("momentum")
+                if buf is None:
+                    buf = state["momentum"] = torch.clone(grad).detach()
+                else:
+                    buf.mul_(group["momentum"]).add_(grad)
+                p.add_(buf, alpha=-group["lr"])
+        return loss
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two groups: weights (decayed, adapted) and biases/normalisation (neither)."""
+    decay, plain = [], []
+    for _, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (plain if param.ndim <= 1 else decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay, "adapt": True}]
+    if plain:
+        groups.append({"params": plain, "weight_decay": 0.0, "adapt": False})
+    return groups
+
+
+def scaled_lr(lr: float, global_batch: int, scale: bool) -> float:
+    """``lr × global batch / 256`` when ``scale`` (Goyal et al.; SimCLR's LARS rule)."""
+    return lr * global_batch / 256 if scale else lr
+
+
+def build_optimizer(model: nn.Module, optim, global_batch: int) -> torch.optim.Optimizer:
+    """The optimiser named by ``optim`` (an ``OptimConfig``) over ``model``'s trainable
+    parameters, with the decay/no-decay groups above."""
+    lr = scaled_lr(optim.lr, global_batch, optim.scale_lr)
+    groups = param_groups(model, optim.weight_decay)
+    if optim.name == "lars":
+        return LARS(groups, lr=lr, momentum=optim.momentum, eta=optim.trust_coefficient)
+    for group in groups:
+        group.pop("adapt")
+    if optim.name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr)
+    return torch.optim.SGD(groups, lr=lr, momentum=optim.momentum)
+
+
+def lr_factor(schedule, step: int, steps_per_epoch: int, epochs: int) -> float:
+    """Multiplier of the base learning rate at iteration ``step`` (``ScheduleConfig``).
+
+    Linear warmup from 0 over ``warmup_epochs``, then ``cosine`` (to ``min_lr`` as a share of
+    the base rate, over the remaining iterations), ``exponential`` (×``gamma`` at each epoch
+    boundary after warmup, the study's per-epoch decay) or ``constant``."""
+    warmup = int(round(schedule.warmup_epochs * steps_per_epoch))
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule.name == "constant":
+        return 1.0
+    if schedule.name == "exponential":
+        return schedule.gamma ** ((step - warmup) // steps_per_epoch)
+    total = max(1, epochs * steps_per_epoch - warmup)
+    progress = min(1.0, (step - warmup) / total)
+    floor = schedule.min_lr
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer, schedule, steps_per_epoch: int, epochs: int):
+    """A ``LambdaLR`` to be stepped once per iteration."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(schedule, step, steps_per_epoch, epochs)
+    )
