@@ -50,7 +50,7 @@ class DataConfig:
     shards: str = ""  # folder written by xd-shard; empty: shards/<dataset>
     backend: Literal["dali", "albumentations"] = "dali"
     device: Literal["auto", "gpu", "cpu"] = "auto"
-    augment: str = "standard"  # preset (docs/pipelines.md); its purpose picks the pipeline
+    augment: str = ""  # preset (docs/pipelines.md); empty: the task's default
     solarize: float = 0.0  # SimCLR: probability of solarizing a view (BYOL uses 0.2 on one view)
     image_size: int = 224
     channels: int = 3
@@ -66,7 +66,6 @@ class ModelConfig:
 
     name: str = "resnet50"
     num_classes: int | None = None  # None: taken from the task
-    in_channels: int = 3
     encoder_weights: str | None = None  # encoder.pt, a run checkpoint or a torchvision state dict
     frozen_encoder: bool = False  # linear evaluation: frozen weights and batch-norm statistics
     projection_dims: list[int] = field(default_factory=lambda: [2048, 128])
@@ -119,6 +118,7 @@ class TrainConfig:
     log_every: int = 50  # steps between train rows in metrics.jsonl
     checkpoint_minutes: float = 30.0  # last.pt at least this often, and every epoch
     max_nonfinite: int = 10  # non-finite losses in a row that stop the run
+    deterministic: bool = False  # deterministic kernels: bit-identical reruns, slower
 
 
 @dataclass

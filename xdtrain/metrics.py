@@ -21,27 +21,9 @@ from collections import defaultdict
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from sklearn.metrics import roc_auc_score
 
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _sum_across_ranks(values: torch.Tensor) -> torch.Tensor:
-    if _distributed():
-        values = values.clone()
-        dist.all_reduce(values)
-    return values
-
-
-def _gather_objects(obj) -> list:
-    if not _distributed():
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
+from xdtrain.distributed import gather_objects, sum_tensor
 
 
 class TopKAccuracy:
@@ -60,7 +42,7 @@ class TopKAccuracy:
         self.count += labels.numel()
 
     def compute(self) -> dict[str, float]:
-        totals = _sum_across_ranks(torch.cat([self.correct, torch.tensor([float(self.count)])]))
+        totals = sum_tensor(torch.cat([self.correct, torch.tensor([float(self.count)])]))
         count = totals[-1].item()
         return {f"top{k}": totals[i].item() / max(count, 1) for i, k in enumerate(self.ks)}
 
@@ -83,7 +65,7 @@ class MultiLabelAUROC:
         self.targets.append(targets.detach().cpu().numpy().astype(np.int8))
 
     def compute(self) -> dict:
-        parts = _gather_objects((self.scores, self.targets))
+        parts = gather_objects((self.scores, self.targets))
         scores = np.concatenate([s for p in parts for s in p[0]] or [np.zeros((0, 0))])
         targets = np.concatenate([t for p in parts for t in p[1]] or [np.zeros((0, 0))])
         per_class = {}
@@ -166,7 +148,7 @@ class SegmentationMetrics:
 
     def compute(self) -> dict:
         merged: dict[int, np.ndarray] = defaultdict(lambda: np.zeros((len(self.regions), 3)))
-        for part in _gather_objects(dict(self.cases)):
+        for part in gather_objects(dict(self.cases)):
             for case, counts in part.items():
                 merged[case] += counts
         result: dict = {"cases": len(merged), "regions": {}}
@@ -190,7 +172,7 @@ class SegmentationMetrics:
 
     def _hd95(self, names: list[str]) -> dict[str, dict[int, float]]:
         volumes: dict[int, dict[int, tuple]] = defaultdict(dict)
-        for part in _gather_objects(dict(self.slices)):
+        for part in gather_objects(dict(self.slices)):
             for case, slices in part.items():
                 volumes[case].update(slices)
         out: dict[str, dict[int, float]] = {name: {} for name in names}

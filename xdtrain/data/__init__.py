@@ -68,9 +68,10 @@ def build_loader(
     shardset = open_split(shard_folder(data), data.dataset, split, data.fraction)
     check_channels(data, shardset)
     kind = "segment" if shardset.layout.kind == "segmentation" else "classify"
-    preset = PRESETS.get(data.augment)
+    augment = data.augment or ("segment" if kind == "segment" else "standard")
+    preset = PRESETS.get(augment)
     purpose = "simclr" if preset is not None and preset.purpose == "simclr" else kind
-    aug = get_preset(data.augment, purpose, data.solarize) if train or purpose == "simclr" else None
+    aug = get_preset(augment, purpose, data.solarize) if train or purpose == "simclr" else None
     device = resolve_device(data.device)
     common = dict(
         batch_size=data.batch_size,
@@ -84,7 +85,7 @@ def build_loader(
         if purpose != "segment":
             raise UserError(
                 "data.backend: albumentations runs segmentation co-transforms only; "
-                f"{data.dataset} with preset {data.augment!r} needs data.backend: dali"
+                f"{data.dataset} with preset {augment!r} needs data.backend: dali"
             )
         from xdtrain.data.albu_loader import AlbuLoader
 

@@ -59,6 +59,16 @@ PRESETS: dict[str, Augment] = {
         SIMCLR,
         # the study's pretraining views: SimCLR's without the Gaussian blur
         replace(SIMCLR, name="simclr_study", blur_p=0.0),
+        # SimCLR's recipe for small images (its CIFAR-10 runs): colour strength 0.5, no blur
+        replace(
+            SIMCLR,
+            name="simclr_small",
+            brightness=0.4,
+            contrast=0.4,
+            saturation=0.4,
+            hue=0.1,
+            blur_p=0.0,
+        ),
         # the torchvision reference recipe for ImageNet classification
         Augment("standard", "classify"),
         # the study's finetuning set: every step on its own with probability 0.2

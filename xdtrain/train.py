@@ -1,0 +1,531 @@
+"""``xd-train CONFIG``: SimCLR pretraining and finetuning, one loop for both.
+
+Read top to bottom: resolve the config and the run folder, build data, model, optimiser and
+schedule, restore a checkpoint when resuming, then train epoch by epoch (validation, a
+checkpoint and the curves after each), and finally save ``final.pt`` and ``encoder.pt`` and
+score the test split with the final model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from xdtrain import checkpoint, distributed
+from xdtrain.config import Config, config_to_dict, dump_config, load_config, save_config
+from xdtrain.data import build_loader
+from xdtrain.errors import UserError, run_cli
+from xdtrain.evaluate import evaluate, precision, to_device
+from xdtrain.fileio import atomic_write
+from xdtrain.models import export_encoder, get_model
+from xdtrain.optim import build_optimizer, build_scheduler
+from xdtrain.progress import make_progress
+from xdtrain.runlog import METRICS, RunLog, environment, plot_curves, read_metrics
+from xdtrain.tasks import Task, get_task
+
+log = logging.getLogger("xdtrain.train")
+OWN_FILES = (
+    "config.yaml",
+    "env.json",
+    "metrics.jsonl",
+    "last.pt",
+    "final.pt",
+    "encoder.pt",
+    "learning_curve.png",
+    "tensorboard",
+)
+# keys that may change when a run is resumed: how long it runs and how it reports
+RESUMABLE_CHANGES = {
+    ("train", "epochs"),
+    ("train", "log_every"),
+    ("train", "checkpoint_minutes"),
+    ("train", "max_nonfinite"),
+    ("data", "workers"),
+}
+
+
+class NonFiniteStop(UserError):
+    """Too many non-finite losses in a row; the run is left resumable."""
+
+
+# --------------------------------------------------------------------------- set-up
+
+
+def resolve(config: Config) -> tuple[Config, Task]:
+    """Check the config against its task and fill the task's defaults."""
+    task = get_task(config.task)
+    data = config.data
+    if task.dataset is not None and data.dataset != task.dataset:
+        raise UserError(
+            f"data.dataset: task {task.name!r} trains on {task.dataset!r}, not {data.dataset!r}"
+        )
+    prefix = {"simclr": "simclr_", "unet": "unet_", "classifier": ""}[task.model_kind]
+    name = config.model.name
+    fits = name.startswith(prefix) if prefix else not name.startswith(("simclr_", "unet_"))
+    if not fits:
+        raise UserError(
+            f"model.name: task {task.name!r} needs a {task.model_kind} model "
+            f"({prefix or 'resnet'}…), not {name!r}"
+        )
+    if not data.augment:
+        config = dataclasses.replace(
+            config, data=dataclasses.replace(data, augment=task.default_augment)
+        )
+    return config, task
+
+
+def run_folder(config: Config, config_path: str, run_dir: str | None) -> Path:
+    if run_dir:
+        return Path(run_dir)
+    return Path(config.run.output_dir) / (config.run.name or Path(config_path).stem)
+
+
+def prepare_folder(folder: Path, config: Config, resume: bool, force: bool) -> bool:
+    """Check what is in ``folder``; return whether there is a run to resume."""
+    ours = [name for name in OWN_FILES if (folder / name).exists()]
+    if force and resume:
+        raise UserError("--force starts over and --resume continues: choose one")
+    if not ours:
+        return False
+    if force:
+        return False  # rank 0 clears the folder
+    if not resume:
+        raise UserError(
+            f"{folder}: holds a run already; add --resume to continue it or --force to start it "
+            "over (or set --run-dir / run.name)"
+        )
+    saved_path = folder / "config.yaml"
+    if saved_path.exists():
+        saved = load_config(saved_path)
+        changed = _differences(config_to_dict(saved), config_to_dict(config))
+        changed = [c for c in changed if c not in RESUMABLE_CHANGES]
+        if changed:
+            keys = ", ".join(".".join(c) for c in changed[:6])
+            raise UserError(
+                f"{saved_path}: --resume with a different config ({keys}); resume with the "
+                "same config, or start over with --force"
+            )
+    return (folder / "last.pt").exists()
+
+
+def _differences(a: dict, b: dict, prefix=()) -> list[tuple[str, ...]]:
+    out = []
+    for key in sorted(set(a) | set(b)):
+        x, y = a.get(key), b.get(key)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out += _differences(x, y, (*prefix, key))
+        elif x != y:
+            out.append((*prefix, key))
+    return out
+
+
+def clear_folder(folder: Path) -> None:
+    for name in OWN_FILES:
+        path = folder / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    elif torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True
+
+
+# --------------------------------------------------------------------------- the trainer
+
+
+class Trainer:
+    def __init__(self, config: Config, task: Task, world, folder: Path, resume: bool):
+        self.config, self.task, self.world, self.folder = config, task, world, folder
+        self.resume = resume
+        self.console = Console(stderr=True)
+        train = config.train
+        seed_everything(config.run.seed + world.rank, train.deterministic)
+        if config.run.debug:
+            torch.autograd.set_detect_anomaly(True)
+        data = config.data
+        common = dict(rank=world.rank, world_size=world.size, seed=config.run.seed)
+        self.train_loader = build_loader(data, "train", debug=config.run.debug, **common)
+        self.val_loader = build_loader(data, "val", debug=config.run.debug, **common)
+        self.classes = list(self.train_loader.shardset.classes)
+        self.steps_per_epoch = len(self.train_loader)
+        if train.limit_batches:
+            self.steps_per_epoch = min(self.steps_per_epoch, train.limit_batches)
+        self.amp = precision(train.amp, world.device)
+        self.model = self._model()
+        global_batch = data.batch_size * world.size
+        self.optimizer = build_optimizer(self.raw_model, config.optim, global_batch)
+        self.scheduler = build_scheduler(
+            self.optimizer, config.schedule, self.steps_per_epoch, train.epochs
+        )
+        self.scaler = torch.amp.GradScaler(
+            "cuda", enabled=self.amp.dtype == torch.float16 and world.device.type == "cuda"
+        )
+        self.epoch = self.step_in_epoch = self.global_step = 0
+        self.nonfinite = self.nonfinite_in_row = 0
+        self.bad_samples = 0
+        self.best: dict | None = None
+        self.log: RunLog | None = None
+
+    def _model(self) -> torch.nn.Module:
+        cfg, world = self.config, self.world
+        num_classes = cfg.model.num_classes or (None if cfg.task == "simclr" else len(self.classes))
+        model = get_model(
+            cfg.model.name,
+            num_classes=num_classes,
+            in_channels=cfg.data.channels,
+            encoder_weights=cfg.model.encoder_weights,
+            frozen_encoder=cfg.model.frozen_encoder,
+            projection_dims=cfg.model.projection_dims,
+            projection_sigmoid=cfg.model.projection_sigmoid,
+        )
+        self.load_report = model.encoder_load_report
+        model.to(world.device)
+        if cfg.train.channels_last:
+            model.to(memory_format=torch.channels_last)
+        self.raw_model = model
+        if world.size > 1:
+            if cfg.train.sync_bn:
+                model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+                self.raw_model = model
+            ids = [world.local_rank] if world.device.type == "cuda" else None
+            model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        if cfg.train.compile:
+            model = torch.compile(model)
+        return model
+
+    # ---------------------------------------------------------------- checkpoints
+
+    def state(self, rngs: list) -> dict:
+        return {
+            "model": self.raw_model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "global_step": self.global_step,
+            "nonfinite": self.nonfinite,
+            "bad_samples": self.bad_samples,
+            "best": json.dumps(self.best),
+            "rng": rngs,  # one entry per rank
+            "config": json.dumps(config_to_dict(self.config)),
+        }
+
+    def save(self, name: str) -> None:
+        """Every rank calls this (the RNG states of all ranks are gathered); rank 0 writes."""
+        rngs = distributed.gather_objects(checkpoint.rng_state())
+        if self.world.main:
+            checkpoint.save(self.folder / name, self.state(rngs))
+            if self.log is not None:
+                self.log.sync()
+
+    def restore(self, path: Path) -> None:
+        state = checkpoint.load(path)
+        self.raw_model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
+        self.global_step = state["global_step"]
+        self.nonfinite, self.bad_samples = state["nonfinite"], state["bad_samples"]
+        self.best = json.loads(state["best"])
+        rngs = state["rng"]
+        if len(rngs) == self.world.size:
+            checkpoint.set_rng_state(rngs[self.world.rank])
+        else:  # resumed on another number of ranks: a fresh, rank-specific stream
+            log.warning(
+                "%s: saved with %d ranks, resumed with %d", path, len(rngs), self.world.size
+            )
+            seed_everything(self.config.run.seed + self.global_step + self.world.rank, False)
+
+    # ---------------------------------------------------------------- the loop
+
+    def fit(self) -> dict:
+        cfg, world = self.config, self.world
+        last = self.folder / "last.pt"
+        if self.resume and last.exists():
+            self.restore(last)
+            finished = [r for r in read_metrics(self.folder / METRICS) if r["kind"] == "test"]
+            if self.epoch >= cfg.train.epochs and finished:
+                if world.main:
+                    self.console.print(f"{self.folder}: finished already; nothing to do")
+                return finished[-1]
+        if world.main:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.folder / "config.yaml")
+            devices = (
+                [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+                if world.device.type == "cuda"
+                else ["cpu"]
+            )
+            env = environment(world.size, devices) | {
+                "precision": self.amp.name,
+                "resumed_at_step": self.global_step if self.resume else None,
+                "encoder_weights": dataclasses.asdict(self.load_report)
+                if self.load_report
+                else None,
+            }
+            atomic_write(self.folder / "env.json", json.dumps(env, indent=1) + "\n")
+            self.log = RunLog(self.folder, self.global_step if self.resume else None)
+        distributed.barrier()
+        progress = make_progress(self.console, enabled=world.main and sys.stderr.isatty())
+        with progress:
+            while self.epoch < cfg.train.epochs:
+                self.train_epoch(progress)
+                self.validate()
+                self.step_in_epoch = 0
+                self.epoch += 1
+                self.save("last.pt")
+                if world.main:
+                    plot_curves(self.folder, self.task.primary)
+        return self.finish()
+
+    def train_epoch(self, progress) -> None:
+        cfg, world, train = self.config, self.world, self.config.train
+        model = self.model
+        model.train()
+        self.train_loader.set_epoch(self.epoch)
+        batches = iter(self.train_loader)
+        for _ in range(self.step_in_epoch):  # a mid-epoch checkpoint: replay to the position
+            next(batches)
+        bar = progress.add_task(
+            f"epoch {self.epoch + 1}/{train.epochs}", total=self.steps_per_epoch
+        )
+        progress.update(bar, completed=self.step_in_epoch)
+        window = {"loss": 0.0, "count": 0, "samples": 0, "wait": 0.0, "start": time.perf_counter()}
+        saved_at = time.monotonic()
+        while self.step_in_epoch < self.steps_per_epoch:
+            tick = time.perf_counter()
+            batch = next(batches)
+            window["wait"] += time.perf_counter() - tick
+            self.bad_samples += batch.get("bad_samples", 0)
+            batch = to_device(batch, world.device, train.channels_last)
+            with self.amp.autocast():
+                loss, _ = self.task.forward(model, batch, cfg)
+            if distributed.any_true(not bool(torch.isfinite(loss)), world.device):
+                self.skip_step(loss)
+            else:
+                self.nonfinite_in_row = 0
+                self.optimise(loss)
+                window["loss"] += float(loss.detach())
+                window["count"] += 1
+            window["lr"] = self.optimizer.param_groups[0]["lr"]  # the rate this step used
+            self.scheduler.step()
+            window["samples"] += len(batch["keys"])
+            self.step_in_epoch += 1
+            self.global_step += 1
+            shown = f"epoch {self.epoch + 1}/{train.epochs} loss {float(loss.detach()):.3f}"
+            progress.update(bar, advance=1, description=shown)
+            if (
+                self.global_step % train.log_every == 0
+                or self.step_in_epoch == self.steps_per_epoch
+            ):
+                self.log_train(window)
+                window = {
+                    "loss": 0.0,
+                    "count": 0,
+                    "samples": 0,
+                    "wait": 0.0,
+                    "start": time.perf_counter(),
+                }
+            due = time.monotonic() - saved_at > train.checkpoint_minutes * 60
+            if self.step_in_epoch < self.steps_per_epoch and distributed.any_true(
+                due, world.device
+            ):
+                self.save("last.pt")
+                saved_at = time.monotonic()
+        progress.remove_task(bar)
+
+    def optimise(self, loss: torch.Tensor) -> None:
+        self.scaler.scale(loss).backward()
+        if self.config.train.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            params = [p for p in self.raw_model.parameters() if p.grad is not None]
+            torch.nn.utils.clip_grad_norm_(params, self.config.train.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def skip_step(self, loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.nonfinite += 1
+        self.nonfinite_in_row += 1
+        limit = self.config.train.max_nonfinite
+        if self.world.main:
+            log.warning(
+                "non-finite loss (%s) at epoch %d step %d: step skipped (%d in a row)",
+                float(loss.detach()),
+                self.epoch + 1,
+                self.step_in_epoch + 1,
+                self.nonfinite_in_row,
+            )
+        if self.nonfinite_in_row >= limit:
+            if self.log is not None:
+                self.log.sync()
+            raise NonFiniteStop(
+                f"{self.folder}: {limit} non-finite losses in a row at epoch {self.epoch + 1} "
+                f"step {self.step_in_epoch + 1}; stopped. Lower optim.lr or set train.grad_clip, "
+                "then rerun with --resume (it continues from last.pt)"
+            )
+
+    def log_train(self, window: dict) -> None:
+        device = self.world.device
+        seconds = max(time.perf_counter() - window["start"], 1e-9)
+        count = distributed.total(window["count"], device)
+        row = {
+            "kind": "train",
+            "epoch": self.epoch + 1,
+            "step": self.global_step,
+            "loss": distributed.total(window["loss"], device) / count if count else None,
+            "lr": window.get("lr", self.optimizer.param_groups[0]["lr"]),
+            "samples_per_s": distributed.total(window["samples"], device) / seconds,
+            "data_wait": distributed.mean(window["wait"] / seconds, device),
+            "nonfinite_skipped": self.nonfinite,
+            "bad_samples": int(distributed.total(self.bad_samples, device)),
+        }
+        if self.log is not None:
+            self.log.write(row)
+
+    def validate(self) -> None:
+        result = evaluate(
+            self.model,
+            self.val_loader,
+            self.task,
+            self.classes,
+            self.config,
+            self.world.device,
+            self.amp,
+        )
+        value = result.get(self.task.primary)
+        better = value is not None and (
+            self.best is None
+            or (
+                value > self.best["value"]
+                if self.task.higher_is_better
+                else value < self.best["value"]
+            )
+        )
+        if better:
+            self.best = {"epoch": self.epoch + 1, "value": value, "metric": self.task.primary}
+        row = {"kind": "val", "epoch": self.epoch + 1, "step": self.global_step, **result}
+        row["best_epoch"] = self.best["epoch"] if self.best else None
+        if self.log is not None:
+            self.log.write(row)
+        if self.world.main:
+            self.summary(row)
+        self.model.train()
+
+    def summary(self, row: dict) -> None:
+        table = Table(title=f"{self.folder.name}: epoch {row['epoch']}/{self.config.train.epochs}")
+        table.add_column("val metric")
+        table.add_column("value", justify="right")
+        shown = [k for k in row if k not in ("kind", "epoch", "step") and "/" not in k]
+        for key in shown:
+            value = row[key]
+            table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+        self.console.print(table)
+
+    def finish(self) -> dict:
+        world = self.world
+        self.save("final.pt")
+        if world.main:
+            export_encoder(self.raw_model, self.folder / "encoder.pt")
+        test_loader = build_loader(
+            self.config.data,
+            "test",
+            rank=world.rank,
+            world_size=world.size,
+            seed=self.config.run.seed,
+            debug=self.config.run.debug,
+        )
+        result = evaluate(
+            self.model, test_loader, self.task, self.classes, self.config, world.device, self.amp
+        )
+        row = {"kind": "test", "epoch": self.epoch, "step": self.global_step, **result}
+        row["checkpoint"] = "final.pt"
+        row["best_val_epoch"] = self.best["epoch"] if self.best else None
+        row["best_val_value"] = self.best["value"] if self.best else None
+        if self.log is not None:
+            self.log.write(row)
+            self.log.close()
+            plot_curves(self.folder, self.task.primary)
+        return row
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="xd-train",
+        description="Train: SimCLR pretraining or a finetuning task, as the config says.",
+    )
+    parser.add_argument("config", help="YAML config (configs/*.yaml)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set optim.lr=0.01 (repeatable)",
+    )
+    parser.add_argument("--resume", action="store_true", help="continue the run in its folder")
+    parser.add_argument("--force", action="store_true", help="start the run folder over")
+    parser.add_argument("--run-dir", help="run folder (default: run.output_dir/run.name)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config")
+    args = parser.parse_args(argv)
+    config, task = resolve(load_config(args.config, args.set))
+    if args.print_config:
+        sys.stdout.write(dump_config(config))
+        return 0
+    folder = run_folder(config, args.config, args.run_dir)
+    resume = prepare_folder(folder, config, args.resume, args.force)
+    world = distributed.init(config.data.device)
+    try:
+        distributed.barrier()  # every rank has looked at the folder before rank 0 changes it
+        if world.main and args.force:
+            clear_folder(folder)
+        row = Trainer(config, task, world, folder, resume).fit()
+    finally:
+        distributed.shutdown()
+    if world.main:
+        shown = {k: v for k, v in row.items() if isinstance(v, int | float) and "/" not in k}
+        print(f"run: {folder}")
+        print(
+            "test: "
+            + ", ".join(
+                f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items()
+            )
+        )
+    return 0
+
+
+def entry() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    sys.exit(run_cli(main))
+
+
+if __name__ == "__main__":
+    entry()
