@@ -43,10 +43,12 @@ def test_shipped_configs_exist():
 
 def test_base_chain_merges_and_child_wins():
     cfg = load_config(Path(__file__).parent.parent / "configs/demo/pt_simclr_imagenet.yaml")
-    assert cfg.task == "simclr"
-    assert cfg.optim.name == "lars"  # from pt_simclr_imagenet.yaml
-    assert cfg.train.log_every == 50  # from base.yaml
-    assert cfg.data.image_size == 64  # the demo file overrides 256
+    assert cfg.task == "simclr"  # from pt_simclr_imagenet.yaml
+    assert cfg.loss.temperature == 0.5  # from pt_simclr_imagenet.yaml
+    assert cfg.train.channels_last is True  # from base.yaml
+    assert cfg.train.log_every == 10  # demo/base.yaml, the second base, overrides base.yaml
+    assert cfg.data.image_size == 64  # demo/base.yaml overrides 256
+    assert cfg.optim.name == "adamw"  # the demo file itself overrides lars
     assert cfg.model.projection_dims == [512, 128]
 
 

@@ -40,6 +40,7 @@ class RunConfig:
     output_dir: str = "checkpoints"
     seed: int = 0
     debug: bool = False  # anomaly detection, loader in the main process, raise on bad data
+    pretrain: str = ""  # label of the pretraining for xd-report; empty: from encoder_weights
 
 
 @dataclass

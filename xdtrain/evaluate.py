@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 
@@ -61,12 +62,17 @@ def evaluate(
     device: torch.device,
     amp: Precision,
     limit: int | None = None,
+    collect=None,
+    metrics=None,
 ) -> dict:
-    """Loss and task metrics of ``model`` over ``loader`` (every rank's part, reduced)."""
+    """Loss and task metrics of ``model`` over ``loader`` (every rank's part, reduced).
+
+    ``collect(batch, outputs)``, if given, sees every batch (for plots); ``metrics`` replaces
+    the task's fresh metrics object, so the caller can read its details afterwards."""
     model = getattr(model, "module", model)  # no DDP collectives: ranks differ in batches
     model.eval()
     config = replace(config, loss=replace(config.loss, gather=False))
-    metrics = task.metrics(classes, config)
+    metrics = metrics if metrics is not None else task.metrics(classes, config)
     loss_sum, count = 0.0, 0
     for index, batch in enumerate(loader):
         if limit is not None and index >= limit:
@@ -78,9 +84,179 @@ def evaluate(
         loss_sum += float(loss) * size
         count += size
         metrics.update(outputs, batch)
+        if collect is not None:
+            collect(batch, outputs)
     result = {
         "loss": distributed.total(loss_sum, device) / max(distributed.total(count, device), 1)
     }
     result |= metrics.compute()
     result["samples"] = int(distributed.total(count, device))
     return result
+
+
+# --------------------------------------------------------------------------- xd-eval
+
+
+class _Collector:
+    """What the plots need, gathered batch by batch (a few samples, scores, labels)."""
+
+    def __init__(self, kind: str, overlays: int):
+        self.kind, self.overlays = kind, overlays
+        self.scores: list = []
+        self.labels: list = []
+        self.samples: list = []
+
+    def __call__(self, batch: dict, outputs) -> None:
+        if self.kind == "multilabel":
+            self.scores.append(torch.sigmoid(outputs.float()).cpu().numpy())
+            self.labels.append(batch["label"].cpu().numpy())
+        elif self.kind == "multiclass":
+            self.scores.append(outputs.argmax(1).cpu().numpy())
+            self.labels.append(batch["label"].cpu().numpy())
+        elif self.kind == "segmentation":
+            # the slice of each case with the most target, first seen first kept
+            for i in range(len(batch["keys"])):
+                if len(self.samples) >= self.overlays:
+                    break
+                if int(batch["mask"][i].sum()) > 0:
+                    self.samples.append(
+                        (
+                            batch["image"][i, 0].float().cpu().numpy(),
+                            batch["mask"][i].cpu().numpy(),
+                            outputs[i].cpu().numpy(),
+                        )
+                    )
+
+
+def _plots(task, collector, metrics, classes, folder: Path, split: str) -> list[str]:
+    import numpy as np
+
+    from xdtrain import plots
+
+    written = []
+    if collector.kind == "multilabel" and collector.scores:
+        scores, labels = np.concatenate(collector.scores), np.concatenate(collector.labels)
+        written.append(plots.roc_curves(scores, labels, classes, folder / f"roc_{split}.png"))
+    elif collector.kind == "multiclass" and collector.scores:
+        pred, true = np.concatenate(collector.scores), np.concatenate(collector.labels)
+        matrix = np.zeros((len(classes), len(classes)), dtype=np.int64)
+        np.add.at(matrix, (true, pred), 1)
+        written.append(plots.confusion(matrix, classes, folder / f"confusion_{split}.png"))
+    elif collector.kind == "segmentation":
+        if collector.samples:
+            images, truths, preds = zip(*collector.samples, strict=True)
+            written.append(
+                plots.overlays(
+                    images, truths, preds, folder / f"overlays_{split}.png", len(classes)
+                )
+            )
+        details = getattr(metrics, "details", None)
+        if details:
+            values = {n: list(r["dice_cases"].values()) for n, r in details["regions"].items()}
+            written.append(plots.box_plot(values, "Dice per case", folder / f"dice_{split}.png"))
+    return [str(p) for p in written]
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from xdtrain import checkpoint
+    from xdtrain.config import load_config
+    from xdtrain.data import build_loader
+    from xdtrain.errors import UserError
+    from xdtrain.fileio import atomic_write
+    from xdtrain.models import get_model
+    from xdtrain.train import resolve
+
+    parser = argparse.ArgumentParser(
+        prog="xd-eval", description="Score a trained run on a split; write metrics and plots."
+    )
+    parser.add_argument("run", help="run folder written by xd-train (checkpoints/<run>)")
+    parser.add_argument("--split", default="test", choices=["test", "val", "train"])
+    parser.add_argument("--checkpoint", default="final", help="final, last, or a path")
+    parser.add_argument("--batch-size", type=int, help="default: the run's data.batch_size")
+    parser.add_argument("--device", choices=["auto", "cpu", "gpu"], help="default: the run's")
+    parser.add_argument("--overlays", type=int, default=6, help="segmentation samples to draw")
+    args = parser.parse_args(argv)
+    folder = Path(args.run)
+    if not (folder / "config.yaml").is_file():
+        raise UserError(f"{folder}: no config.yaml; pass a run folder written by xd-train")
+    config, task = resolve(load_config(folder / "config.yaml"))
+    data = config.data
+    if args.batch_size:
+        data = replace(data, batch_size=args.batch_size)
+    if args.device:
+        data = replace(data, device=args.device)
+    config = replace(config, data=data)
+    path = {"final": folder / "final.pt", "last": folder / "last.pt"}.get(
+        args.checkpoint, Path(args.checkpoint)
+    )
+    if not path.is_file():
+        hint = (
+            " (the run has not finished; try --checkpoint last)" if path.name == "final.pt" else ""
+        )
+        raise UserError(f"{path}: no checkpoint{hint}")
+    state = checkpoint.load(path)
+    world = distributed.init(data.device)
+    loader = build_loader(data, args.split, seed=config.run.seed, train=False)
+    classes = list(loader.shardset.classes)
+    model = get_model(
+        config.model.name,
+        num_classes=config.model.num_classes or (None if task.name == "simclr" else len(classes)),
+        in_channels=data.channels,
+        projection_dims=config.model.projection_dims,
+        projection_sigmoid=config.model.projection_sigmoid,
+    )
+    try:
+        model.load_state_dict(state["model"])
+    except (RuntimeError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0][:160]
+        raise UserError(f"{path}: does not fit the run's {config.model.name} ({first})") from None
+    model.to(world.device)
+    if config.train.channels_last:
+        model.to(memory_format=torch.channels_last)
+    amp = precision(config.train.amp, world.device)
+    kind = {"simclr": "simclr"}.get(task.name, loader.shardset.layout.kind)
+    collector = _Collector(kind, args.overlays)
+    metrics = task.metrics(classes, config)
+    result = evaluate(
+        model, loader, task, classes, config, world.device, amp, collect=collector, metrics=metrics
+    )
+    written = _plots(task, collector, metrics, classes, folder, args.split)
+    report = {
+        "run": str(folder),
+        "split": args.split,
+        "checkpoint": str(path),
+        "metrics": result,
+        "plots": written,
+    }
+    out = folder / f"eval_{args.split}.json"
+    atomic_write(out, json.dumps(report, indent=1, default=_json_value) + "\n")
+    table = Table(title=f"{folder.name}: {args.split} ({path.name})")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in result.items():
+        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    Console().print(table)
+    print(f"wrote {out}" + "".join(f"\nwrote {p}" for p in written))
+    return 0
+
+
+def _json_value(value):
+    return None if value != value else value  # NaN -> null
+
+
+def entry() -> None:
+    import sys
+
+    from xdtrain.errors import run_cli
+
+    sys.exit(run_cli(main))
+
+
+if __name__ == "__main__":
+    entry()

@@ -18,12 +18,13 @@ class RegionScores(Metrics):
 
     def __init__(self, regions: dict[str, tuple[int, ...]]):
         self.metric = SegmentationMetrics(regions)
+        self.details: dict | None = None  # the full result of the last compute()
 
     def update(self, outputs, batch: dict) -> None:
         self.metric.update(outputs, batch["mask"], batch["case"], batch["slice"])
 
     def compute(self) -> dict[str, float]:
-        result = self.metric.compute()
+        result = self.details = self.metric.compute()
         flat: dict[str, float] = {"cases": result["cases"]}
         for name, entry in result["regions"].items():
             for metric in ("dice", "iou", "precision", "recall"):
