@@ -21,18 +21,48 @@ lint: $(STAMP)
 test: lint
 	$(BIN)/python -m pytest -q
 
-# The end-to-end flow on generated data; it grows as the pipeline does.
+# The whole study in miniature on generated data: raw data sets in the real layouts, shards,
+# SimCLR pretraining on ImageNet, each task finetuned from scratch and from that encoder,
+# test-split evaluation and the pretraining x task report. Budgets are shortened with --set
+# so that the whole flow fits in minutes on two CPU cores.
 DEMO_DIR := datasets
 SHARD_DIR := shards
+RUNS := checkpoints/demo
+REPORT := report/demo
+DEMO_TASKS := imagenet chestxray8 brats lits
+EPOCHS_imagenet := 3
+EPOCHS_chestxray8 := 4
+EPOCHS_lits := 10
+# BraTS: smaller batches (more steps) let both runs leave the all-background start in time
+ARGS_brats := --set data.batch_size=16
+EPOCHS_brats := 9
 demo: $(STAMP)
-	$(BIN)/xd-synth all --out $(DEMO_DIR) --size small --seed 0
+	$(BIN)/xd-synth imagenet --out $(DEMO_DIR) --count 150 --seed 0
+	$(BIN)/xd-synth chestxray8 --out $(DEMO_DIR) --count 800 --seed 0
+	$(BIN)/xd-synth brats --out $(DEMO_DIR) --count 16 --seed 0
+	$(BIN)/xd-synth lits-nifti --out $(DEMO_DIR) --count 16 --seed 0
 	$(BIN)/xd-shard --dataset imagenet --src $(DEMO_DIR)/imagenet --out $(SHARD_DIR)/imagenet
 	$(BIN)/xd-shard --dataset chestxray8 --src $(DEMO_DIR)/chestxray8 --out $(SHARD_DIR)/chestxray8 --size 128
 	$(BIN)/xd-shard --dataset brats --src $(DEMO_DIR)/brats --out $(SHARD_DIR)/brats
 	$(BIN)/xd-shard --dataset lits --src $(DEMO_DIR)/lits-nifti --out $(SHARD_DIR)/lits
 	$(BIN)/xd-shard verify $(SHARD_DIR)/brats
-	$(BIN)/python -m xdtrain.data configs/demo/pt_simclr_imagenet.yaml --set data.shards=$(SHARD_DIR)/imagenet
-	@echo "demo: raw data sets in $(DEMO_DIR)/, shards in $(SHARD_DIR)/ (xd-shard info $(SHARD_DIR)/<name>)"
+	$(BIN)/xd-train configs/demo/pt_simclr_imagenet.yaml --resume --set train.epochs=3
+	@for task in $(DEMO_TASKS); do \
+	  case $$task in imagenet) e=$(EPOCHS_imagenet); x="";; \
+	    chestxray8) e=$(EPOCHS_chestxray8); x="";; \
+	    brats) e=$(EPOCHS_brats); x="$(ARGS_brats)";; lits) e=$(EPOCHS_lits); x="";; esac; \
+	  set -e; \
+	  echo "== $$task from scratch, then from the SimCLR encoder ($$e epochs)"; \
+	  $(BIN)/xd-train configs/demo/ft_$$task.yaml --resume --set train.epochs=$$e $$x \
+	    --set run.name=ft_$${task}_scratch; \
+	  $(BIN)/xd-train configs/demo/ft_$$task.yaml --resume --set train.epochs=$$e $$x \
+	    --set run.name=ft_$${task}_simclr-imagenet \
+	    --set model.encoder_weights=$(RUNS)/pt_simclr_imagenet/encoder.pt; \
+	  $(BIN)/xd-eval $(RUNS)/ft_$${task}_scratch --split test > /dev/null; \
+	  $(BIN)/xd-eval $(RUNS)/ft_$${task}_simclr-imagenet --split test > /dev/null; \
+	done
+	$(BIN)/xd-report $(RUNS) --out $(REPORT)
+	@echo "demo: data in $(DEMO_DIR)/ and $(SHARD_DIR)/, runs in $(RUNS)/, report in $(REPORT)/ (results.md, heatmap.png, curves.png)"
 
 clean-demo:
-	rm -rf $(DEMO_DIR) $(SHARD_DIR)/imagenet $(SHARD_DIR)/chestxray8 $(SHARD_DIR)/brats $(SHARD_DIR)/lits
+	rm -rf $(DEMO_DIR) $(SHARD_DIR)/imagenet $(SHARD_DIR)/chestxray8 $(SHARD_DIR)/brats $(SHARD_DIR)/lits $(RUNS) $(REPORT)

@@ -37,8 +37,8 @@ class RunConfig:
     """Where a run lives and what makes it repeatable."""
 
     name: str = ""  # run folder under output_dir; empty: the config file's name
-    output_dir: str = "checkpoints"
-    seed: int = 0
+    output_dir: str = "checkpoints"  # parent folder of run folders
+    seed: int = 0  # seeds weights, data order and augmentation (rank r uses seed + r)
     debug: bool = False  # anomaly detection, loader in the main process, raise on bad data
     pretrain: str = ""  # label of the pretraining for xd-report; empty: from encoder_weights
 
@@ -47,14 +47,14 @@ class RunConfig:
 class DataConfig:
     """Which shards to stream and how to turn them into batches."""
 
-    dataset: Literal["imagenet", "chestxray8", "brats", "lits"] = "imagenet"
+    dataset: Literal["imagenet", "chestxray8", "brats", "lits"] = "imagenet"  # shards to read
     shards: str = ""  # folder written by xd-shard; empty: shards/<dataset>
-    backend: Literal["dali", "albumentations"] = "dali"
-    device: Literal["auto", "gpu", "cpu"] = "auto"
+    backend: Literal["dali", "albumentations"] = "dali"  # albumentations: CPU segmentation
+    device: Literal["auto", "gpu", "cpu"] = "auto"  # auto: GPU (mixed decoding) if CUDA
     augment: str = ""  # preset (docs/pipelines.md); empty: the task's default
     solarize: float = 0.0  # SimCLR: probability of solarizing a view (BYOL uses 0.2 on one view)
-    image_size: int = 224
-    channels: int = 3
+    image_size: int = 224  # side of the square crops the network sees
+    channels: int = 3  # network input: 3 RGB, 4 BraTS; greyscale sources 1 or 3
     views: int = 2  # SimCLR views per sample
     batch_size: int = 128  # per GPU
     workers: int = 4  # decoding threads (DALI) or DataLoader workers
@@ -65,11 +65,11 @@ class DataConfig:
 class ModelConfig:
     """The network: a name from the model registry and its options."""
 
-    name: str = "resnet50"
+    name: str = "resnet50"  # resnet18|34|50, unet_resnet18|34|50, simclr_resnet18|34|50
     num_classes: int | None = None  # None: taken from the task
     encoder_weights: str | None = None  # encoder.pt, a run checkpoint or a torchvision state dict
     frozen_encoder: bool = False  # linear evaluation: frozen weights and batch-norm statistics
-    projection_dims: list[int] = field(default_factory=lambda: [2048, 128])
+    projection_dims: list[int] = field(default_factory=lambda: [2048, 128])  # head widths
     projection_sigmoid: bool = False  # the study's head ends in a sigmoid
 
 
@@ -79,7 +79,7 @@ class LossConfig:
 
     temperature: float = 0.5  # NT-Xent
     gather: bool = False  # NT-Xent negatives from all GPUs instead of the local batch
-    class_weights: list[float] | None = None
+    class_weights: list[float] | None = None  # per output (BCE) or class (cross-entropy)
     dice_weight: float = 0.0  # segmentation: cross-entropy + dice_weight * Dice loss
 
 
@@ -87,10 +87,10 @@ class LossConfig:
 class OptimConfig:
     """Optimiser and its hyperparameters."""
 
-    name: Literal["lars", "adamw", "sgd"] = "adamw"
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    momentum: float = 0.9
+    name: Literal["lars", "adamw", "sgd"] = "adamw"  # LARS skips biases and norm weights
+    lr: float = 1e-3  # base learning rate (before scale_lr)
+    weight_decay: float = 0.0  # on weights only, never biases or normalisation
+    momentum: float = 0.9  # LARS and SGD
     scale_lr: bool = False  # multiply lr by global batch / 256
     trust_coefficient: float = 0.001  # LARS eta
 
@@ -99,8 +99,8 @@ class OptimConfig:
 class ScheduleConfig:
     """Learning-rate schedule, stepped every iteration."""
 
-    name: Literal["cosine", "exponential", "constant"] = "cosine"
-    warmup_epochs: float = 0.0
+    name: Literal["cosine", "exponential", "constant"] = "cosine"  # after the warmup
+    warmup_epochs: float = 0.0  # linear warmup from 0, in epochs (fractions allowed)
     gamma: float = 0.95  # exponential: factor per epoch
     min_lr: float = 0.0  # cosine: final learning rate as a share of the base rate
 
@@ -109,12 +109,12 @@ class ScheduleConfig:
 class TrainConfig:
     """The training loop."""
 
-    epochs: int = 50
-    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
-    channels_last: bool = True
-    compile: bool = False
-    grad_clip: float | None = None
-    sync_bn: bool = False
+    epochs: int = 50  # may be raised when resuming
+    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"  # auto: bf16/fp16 on GPU, fp32 CPU
+    channels_last: bool = True  # NHWC memory layout (faster convolutions on GPUs)
+    compile: bool = False  # torch.compile the model
+    grad_clip: float | None = None  # clip the gradient norm to this value
+    sync_bn: bool = False  # batch-norm statistics over all GPUs (SyncBatchNorm)
     limit_batches: int | None = None  # shortens every epoch to this many batches
     log_every: int = 50  # steps between train rows in metrics.jsonl
     checkpoint_minutes: float = 30.0  # last.pt at least this often, and every epoch
