@@ -20,7 +20,7 @@ DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 # Commands the test does not run, each with the reason; everything else must run.
 LONG = [
-    (r"^make ", "runs the demo or the suite itself"),
+    (r"^(time )?make ", "runs the demo or the suite itself"),
     (r"/data/", "needs a real data set"),
     (r"torchrun|torch\.distributed\.run", "several processes or GPUs"),
     (r"^xd-train (?!.*--print-config)", "trains for minutes"),

@@ -444,11 +444,8 @@ def save_config(cfg: Config, path: str | Path) -> Path:
     return atomic_write(path, dump_config(cfg))
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m xdtrain.config",
-        description="Print (and optionally save) a fully resolved xdtrain config.",
-    )
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``CONFIG`` and ``--set KEY=VALUE`` arguments every config-reading command takes."""
     parser.add_argument("config", help="YAML config file")
     parser.add_argument(
         "--set",
@@ -457,6 +454,14 @@ def main(argv: list[str] | None = None) -> int:
         metavar="KEY=VALUE",
         help="override a key, e.g. --set optim.lr=0.01 (repeatable)",
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m xdtrain.config",
+        description="Print (and optionally save) a fully resolved xdtrain config.",
+    )
+    add_config_arguments(parser)
     parser.add_argument("--save", metavar="FILE", help="also write the resolved config here")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.set)

@@ -107,7 +107,9 @@ def heatmap(values: np.ndarray, rows: list[str], cols: list[str], title: str, pa
     ax.set_xticks(range(len(cols)), cols)
     ax.set_yticks(range(len(rows)), rows)
     for (i, j), value in np.ndenumerate(values):
-        ax.text(j, i, "–" if not np.isfinite(value) else f"{value:+.3f}", ha="center", va="center")
+        text = "–" if not np.isfinite(value) else f"{value:+.3f}"
+        dark = np.isfinite(value) and abs(value) > 0.6 * scale
+        ax.text(j, i, text, ha="center", va="center", color="white" if dark else "black")
     ax.set_title(title, fontsize=9)
     fig.colorbar(image, ax=ax, shrink=0.8)
     return _save(fig, path)

@@ -25,7 +25,14 @@ from rich.console import Console
 from rich.table import Table
 
 from xdtrain import checkpoint, distributed
-from xdtrain.config import Config, config_to_dict, dump_config, load_config, save_config
+from xdtrain.config import (
+    Config,
+    add_config_arguments,
+    config_to_dict,
+    dump_config,
+    load_config,
+    save_config,
+)
 from xdtrain.data import build_loader
 from xdtrain.errors import UserError, run_cli
 from xdtrain.evaluate import evaluate, precision, to_device
@@ -483,14 +490,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="xd-train",
         description="Train: SimCLR pretraining or a finetuning task, as the config says.",
     )
-    parser.add_argument("config", help="YAML config (configs/*.yaml)")
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. --set optim.lr=0.01 (repeatable)",
-    )
+    add_config_arguments(parser)
     parser.add_argument("--resume", action="store_true", help="continue the run in its folder")
     parser.add_argument("--force", action="store_true", help="start the run folder over")
     parser.add_argument("--run-dir", help="run folder (default: run.output_dir/run.name)")

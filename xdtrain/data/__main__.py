@@ -14,7 +14,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from xdtrain.config import load_config
+from xdtrain.config import add_config_arguments, load_config
 from xdtrain.data import build_loader
 from xdtrain.errors import run_cli
 
@@ -37,8 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m xdtrain.data",
         description="Run a config's input pipeline for a few batches and describe them.",
     )
-    parser.add_argument("config", help="YAML config file")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    add_config_arguments(parser)
     parser.add_argument("--split", default="train", choices=["train", "val", "test"])
     parser.add_argument("--batches", type=int, default=5, help="batches to time (default 5)")
     args = parser.parse_args(argv)
