@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import ROOT, demo_args
 from scipy import stats
 
 from xdtrain.config import load_config
@@ -24,27 +25,11 @@ from xdtrain.report import main as report_main
 from xdtrain.runlog import read_metrics
 from xdtrain.train import main as train_main
 
-ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
 
 def tiny(config: str, shards: Path, run: Path, *extra: str) -> list[str]:
-    return [
-        str(ROOT / "configs" / "demo" / config),
-        "--run-dir",
-        str(run),
-        "--set",
-        f"data.shards={shards}",
-        "--set",
-        "data.image_size=32",
-        "--set",
-        "data.workers=1",
-        "--set",
-        "data.batch_size=4",
-        "--set",
-        "train.epochs=1",
-        *extra,
-    ]
+    return [*demo_args(config, shards, run, "data.batch_size=4", "train.epochs=1"), *extra]
 
 
 @pytest.fixture(scope="module")

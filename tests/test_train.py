@@ -16,26 +16,16 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
+from helpers import ROOT, demo_args
 
 from xdtrain import tasks
 from xdtrain.errors import UserError
 from xdtrain.runlog import read_metrics
 from xdtrain.train import main
 
-ROOT = Path(__file__).resolve().parent.parent
-TINY = ["--set", "data.image_size=32", "--set", "data.workers=1", "--set", "train.log_every=1"]
-
 
 def args(config: str, shards: Path, run: Path, *extra: str) -> list[str]:
-    return [
-        str(ROOT / "configs" / "demo" / config),
-        "--run-dir",
-        str(run),
-        "--set",
-        f"data.shards={shards}",
-        *TINY,
-        *extra,
-    ]
+    return [*demo_args(config, shards, run, "train.log_every=1"), *extra]
 
 
 def rows(run: Path, kind: str) -> list[dict]:
