@@ -55,13 +55,13 @@ def mean(value: float, device: torch.device) -> float:
     return t.item() / dist.get_world_size()
 
 
-def any_true(flag: bool, device: torch.device) -> bool:
-    """True on every rank when ``flag`` is true on any rank."""
+def any_true(flags: list[bool], device: torch.device) -> list[bool]:
+    """Each flag, true on every rank when it is true on any rank (one collective for all)."""
     if not active():
-        return bool(flag)
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
+        return [bool(f) for f in flags]
+    t = torch.tensor([1.0 if f else 0.0 for f in flags], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
+    return [bool(v > 0) for v in t.tolist()]
 
 
 def total(value: float, device: torch.device) -> float:

@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import os
 import random
 import shutil
@@ -322,7 +323,7 @@ class Trainer:
             f"epoch {self.epoch + 1}/{train.epochs}", total=self.steps_per_epoch
         )
         progress.update(bar, completed=self.step_in_epoch)
-        window = {"loss": 0.0, "count": 0, "samples": 0, "wait": 0.0, "start": time.perf_counter()}
+        window = _window()
         saved_at = time.monotonic()
         while self.step_in_epoch < self.steps_per_epoch:
             tick = time.perf_counter()
@@ -332,36 +333,29 @@ class Trainer:
             batch = to_device(batch, world.device, train.channels_last)
             with self.amp.autocast():
                 loss, _ = self.task.forward(model, batch, cfg)
-            if distributed.any_true(not bool(torch.isfinite(loss)), world.device):
-                self.skip_step(loss)
+            value = float(loss.detach())  # the step's one wait for the device
+            due = time.monotonic() - saved_at > train.checkpoint_minutes * 60
+            # one collective per step: every rank skips a non-finite step and saves together
+            nonfinite, due = distributed.any_true([not math.isfinite(value), due], world.device)
+            if nonfinite:
+                self.skip_step(value)
             else:
                 self.nonfinite_in_row = 0
                 self.optimise(loss)
-                window["loss"] += float(loss.detach())
+                window["loss"] += value
                 window["count"] += 1
             window["lr"] = self.optimizer.param_groups[0]["lr"]  # the rate this step used
             self.scheduler.step()
             window["samples"] += len(batch["keys"])
             self.step_in_epoch += 1
             self.global_step += 1
-            shown = f"epoch {self.epoch + 1}/{train.epochs} loss {float(loss.detach()):.3f}"
+            shown = f"epoch {self.epoch + 1}/{train.epochs} loss {value:.3f}"
             progress.update(bar, advance=1, description=shown)
-            if (
-                self.global_step % train.log_every == 0
-                or self.step_in_epoch == self.steps_per_epoch
-            ):
+            last = self.step_in_epoch == self.steps_per_epoch
+            if self.global_step % train.log_every == 0 or last:
                 self.log_train(window)
-                window = {
-                    "loss": 0.0,
-                    "count": 0,
-                    "samples": 0,
-                    "wait": 0.0,
-                    "start": time.perf_counter(),
-                }
-            due = time.monotonic() - saved_at > train.checkpoint_minutes * 60
-            if self.step_in_epoch < self.steps_per_epoch and distributed.any_true(
-                due, world.device
-            ):
+                window = _window()
+            if due and not last:
                 self.save("last.pt")
                 saved_at = time.monotonic()
         progress.remove_task(bar)
@@ -376,7 +370,7 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
 
-    def skip_step(self, loss: torch.Tensor) -> None:
+    def skip_step(self, loss: float) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         self.nonfinite += 1
         self.nonfinite_in_row += 1
@@ -384,7 +378,7 @@ class Trainer:
         if self.world.main:
             log.warning(
                 "non-finite loss (%s) at epoch %d step %d: step skipped (%d in a row)",
-                float(loss.detach()),
+                loss,
                 self.epoch + 1,
                 self.step_in_epoch + 1,
                 self.nonfinite_in_row,
@@ -480,6 +474,11 @@ class Trainer:
             self.log.close()
             plot_curves(self.folder, self.task.primary)
         return row
+
+
+def _window() -> dict:
+    """Sums over the steps between two train rows of metrics.jsonl."""
+    return {"loss": 0.0, "count": 0, "samples": 0, "wait": 0.0, "start": time.perf_counter()}
 
 
 # --------------------------------------------------------------------------- CLI
