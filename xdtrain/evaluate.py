@@ -114,7 +114,7 @@ class _Collector:
             self.scores.append(outputs.argmax(1).cpu().numpy())
             self.labels.append(batch["label"].cpu().numpy())
         elif self.kind == "segmentation":
-            # the slice of each case with the most target, first seen first kept
+            # the first slices that hold any target, in the order they are read
             for i in range(len(batch["keys"])):
                 if len(self.samples) >= self.overlays:
                     break
@@ -128,7 +128,7 @@ class _Collector:
                     )
 
 
-def _plots(task, collector, metrics, classes, folder: Path, split: str) -> list[str]:
+def _plots(collector, metrics, classes, folder: Path, split: str) -> list[str]:
     import numpy as np
 
     from xdtrain import plots
@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     result = evaluate(
         model, loader, task, classes, config, world.device, amp, collect=collector, metrics=metrics
     )
-    written = _plots(task, collector, metrics, classes, folder, args.split)
+    written = _plots(collector, metrics, classes, folder, args.split)
     report = {
         "run": str(folder),
         "split": args.split,

@@ -137,10 +137,10 @@ class DaliLoader:
             del pipe
         self.epoch += 1
 
-    def _build(self, epoch: int, start: bool = False):
+    def _build(self, epoch: int):
         reader = self.reader_args(epoch)
         return _make_pipeline(
-            self.graph, reader, self.batch_size, self.threads, self.device_id, start
+            self.graph, reader, self.batch_size, self.threads, self.device_id, start=False
         )
 
     def _prepare(self, epoch: int) -> None:
