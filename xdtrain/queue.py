@@ -216,7 +216,13 @@ PRETRAIN_CONFIGS = {
     "imagenet": "pt_simclr_imagenet.yaml",
     "chestxray8": "pt_simclr_chestxray8.yaml",
 }
-TASKS = ("imagenet", "chestxray8", "brats", "lits")
+
+
+def finetuning_tasks() -> list[str]:
+    """The finetuning tasks of the task registry (each has a ``configs/ft_<task>.yaml``)."""
+    from xdtrain.tasks import TASKS
+
+    return [name for name, task in TASKS.items() if task.dataset is not None]
 
 
 def grid(args) -> int:
@@ -229,8 +235,8 @@ def grid(args) -> int:
         if name != "none" and name not in PRETRAIN_CONFIGS:
             raise UserError(f"--pretrain: {name!r} is none or one of {sorted(PRETRAIN_CONFIGS)}")
     for name in tasks:
-        if name not in TASKS:
-            raise UserError(f"--tasks: {name!r} is not one of {list(TASKS)}")
+        if name not in finetuning_tasks():
+            raise UserError(f"--tasks: {name!r} is not one of {finetuning_tasks()}")
     fractions = [float(f) for f in args.fractions.split(",")]
     (out / "configs").mkdir(parents=True, exist_ok=True)
     runs = out / "runs"
@@ -304,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
             default="none,imagenet,chestxray8",
             help="comma-separated: none, imagenet, chestxray8",
         )
-        parser.add_argument("--tasks", default=",".join(TASKS))
+        parser.add_argument("--tasks", default=",".join(finetuning_tasks()))
         parser.add_argument("--seeds", type=int, default=4)
         parser.add_argument("--fractions", default="1.0", help="e.g. 1.0,0.5,0.1,0.01")
         parser.add_argument("--linear", action="store_true", help="add linear-evaluation runs")
