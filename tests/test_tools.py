@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+from helpers import ROOT, demo_args
 
 TOOLS = Path(__file__).parent.parent / "tools"
 
@@ -76,3 +79,48 @@ def test_bench_pipeline_prints_its_json(packed):
         assert report[key] > 0
     assert report["cores"] >= 1 and report["device"].startswith("cpu")
     assert report["settings"]["views"] == 2
+
+
+def load_tool(name: str):
+    spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_train_weights_each_row_by_its_time():
+    summarise = load_tool("bench_train").summarise
+    row = dict(kind="train", loss=1.0)
+    rows = [
+        {**row, "epoch": 1, "step": 2, "samples_per_s": 1.0, "data_wait": 0.9},  # left out
+        {**row, "epoch": 1, "step": 4, "samples_per_s": 8.0, "data_wait": 0.0},  # 1 s
+        {"kind": "val", "epoch": 1, "step": 4},
+        {**row, "epoch": 2, "step": 6, "samples_per_s": 4.0, "data_wait": 0.5},  # 2 s
+        {**row, "epoch": 2, "step": 8, "samples_per_s": 8.0, "data_wait": 0.1},  # 1 s
+    ]
+    report = summarise(rows, global_batch=4)
+    assert report["steps"] == 8 and report["rows_used"] == 3
+    assert report["samples_per_s"] == 24 / 4  # 24 samples in 1 + 2 + 1 s
+    assert report["data_wait"] == (0.0 + 2 * 0.5 + 0.1) / 4
+    assert report["samples_per_s_within_epochs"] == 16 / 2  # epoch 2's first row left out
+    assert abs(report["data_wait_within_epochs"] - 0.05) < 1e-12
+    assert report["max_memory_gib"] is None
+
+
+def test_bench_train_runs_xd_train_and_prints_its_json(packed, tmp_path):
+    settings = demo_args("pt_simclr_imagenet.yaml", packed["imagenet"], tmp_path / "unused")[3:]
+    settings += ["--set", "data.batch_size=4", "--set", "train.epochs=2"]
+    settings += ["--set", "train.limit_batches=3", "--set", "train.log_every=1"]
+    config = str(ROOT / "configs" / "demo" / "pt_simclr_imagenet.yaml")
+    done = subprocess.run(
+        [sys.executable, str(TOOLS / "bench_train.py"), config, *settings],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    report = json.loads(done.stdout)
+    assert report["device"] == "cpu" and report["data_device"] == "cpu"
+    assert report["image_size"] == 32 and report["batch_size_per_rank"] == 4
+    assert report["steps"] == 6 and report["rows_used"] == 5
+    assert report["samples_per_s"] > 0 and 0 <= report["data_wait"] <= 1
+    assert report["samples_per_s_within_epochs"] > 0

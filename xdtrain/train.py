@@ -407,6 +407,8 @@ class Trainer:
             "nonfinite_skipped": self.nonfinite,
             "bad_samples": int(distributed.total(self.bad_samples, device)),
         }
+        if device.type == "cuda":  # rank 0's peak since the start of the process
+            row["max_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         if self.log is not None:
             self.log.write(row)
 
