@@ -11,7 +11,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from xdtrain.losses import multilabel_bce, nt_xent, segmentation_loss, soft_dice_loss
+from xdtrain.losses import (
+    multilabel_bce,
+    nt_xent,
+    one_hot,
+    pixel_cross_entropy,
+    segmentation_loss,
+    soft_dice_loss,
+)
 
 
 def paper_nt_xent(z1, z2, temperature):
@@ -107,3 +114,17 @@ def test_segmentation_loss_adds_dice_and_weights():
     )
     perfect = F.one_hot(mask, 3).permute(0, 3, 1, 2).float() * 50
     assert soft_dice_loss(perfect, mask) < 1e-3
+
+
+def test_pixel_cross_entropy_matches_torch_in_value_and_gradient():
+    torch.manual_seed(4)
+    logits = torch.randn(3, 4, 5, 6, requires_grad=True)
+    mask = torch.randint(0, 4, (3, 5, 6))
+    assert torch.equal(one_hot(mask, 4, torch.float32), F.one_hot(mask, 4).permute(0, 3, 1, 2))
+    for weight in (None, torch.tensor([0.1, 2.0, 0.0, 1.0])):
+        ours = pixel_cross_entropy(logits, mask, weight)
+        (grad,) = torch.autograd.grad(ours, logits)
+        theirs = F.cross_entropy(logits, mask, weight=weight)
+        (expected,) = torch.autograd.grad(theirs, logits)
+        assert torch.allclose(ours, theirs, atol=1e-6)
+        assert torch.allclose(grad, expected, atol=1e-7)

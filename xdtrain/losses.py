@@ -74,10 +74,33 @@ def multilabel_bce(
     return loss.mean()
 
 
+def one_hot(mask: torch.Tensor, classes: int, dtype: torch.dtype) -> torch.Tensor:
+    """``[N, H, W]`` labels as ``[N, classes, H, W]`` indicators (elementwise: deterministic)."""
+    labels = torch.arange(classes, device=mask.device).view(1, classes, 1, 1)
+    return (mask.unsqueeze(1) == labels).to(dtype)
+
+
+def pixel_cross_entropy(
+    logits: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``F.cross_entropy`` over ``[N, C, H, W]`` logits, computed from one-hot targets.
+
+    CUDA's 2-D NLL kernel has no deterministic implementation, so ``train.deterministic``
+    runs would fail on a GPU; this form uses only elementwise products and sums. With
+    ``weight`` it is the weighted mean, as ``F.cross_entropy`` computes it."""
+    logp = logits.float().log_softmax(dim=1)
+    onehot = one_hot(mask, logits.shape[1], logp.dtype)
+    nll = -(logp * onehot).sum(dim=1)
+    if weight is None:
+        return nll.mean()
+    pixel_weight = (onehot * weight.view(1, -1, 1, 1)).sum(dim=1)
+    return (nll * pixel_weight).sum() / pixel_weight.sum()
+
+
 def soft_dice_loss(logits: torch.Tensor, mask: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
     """1 − mean soft Dice over the foreground classes (class 0 is background)."""
     probs = logits.float().softmax(dim=1)
-    onehot = F.one_hot(mask, probs.shape[1]).permute(0, 3, 1, 2).to(probs.dtype)
+    onehot = one_hot(mask, probs.shape[1], probs.dtype)
     dims = (0, 2, 3)
     inter = (probs * onehot).sum(dims)
     denom = probs.sum(dims) + onehot.sum(dims)
@@ -93,7 +116,7 @@ def segmentation_loss(
 ) -> torch.Tensor:
     """Cross-entropy with optional class weights, plus ``dice_weight`` × soft Dice loss."""
     weight = class_weights.to(logits.device) if class_weights is not None else None
-    loss = F.cross_entropy(logits.float(), mask, weight=weight)
+    loss = pixel_cross_entropy(logits, mask, weight)
     if dice_weight:
         loss = loss + dice_weight * soft_dice_loss(logits, mask)
     return loss
