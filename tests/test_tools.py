@@ -93,17 +93,18 @@ def test_bench_train_weights_each_row_by_its_time():
     row = dict(kind="train", loss=1.0)
     rows = [
         {**row, "epoch": 1, "step": 2, "samples_per_s": 1.0, "data_wait": 0.9},  # left out
-        {**row, "epoch": 1, "step": 4, "samples_per_s": 8.0, "data_wait": 0.0},  # 1 s
+        {**row, "epoch": 1, "step": 4, "samples_per_s": 8.0, "data_wait": 0.0},  # 1 s, last
         {"kind": "val", "epoch": 1, "step": 4},
-        {**row, "epoch": 2, "step": 6, "samples_per_s": 4.0, "data_wait": 0.5},  # 2 s
+        {**row, "epoch": 2, "step": 6, "samples_per_s": 4.0, "data_wait": 0.5},  # 2 s, first
         {**row, "epoch": 2, "step": 8, "samples_per_s": 8.0, "data_wait": 0.1},  # 1 s
+        {**row, "epoch": 2, "step": 10, "samples_per_s": 2.0, "data_wait": 0.2},  # 4 s, last
     ]
     report = summarise(rows, global_batch=4)
-    assert report["steps"] == 8 and report["rows_used"] == 3
-    assert report["samples_per_s"] == 24 / 4  # 24 samples in 1 + 2 + 1 s
-    assert report["data_wait"] == (0.0 + 2 * 0.5 + 0.1) / 4
-    assert report["samples_per_s_within_epochs"] == 16 / 2  # epoch 2's first row left out
-    assert abs(report["data_wait_within_epochs"] - 0.05) < 1e-12
+    assert report["steps"] == 10 and report["rows_used"] == 4
+    assert report["samples_per_s"] == 32 / 8  # 32 samples in 1 + 2 + 1 + 4 s
+    assert abs(report["data_wait"] - (0.0 + 2 * 0.5 + 0.1 + 4 * 0.2) / 8) < 1e-12
+    assert report["samples_per_s_within_epochs"] == 8.0  # only the row ending at step 8
+    assert abs(report["data_wait_within_epochs"] - 0.1) < 1e-12
     assert report["max_memory_gib"] is None
 
 

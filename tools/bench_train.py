@@ -7,7 +7,8 @@ that time the loop waited for the next batch. The script leaves out the run's fi
 (cuDNN autotuning, the first pipeline's start) and reports:
 
 - ``samples_per_s`` / ``data_wait``: over all remaining rows, epoch boundaries included;
-- ``..._within_epochs``: over the rows that do not hold an epoch's first step;
+- ``..._within_epochs``: over the rows that hold neither an epoch's first step nor its
+  last (during which the next epoch's pipeline is built);
 - ``max_memory_gib``: the peak GPU memory of rank 0 (GPU runs only).
 
 A sample is one image (SimCLR: one image, two views). Validation and the final test pass are
@@ -41,7 +42,7 @@ def summarise(rows: list[dict], global_batch: int, skip: int = 1) -> dict:
     are left out."""
     train = [r for r in rows if r["kind"] == "train"]
     windows = []
-    for before, row in zip([None, *train], train, strict=False):
+    for before, row, after in zip([None, *train[:-1]], train, [*train[1:], None], strict=True):
         steps = row["step"] - (before["step"] if before else 0)
         samples = steps * global_batch
         windows.append(
@@ -49,7 +50,12 @@ def summarise(rows: list[dict], global_batch: int, skip: int = 1) -> dict:
                 "samples": samples,
                 "seconds": samples / row["samples_per_s"],
                 "wait": row["data_wait"],
-                "epoch_start": before is None or before["epoch"] != row["epoch"],
+                # an epoch's first step waits for its pipeline; during its last step the
+                # next epoch's pipeline is built
+                "boundary": before is None
+                or before["epoch"] != row["epoch"]
+                or after is None
+                or after["epoch"] != row["epoch"],
             }
         )
     used = windows[skip:]
@@ -64,7 +70,7 @@ def summarise(rows: list[dict], global_batch: int, skip: int = 1) -> dict:
         return sum(w["samples"] for w in ws) / seconds, wait
 
     overall, wait = rate(used)
-    inner, inner_wait = rate([w for w in used if not w["epoch_start"]])
+    inner, inner_wait = rate([w for w in used if not w["boundary"]])
     memory = [r["max_memory_gib"] for r in train if "max_memory_gib" in r]
     return {
         "steps": train[-1]["step"],
