@@ -138,3 +138,35 @@ def test_rerun_of_a_finished_folder_and_other_arguments(raw, tmp_path):
     assert main([*args, "--seed", "5", "--force"]) == 0
     assert manifest_mod.load(tmp_path)["seed"] == 5
     assert (tmp_path / "notes.txt").read_text() == "mine"  # only xd-shard's own files replaced
+
+
+def test_a_shard_that_fails_to_close_stops_the_records_after_it(raw, tmp_path, monkeypatch):
+    """Shards are closed (fsync, rename) on a helper thread while the next is written: a
+    failure there surfaces in the run, nothing after it is recorded, and a rerun finishes
+    with the bytes of an uninterrupted run."""
+    from xdtrain.shards import tar
+
+    args = ["--dataset", "imagenet", "--src", str(raw / "imagenet"), "--shard-size", "20KB"]
+    args += ["--quiet", "--workers", "1"]
+    assert main([*args, "--out", str(tmp_path / "whole")]) == 0
+    closed, failed, real_close = [], [], tar.ShardWriter.close
+
+    def failing_close(self):
+        if len(closed) == 3:
+            failed.append(self.path.name)
+            raise OSError(28, "No space left on device")
+        closed.append(self.path.name)
+        return real_close(self)
+
+    monkeypatch.setattr(tar.ShardWriter, "close", failing_close)
+    out = tmp_path / "broken"
+    with pytest.raises(OSError, match="No space left"):
+        main([*args, "--out", str(out)])
+    state = json.loads((out / STATE).read_text())
+    recorded = [s["name"] for g in state["groups"].values() for s in g["shards"]]
+    assert recorded == closed  # every closed shard, in order, and nothing after the failure
+    assert state["groups"][failed[0].rpartition("-")[0]]["done"] is False
+    assert not (out / "manifest.json").exists()
+    monkeypatch.setattr(tar.ShardWriter, "close", real_close)
+    assert main([*args, "--out", str(out)]) == 0
+    assert digests(out) == digests(tmp_path / "whole")
