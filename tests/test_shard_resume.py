@@ -170,3 +170,79 @@ def test_a_shard_that_fails_to_close_stops_the_records_after_it(raw, tmp_path, m
     monkeypatch.setattr(tar.ShardWriter, "close", real_close)
     assert main([*args, "--out", str(out)]) == 0
     assert digests(out) == digests(tmp_path / "whole")
+
+
+def _interrupted(raw, out: Path, monkeypatch, shards_before_failure: int, *extra: str) -> list[str]:
+    """Pack ImageNet into ``out`` until the close of a shard fails; the recorded shards."""
+    from xdtrain.shards import tar
+
+    real_close, closed = tar.ShardWriter.close, []
+
+    def failing_close(self):
+        if len(closed) == shards_before_failure:
+            raise OSError(5, "Input/output error")
+        closed.append(self.path.name)
+        return real_close(self)
+
+    monkeypatch.setattr(tar.ShardWriter, "close", failing_close)
+    with pytest.raises(OSError):
+        main(imagenet_args(raw) + ["--out", str(out), *extra])
+    monkeypatch.setattr(tar.ShardWriter, "close", real_close)
+    return closed
+
+
+def imagenet_args(raw) -> list[str]:
+    args = ["--dataset", "imagenet", "--src", str(raw / "imagenet"), "--shard-size", "20KB"]
+    return [*args, "--quiet", "--workers", "1"]
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda shard: shard.write_bytes(shard.read_bytes()[:-1024]),  # the tail never written
+        lambda shard: shard.write_bytes(bytes(shard.stat().st_size)),  # written back as zeros
+        lambda shard: shard.with_suffix(".idx").unlink(),  # the index lost
+    ],
+    ids=["truncated", "zeroed", "index-lost"],
+)
+def test_a_rerun_repacks_recorded_shards_that_a_power_cut_damaged(
+    raw, tmp_path, monkeypatch, caplog, damage
+):
+    """With --no-fsync a power cut can lose recorded shards: the rerun checks them all."""
+    assert main(imagenet_args(raw) + ["--out", str(tmp_path / "whole")]) == 0
+    out = tmp_path / "cut"
+    recorded = _interrupted(raw, out, monkeypatch, 4, "--no-fsync")
+    state = json.loads((out / STATE).read_text())
+    assert not any(s["durable"] for g in state["groups"].values() for s in g["shards"])
+    damage(out / recorded[1])
+    assert main(imagenet_args(raw) + ["--out", str(out), "--no-fsync"]) == 0
+    assert digests(out) == digests(tmp_path / "whole")
+    assert f"{recorded[1]}: " in caplog.text and "packing" in caplog.text
+
+
+def test_shards_are_fsynced_unless_no_fsync_is_asked(raw, tmp_path, monkeypatch):
+    import os
+
+    calls = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(fd), real_fsync(fd)))
+    assert main(imagenet_args(raw) + ["--out", str(tmp_path / "durable")]) == 0
+    shards = json.loads((tmp_path / "durable" / "manifest.json").read_text())
+    count = sum(len(s["shards"]) for s in shards["splits"].values())
+    assert len(calls) >= 3 * count  # shard, index and state file per shard, then the manifest
+    calls.clear()
+    assert main(imagenet_args(raw) + ["--out", str(tmp_path / "kernel"), "--no-fsync"]) == 0
+    assert calls == []  # write-back left to the kernel, as tar leaves it
+    assert digests(tmp_path / "kernel") == digests(tmp_path / "durable")
+
+
+def test_a_rerun_checks_fsynced_shards_for_size_and_index_only(raw, tmp_path, monkeypatch):
+    assert main(imagenet_args(raw) + ["--out", str(tmp_path / "whole")]) == 0
+    out = tmp_path / "cut"
+    recorded = _interrupted(raw, out, monkeypatch, 4)
+    state = json.loads((out / STATE).read_text())
+    assert all(s["durable"] for g in state["groups"].values() for s in g["shards"])
+    (out / recorded[2]).write_bytes((out / recorded[2]).read_bytes()[:-512])
+    (out / recorded[0]).with_suffix(".idx").unlink()
+    assert main(imagenet_args(raw) + ["--out", str(out)]) == 0
+    assert digests(out) == digests(tmp_path / "whole")

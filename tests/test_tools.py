@@ -40,7 +40,8 @@ def test_bench_shard_prints_its_json(tmp_path):
     report = json.loads(done.stdout)
     imagenet = report["imagenet_copy_through"]
     assert [r["images"] for r in imagenet["runs"]] == [40, 100]  # 10 classes, train + val
-    for key in ("marginal_ratio_to_gnu_tar", "marginal_ratio_to_gnu_tar_fsync"):
+    ratios = ("marginal_ratio_to_gnu_tar", "marginal_ratio_to_gnu_tar_fsync")
+    for key in (*ratios, "marginal_no_fsync_ratio_to_gnu_tar"):
         # tiny sizes: a value (or None when both sizes took equally long), not a measurement
         assert imagenet[key] is None or isinstance(imagenet[key], float)
     assert report["brats_full_size"]["cases"] == 1

@@ -44,8 +44,8 @@ def load(folder: Path, missing_ok: bool = False) -> dict | None:
     return manifest
 
 
-def save(folder: Path, manifest: dict) -> None:
-    atomic_write(Path(folder) / NAME, json.dumps(manifest, indent=1) + "\n")
+def save(folder: Path, manifest: dict, fsync: bool = True) -> None:
+    atomic_write(Path(folder) / NAME, json.dumps(manifest, indent=1) + "\n", fsync=fsync)
 
 
 def build(packer, scan, state, fingerprint) -> dict:

@@ -13,8 +13,15 @@ each tier and split, samples are shuffled (seeded) across the whole group, becau
 reader only shuffles within a small buffer.
 
 Resume: ``.xd-shard-state.json`` records every finished shard and where in the group's
-shuffled order it ended. A rerun with the same arguments starts after the last finished
-shard; since encoding is deterministic, the result is byte-identical to an uninterrupted run.
+shuffled order it ended. A rerun with the same arguments first checks the recorded shards
+(size, sha256, index) and starts after the last intact one; since encoding is deterministic,
+the result is byte-identical to an uninterrupted run.
+
+Durability: every shard, its index and the state file are flushed to disk (fsync) before
+the shard is recorded, so a finished folder survives a power cut. ``fsync=False``
+(``--no-fsync``) leaves write-back to the kernel, as ``tar`` does: a killed process still
+loses nothing (files are renamed into place only when complete), and the check above finds
+what a power cut lost from an unfinished run.
 Volumes (BraTS, LiTS) are first encoded case by case into ``.spool/`` so that their slices
 can be shuffled across cases while memory stays bounded.
 """
@@ -24,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import logging
 import multiprocessing
 import shutil
 from collections import Counter, deque
@@ -45,6 +53,8 @@ from xdtrain.shards import manifest as manifest_mod
 from xdtrain.shards.base import Packer, Sample, Scan, SkipItem, Source
 from xdtrain.shards.splits import SPLITS, assign_splits, fraction_tier_indices, tier_name
 from xdtrain.shards.tar import ShardWriter, index_path, parse_index
+
+log = logging.getLogger(__name__)
 
 STATE = ".xd-shard-state.json"
 SPOOL = ".spool"
@@ -109,8 +119,59 @@ def _scan_digest(scan: Scan) -> str:
     return digest.hexdigest()
 
 
-def _save_state(out: Path, state: dict) -> None:
-    atomic_write(out / STATE, json.dumps(state, separators=(",", ":")))
+def _save_state(out: Path, state: dict, fsync: bool) -> None:
+    atomic_write(out / STATE, json.dumps(state, separators=(",", ":")), fsync=fsync)
+
+
+def _check_recorded(out: Path, state: dict, fsync: bool) -> None:
+    """Drop, from the first damaged one on, the recorded shards of each group that are no
+    longer as they were written (lost by a power cut before the kernel wrote them back)."""
+    changed = False
+    for name, record in state["groups"].items():
+        for position, shard in enumerate(record["shards"]):
+            problem = _shard_problem(out / shard["name"], shard)
+            if problem is None:
+                continue
+            log.warning(
+                "%s: %s since it was recorded; packing %s again from there",
+                out / shard["name"],
+                problem,
+                name,
+            )
+            for dropped in record["shards"][position:]:
+                (out / dropped["name"]).unlink(missing_ok=True)
+                index_path(out / dropped["name"]).unlink(missing_ok=True)
+            del record["shards"][position:]
+            record["done"] = False
+            record.pop("tail_skipped", None)
+            changed = True
+            break
+    if changed:
+        _save_state(out, state, fsync)
+
+
+def _shard_problem(path: Path, shard: dict) -> str | None:
+    """What is wrong with a recorded shard and its index, or None. Shards flushed to disk
+    before they were recorded (the default) are only checked for presence and size."""
+    try:
+        if path.stat().st_size != shard["bytes"]:
+            return "changed size"
+        if shard.get("durable"):
+            return None if index_path(path).is_file() else "missing its index"
+        digest = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+        refs = parse_index(index_path(path).read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return "missing or unreadable (it or its index)"
+    if digest.hexdigest() != shard["sha256"]:
+        return "changed content"
+    if len(refs) != shard["samples"] or (
+        refs and max(o + n for _, o, n in refs[-1].parts) > shard["bytes"]
+    ):
+        return "a damaged index"
+    return None
 
 
 def _clear_outputs(out: Path) -> None:
@@ -145,6 +206,7 @@ def pack(
     workers: int = 1,
     strict: bool = False,
     force: bool = False,
+    fsync: bool = True,
     progress: Progress | None = None,
 ) -> dict:
     """Pack ``src`` into shards in ``out``; return the manifest."""
@@ -186,6 +248,8 @@ def pack(
     if force or state is None:  # a fresh run: drop whatever an older run left
         _clear_outputs(out)
         state = {"fingerprint": fingerprint, "groups": {}}
+    else:
+        _check_recorded(out, state, fsync)
     for folder in (out, out / SPOOL):  # temporary files of a killed run
         for stale in folder.glob(".*.tmp"):
             stale.unlink()
@@ -220,6 +284,7 @@ def pack(
                 pool,
                 workers,
                 strict,
+                fsync,
                 progress,
             )
     finally:
@@ -239,7 +304,7 @@ def pack(
     scan.skipped.extend(skips)
     scan.notes.extend(notes)
     manifest = manifest_mod.build(packer, scan, state, fingerprint)
-    manifest_mod.save(out, manifest)
+    manifest_mod.save(out, manifest, fsync=fsync)
     (out / STATE).unlink(missing_ok=True)
     shutil.rmtree(out / SPOOL, ignore_errors=True)
     return manifest
@@ -324,7 +389,18 @@ def _plan_groups(sources: list[Source], fractions) -> list[tuple[str, list]]:
 
 
 def _write_group(
-    packer, group_name, units, out, state, options, shard_bytes, pool, workers, strict, progress
+    packer,
+    group_name,
+    units,
+    out,
+    state,
+    options,
+    shard_bytes,
+    pool,
+    workers,
+    strict,
+    fsync,
+    progress,
 ) -> None:
     record = state["groups"].setdefault(group_name, {"shards": [], "done": False})
     start = record["shards"][-1]["next"] if record["shards"] else 0
@@ -339,8 +415,9 @@ def _write_group(
     writer: ShardWriter | None = None
     stats = _ShardStats(not packer.groups_are_keys)
     position, number = start, len(record["shards"])
-    # A finished shard is fsynced, renamed and recorded on a helper thread while the next one
-    # is written; one at a time, so records stay in order and errors surface at the next.
+    # A finished shard is closed (fsynced if asked), renamed and recorded on a helper thread
+    # while the next one is written; one at a time, so records stay in order and errors
+    # surface at the next.
     finisher = ThreadPoolExecutor(max_workers=1)
     finishing = None
 
@@ -348,7 +425,9 @@ def _write_group(
         nonlocal finishing
         if finishing is not None:
             finishing.result()
-        finishing = finisher.submit(_finish_shard, writer, stats, position, record, out, state)
+        finishing = finisher.submit(
+            _finish_shard, writer, stats, position, record, out, state, fsync
+        )
 
     try:
         for unit, (samples, reason) in zip(units[start:], results, strict=True):
@@ -360,7 +439,7 @@ def _write_group(
                 stats.skipped.append(skip)
             for sample in samples:
                 if writer is None:
-                    writer = ShardWriter(out / f"{group_name}-{number:06d}.tar")
+                    writer = ShardWriter(out / f"{group_name}-{number:06d}.tar", fsync=fsync)
                     number += 1
                 writer.add(sample.key, sample.parts)
                 stats.add(sample, unit.group)
@@ -377,7 +456,7 @@ def _write_group(
         if stats.skipped:  # inputs skipped after the last shard closed
             record["tail_skipped"] = stats.skipped
         record["done"] = True
-        _save_state(out, state)
+        _save_state(out, state, fsync)
         if progress:
             progress.update(task, completed=position)
     finally:
@@ -421,10 +500,10 @@ class _ShardStats:
         }
 
 
-def _finish_shard(writer: ShardWriter, stats: _ShardStats, position, record, out, state):
+def _finish_shard(writer: ShardWriter, stats: _ShardStats, position, record, out, state, fsync):
     info = writer.close()
-    record["shards"].append({**asdict(info), "next": position, **stats.record()})
-    _save_state(out, state)
+    record["shards"].append({**asdict(info), "next": position, "durable": fsync, **stats.record()})
+    _save_state(out, state, fsync)
 
 
 # --------------------------------------------------------------------------- volumes

@@ -77,8 +77,9 @@ def check_key(key: str) -> None:
 class ShardWriter:
     """Write samples into ``path`` (a ``.tar``) and its DALI index ``path`` with ``.idx``."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, fsync: bool = True):
         self.path = Path(path)
+        self.fsync = fsync  # close() makes the shard durable before renaming it
         self.tmp = self.path.with_name(f".{self.path.name}.tmp")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._fh = open(self.tmp, "wb")  # noqa: SIM115 - closed in close()/abort()
@@ -139,7 +140,7 @@ class ShardWriter:
         return "\n".join(lines) + "\n"
 
     def close(self) -> ShardInfo:
-        """Finish the archive, write the index, fsync and rename both into place."""
+        """Finish the archive, write the index, fsync (if asked) and rename both into place."""
         end = 2 * BLOCK
         end += -(self._offset + end) % RECORD
         self._parts.append(bytes(end))
@@ -148,9 +149,10 @@ class ShardWriter:
         self._hashing.result()
         self._hasher.shutdown()
         self._fh.flush()
-        os.fsync(self._fh.fileno())
+        if self.fsync:
+            os.fsync(self._fh.fileno())
         self._fh.close()
-        atomic_write(index_path(self.path), self.index_text())
+        atomic_write(index_path(self.path), self.index_text(), fsync=self.fsync)
         os.replace(self.tmp, self.path)
         self.closed = True
         return ShardInfo(self.path.name, len(self._samples), self._offset, self._hash.hexdigest())
