@@ -180,3 +180,13 @@ def test_ordered_map_keeps_order_with_bounded_work_in_flight():
         assert first == 0 and len(started) <= 2 * 3 + 3
         assert [first, *results] == [x * x for x in range(100)]
     assert list(ordered_map(slow_square, [1, 2], None, window=1)) == [1, 4]
+
+
+def test_file_sha256_reads_the_whole_file(tmp_path):
+    import hashlib
+
+    from xdtrain.shards.tar import file_sha256
+
+    data = bytes(range(256)) * 5000  # more than one 1 MiB block
+    (tmp_path / "f").write_bytes(data)
+    assert file_sha256(tmp_path / "f") == hashlib.sha256(data).hexdigest()

@@ -8,7 +8,6 @@ complete; ``xd-shard verify`` re-checks the shards against it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import tarfile
 from collections import Counter
@@ -20,7 +19,7 @@ from xdtrain import __version__
 from xdtrain.errors import UserError
 from xdtrain.fileio import atomic_write
 from xdtrain.shards.splits import SPLITS, tier_name
-from xdtrain.shards.tar import INDEX_VERSION, index_path
+from xdtrain.shards.tar import INDEX_VERSION, file_sha256, index_path
 
 NAME = "manifest.json"
 FORMAT = "xdtrain-shards/1"
@@ -150,11 +149,7 @@ def verify(folder: Path) -> tuple[int, list[str]]:
             if not path.is_file():
                 problems.append(f"{path}: missing")
                 continue
-            digest = hashlib.sha256()
-            with open(path, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 20), b""):
-                    digest.update(block)
-            if digest.hexdigest() != shard["sha256"]:
+            if file_sha256(path) != shard["sha256"]:
                 problems.append(f"{path}: sha256 differs from the manifest (damaged or replaced)")
                 continue
             try:

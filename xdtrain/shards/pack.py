@@ -14,16 +14,16 @@ reader only shuffles within a small buffer.
 
 Resume: ``.xd-shard-state.json`` records every finished shard and where in the group's
 shuffled order it ended. A rerun with the same arguments first checks the recorded shards
-(size, sha256, index) and starts after the last intact one; since encoding is deterministic,
-the result is byte-identical to an uninterrupted run.
+(size and index; sha256 too where a shard was not flushed to disk) and starts after the last
+intact one; since encoding is deterministic, the result is byte-identical to an
+uninterrupted run. Volumes (BraTS, LiTS) are first encoded case by case into ``.spool/`` so
+that their slices can be shuffled across cases while memory stays bounded.
 
 Durability: every shard, its index and the state file are flushed to disk (fsync) before
 the shard is recorded, so a finished folder survives a power cut. ``fsync=False``
 (``--no-fsync``) leaves write-back to the kernel, as ``tar`` does: a killed process still
 loses nothing (files are renamed into place only when complete), and the check above finds
 what a power cut lost from an unfinished run.
-Volumes (BraTS, LiTS) are first encoded case by case into ``.spool/`` so that their slices
-can be shuffled across cases while memory stays bounded.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ from xdtrain.shards import PACKERS
 from xdtrain.shards import manifest as manifest_mod
 from xdtrain.shards.base import Packer, Sample, Scan, SkipItem, Source
 from xdtrain.shards.splits import SPLITS, assign_splits, fraction_tier_indices, tier_name
-from xdtrain.shards.tar import ShardWriter, index_path, parse_index
+from xdtrain.shards.tar import ShardWriter, file_sha256, index_path, parse_index
 
 log = logging.getLogger(__name__)
 
@@ -158,14 +158,11 @@ def _shard_problem(path: Path, shard: dict) -> str | None:
             return "changed size"
         if shard.get("durable"):
             return None if index_path(path).is_file() else "missing its index"
-        digest = hashlib.sha256()
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
+        digest = file_sha256(path)
         refs = parse_index(index_path(path).read_text())
     except (OSError, ValueError, UnicodeDecodeError):
         return "missing or unreadable (it or its index)"
-    if digest.hexdigest() != shard["sha256"]:
+    if digest != shard["sha256"]:
         return "changed content"
     if len(refs) != shard["samples"] or (
         refs and max(o + n for _, o, n in refs[-1].parts) > shard["bytes"]

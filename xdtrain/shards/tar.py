@@ -166,6 +166,15 @@ class ShardWriter:
             self.closed = True
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    """The sha256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def index_path(shard: str | os.PathLike) -> Path:
     """``train-000000.tar`` -> ``train-000000.idx``."""
     shard = Path(shard)
