@@ -37,7 +37,7 @@ import shutil
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -260,9 +260,10 @@ def pack(
         pool = ProcessPoolExecutor(workers, mp_context=context)
     else:  # plain copying is fastest in this process: no bytes shipped between processes
         pool = None
+    run = _Run(packer, out, options, shard_bytes, pool, workers, strict, fsync, progress)
     try:
         if packer.volumetric:
-            refs = _spool(packer, scan, out, options, pool, workers, strict, progress)
+            refs = _spool(run, scan)
         for group_name, sources in plan:
             if state["groups"].get(group_name, {}).get("done"):
                 continue
@@ -270,20 +271,7 @@ def pack(
                 units = shuffled([ref for s in sources for ref in refs[s.key]], seed, group_name)
             else:
                 units = shuffled(sources, seed, group_name)
-            _write_group(
-                packer,
-                group_name,
-                units,
-                out,
-                state,
-                options,
-                shard_bytes,
-                pool,
-                workers,
-                strict,
-                fsync,
-                progress,
-            )
+            _write_group(run, group_name, units, state)
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
@@ -385,20 +373,23 @@ def _plan_groups(sources: list[Source], fractions) -> list[tuple[str, list]]:
 # --------------------------------------------------------------------------- writing
 
 
-def _write_group(
-    packer,
-    group_name,
-    units,
-    out,
-    state,
-    options,
-    shard_bytes,
-    pool,
-    workers,
-    strict,
-    fsync,
-    progress,
-) -> None:
+@dataclass(frozen=True)
+class _Run:
+    """The settings of one packing run that writing groups and spooling volumes share."""
+
+    packer: Packer
+    out: Path
+    options: dict
+    shard_bytes: int
+    pool: Executor | None
+    workers: int
+    strict: bool
+    fsync: bool
+    progress: Progress | None
+
+
+def _write_group(run: _Run, group_name: str, units: list, state: dict) -> None:
+    packer, out, progress, fsync = run.packer, run.out, run.progress, run.fsync
     record = state["groups"].setdefault(group_name, {"shards": [], "done": False})
     start = record["shards"][-1]["next"] if record["shards"] else 0
     task = progress.add_task(group_name, total=len(units), completed=start) if progress else None
@@ -406,8 +397,8 @@ def _write_group(
         reader = _SpoolReader(out / SPOOL)
         results = ((reader.read(unit), None) for unit in units[start:])
     else:
-        encode = partial(_encode, packer.name, options)
-        results = ordered_map(encode, units[start:], pool, window=workers * 4, batch=16)
+        encode = partial(_encode, packer.name, run.options)
+        results = ordered_map(encode, units[start:], run.pool, window=run.workers * 4, batch=16)
 
     writer: ShardWriter | None = None
     stats = _ShardStats(not packer.groups_are_keys)
@@ -431,7 +422,7 @@ def _write_group(
             position += 1
             if reason is not None:
                 skip = {"input": unit.describe(), "reason": reason}
-                if strict:
+                if run.strict:
                     raise UserError(f"{skip['input']}: {reason} (--strict)")
                 stats.skipped.append(skip)
             for sample in samples:
@@ -442,7 +433,7 @@ def _write_group(
                 stats.add(sample, unit.group)
             if progress and position % 64 == 0:
                 progress.update(task, completed=position)
-            if writer is not None and writer.size >= shard_bytes:
+            if writer is not None and writer.size >= run.shard_bytes:
                 finish(writer, stats, position)
                 writer, stats = None, _ShardStats(not packer.groups_are_keys)
         if writer is not None:
@@ -506,9 +497,10 @@ def _finish_shard(writer: ShardWriter, stats: _ShardStats, position, record, out
 # --------------------------------------------------------------------------- volumes
 
 
-def _spool(packer, scan, out, options, pool, workers, strict, progress) -> dict[str, list]:
+def _spool(run: _Run, scan: Scan) -> dict[str, list]:
     """Encode every volume into ``.spool/<key>.tar``; return its sample references."""
-    spool = out / SPOOL
+    progress = run.progress
+    spool = run.out / SPOOL
     spool.mkdir(exist_ok=True)
     todo = [s for s in scan.sources if not (spool / f"{s.key}.json").exists()]
     task = (
@@ -518,11 +510,11 @@ def _spool(packer, scan, out, options, pool, workers, strict, progress) -> dict[
         if progress
         else None
     )
-    encode = partial(_encode, packer.name, options)
+    encode = partial(_encode, run.packer.name, run.options)
     for source, (samples, reason) in zip(
-        todo, ordered_map(encode, todo, pool, workers * 2), strict=True
+        todo, ordered_map(encode, todo, run.pool, run.workers * 2), strict=True
     ):
-        if reason is not None and strict:
+        if reason is not None and run.strict:
             raise UserError(f"{source.describe()}: {reason} (--strict)")
         meta: dict[str, Any] = {"skipped": reason, "input": source.describe()}
         if samples:
