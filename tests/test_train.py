@@ -50,6 +50,11 @@ def test_simclr_run_writes_a_complete_run_folder(packed, tmp_path):
         assert math.isfinite(row["loss"]) and row["samples_per_s"] > 0
         assert 0 <= row["data_wait"] <= 1 and row["lr"] > 0
     assert test[0]["checkpoint"] == "final.pt" and test[0]["best_val_epoch"] in (1, 2)
+    final = torch.load(run / "final.pt", weights_only=True)
+    last = torch.load(run / "last.pt", weights_only=True)
+    assert "optimizer" not in final and "optimizer" in last  # only last.pt is for resuming
+    assert final["global_step"] == last["global_step"] == len(steps)
+    assert all(torch.equal(final["model"][k], v) for k, v in last["model"].items())
     encoder = torchvision.models.resnet18()
     result = encoder.load_state_dict(
         torch.load(run / "encoder.pt", weights_only=True), strict=False

@@ -250,6 +250,19 @@ class Trainer:
             if self.log is not None:
                 self.log.sync()
 
+    def save_final(self) -> None:
+        """The final model without what only resuming needs (optimiser, scheduler, scaler, RNG
+        states): ``last.pt`` holds those, and leaving them out halves a finished run's size."""
+        if self.world.main:
+            state = {
+                "model": self.raw_model.state_dict(),
+                "epoch": self.epoch,
+                "global_step": self.global_step,
+                "best": json.dumps(self.best),
+                "config": json.dumps(config_to_dict(self.config)),
+            }
+            checkpoint.save(self.folder / "final.pt", state)
+
     def restore(self, path: Path) -> None:
         state = checkpoint.load(path)
         self.raw_model.load_state_dict(state["model"])
@@ -453,7 +466,7 @@ class Trainer:
 
     def finish(self) -> dict:
         world = self.world
-        self.save("final.pt")
+        self.save_final()
         if world.main:
             export_encoder(self.raw_model, self.folder / "encoder.pt")
         test_loader = build_loader(
