@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 
@@ -67,3 +68,16 @@ def test_unwritable_output_is_a_clear_error(tmp_path):
     blocker.write_text("not a folder")
     with pytest.raises(UserError, match="check --out"):
         generate("lits-nifti", blocker, count=1)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sync_file_range is Linux's")
+def test_start_writeback_asks_the_kernel_and_reports_refusals(tmp_path):
+    path = tmp_path / "data"
+    path.write_bytes(b"x" * 100_000)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        assert fileio.start_writeback(fd, 0, 100_000) is True
+    finally:
+        os.close(fd)
+    assert fileio.start_writeback(fd, 0, 100_000) is False  # a closed descriptor
+    assert path.read_bytes() == b"x" * 100_000

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import itertools
+import os
 import subprocess
 import tarfile
 from collections import Counter
@@ -11,6 +14,7 @@ import numpy as np
 import pytest
 
 from xdtrain.errors import UserError
+from xdtrain.shards import tar as tar_module
 from xdtrain.shards.base import decode_png, int_bytes, json_bytes, png_bytes, quantise
 from xdtrain.shards.manifest import index_from_tar
 from xdtrain.shards.pack import ordered_map, shard_size
@@ -92,10 +96,46 @@ def test_bad_keys_are_refused(key):
         check_key(key)
 
 
-def test_large_shards_flush_in_chunks(tmp_path):
+@pytest.mark.parametrize("fsync", [True, False])
+def test_large_shards_flush_in_chunks(tmp_path, monkeypatch, fsync):
+    writes, started = [], []
+    real_writev = os.writev
+
+    def recording_writev(fd, parts):
+        writes.append(sum(map(len, parts)))
+        return real_writev(fd, parts)
+
+    monkeypatch.setattr(os, "writev", recording_writev)
+    monkeypatch.setattr(tar_module, "start_writeback", lambda fd, o, n: started.append((o, n)))
     big = [(f"s{i:03d}", {"bin": bytes([i % 256]) * 300_000}) for i in range(30)]
-    info = write(tmp_path / "big.tar", big)
-    assert read_samples(tmp_path / "big.tar") == big and info.bytes > 9_000_000
+    writer = ShardWriter(tmp_path / "big.tar", fsync=fsync)
+    for key, parts in big:
+        writer.add(key, parts)
+    info = writer.close()
+    data = (tmp_path / "big.tar").read_bytes()
+    assert read_samples(tmp_path / "big.tar") == big and info.bytes == len(data) > 9_000_000
+    assert info.sha256 == hashlib.sha256(data).hexdigest()  # hashed by reading it back
+    # no write of 2 MiB or more (see CHUNK), and as few as that allows
+    assert max(writes) < 2 << 20 and len(writes) <= len(data) // (1 << 20) + 1
+    if fsync:  # write-back was started for every byte, in order
+        ends = itertools.accumulate((n for _, n in started), initial=0)
+        assert [o for o, _ in started] + [len(data)] == list(ends)
+    else:
+        assert started == []
+
+
+def test_short_writes_are_completed(tmp_path, monkeypatch):
+    real_writev = os.writev
+
+    def short_writev(fd, parts):  # what a signal or a nearly full pipe can cause
+        return os.write(fd, b"".join(parts)[:700]) if sum(map(len, parts)) > 700 else 0
+
+    monkeypatch.setattr(os, "writev", short_writev)
+    info = write(tmp_path / "short.tar")
+    monkeypatch.setattr(os, "writev", real_writev)
+    expected = write(tmp_path / "whole.tar")
+    assert (tmp_path / "short.tar").read_bytes() == (tmp_path / "whole.tar").read_bytes()
+    assert info.sha256 == expected.sha256
 
 
 def test_component_helpers():
@@ -183,8 +223,6 @@ def test_ordered_map_keeps_order_with_bounded_work_in_flight():
 
 
 def test_file_sha256_reads_the_whole_file(tmp_path):
-    import hashlib
-
     from xdtrain.shards.tar import file_sha256
 
     data = bytes(range(256)) * 5000  # more than one 1 MiB block

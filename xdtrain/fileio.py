@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -33,3 +34,35 @@ def atomic_write(path: str | os.PathLike, data: bytes | str, fsync: bool = True)
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _load_sync_file_range():
+    """libc's ``sync_file_range`` (Linux), or None where there is none."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        function = libc.sync_file_range
+    except (OSError, AttributeError, TypeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
+
+
+_SYNC_FILE_RANGE = _load_sync_file_range() if sys.platform.startswith("linux") else None
+_SYNC_FILE_RANGE_WRITE = 2  # start writing back dirty pages of the range; do not wait
+
+
+def start_writeback(fd: int, offset: int, length: int) -> bool:
+    """Ask the kernel to start writing ``length`` bytes at ``offset`` of ``fd`` to disk now,
+    without waiting for it; False where the system cannot (the data is still written back
+    later, and an ``fsync`` still waits for all of it).
+
+    A writer that will ``fsync`` a large file calls this as it goes, so that the disk works
+    while the file is written and the final ``fsync`` only waits for the last part.
+    """
+    if _SYNC_FILE_RANGE is None:
+        return False
+    return _SYNC_FILE_RANGE(fd, offset, length, _SYNC_FILE_RANGE_WRITE) == 0

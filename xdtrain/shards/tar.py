@@ -12,16 +12,18 @@ from __future__ import annotations
 import hashlib
 import os
 import tarfile
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from xdtrain.fileio import atomic_write
+from xdtrain.fileio import atomic_write, start_writeback
 
 BLOCK = 512
 RECORD = 20 * BLOCK  # GNU tar's default record: archives end on a multiple of it
 INDEX_VERSION = "v1.2"  # the format wds2idx writes and fn.readers.webdataset reads
-CHUNK = 4 << 20  # bytes gathered before a write: few, large system calls
+# Bytes gathered before a write: few system calls, but none of 2 MiB or more (page-cache
+# writes that large can take several times longer on virtual machines, see benchmarks.md).
+CHUNK = 1 << 20
 _ZEROS = bytes(BLOCK)
 
 
@@ -47,9 +49,12 @@ def _tarfile_header(name: str, size: int) -> bytes:
 
 # The header of every member differs only in name, size and checksum: fill a template.
 _TEMPLATE = _tarfile_header("", 0)
-_CHKSUM = slice(148, 156)
-_SIZE = slice(124, 136)
-_BASE_SUM = sum(_TEMPLATE[:148]) + 8 * 32 + sum(_TEMPLATE[156:])
+_NAME_FIELD = bytes(100)
+_AFTER_NAME = _TEMPLATE[100:124]  # mode, owner, group
+_AFTER_SIZE = _TEMPLATE[136:148]  # modification time
+_AFTER_CHKSUM = _TEMPLATE[156:]  # type, magic, owner names, ...
+# the checksum of the template with empty name and size fields (checksum field as spaces)
+_BASE_SUM = sum(_TEMPLATE[:124]) + sum(_AFTER_SIZE) + 8 * 32 + sum(_AFTER_CHKSUM)
 
 
 def member_header(name: str, size: int) -> bytes:
@@ -61,12 +66,19 @@ def member_header(name: str, size: int) -> bytes:
     raw = name.encode("utf-8")
     if len(raw) >= 100 or size >= 8**11:  # long names and huge files: tarfile's extensions
         return _tarfile_header(name, size)
-    header = bytearray(_TEMPLATE)
-    header[: len(raw)] = raw
-    header[_SIZE] = b"%011o\0" % size
-    checksum = _BASE_SUM + sum(raw) + sum(header[_SIZE]) - sum(_TEMPLATE[_SIZE])
-    header[_CHKSUM] = b"%06o\0 " % checksum
-    return bytes(header)
+    size_field = b"%011o\0" % size
+    checksum = _BASE_SUM + sum(raw) + sum(size_field)
+    return b"".join(
+        (
+            raw,
+            _NAME_FIELD[len(raw) :],
+            _AFTER_NAME,
+            size_field,
+            _AFTER_SIZE,
+            b"%06o\0 " % checksum,
+            _AFTER_CHKSUM,
+        )
+    )
 
 
 def check_key(key: str) -> None:
@@ -75,20 +87,28 @@ def check_key(key: str) -> None:
 
 
 class ShardWriter:
-    """Write samples into ``path`` (a ``.tar``) and its DALI index ``path`` with ``.idx``."""
+    """Write samples into ``path`` (a ``.tar``) and its DALI index ``path`` with ``.idx``.
+
+    Components are gathered into chunks of about ``CHUNK`` bytes and written with one
+    ``writev`` each, without copying them into one buffer first. A helper thread computes
+    the sha256 by reading each chunk back from the page cache and, when the shard is to be
+    fsynced, asks the kernel to start writing it to disk: the calling thread only gathers
+    and writes, and the final fsync waits for little more than the last chunk.
+    """
 
     def __init__(self, path: str | os.PathLike, fsync: bool = True):
         self.path = Path(path)
         self.fsync = fsync  # close() makes the shard durable before renaming it
         self.tmp = self.path.with_name(f".{self.path.name}.tmp")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fh = open(self.tmp, "wb")  # noqa: SIM115 - closed in close()/abort()
+        self._fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         self._hash = hashlib.sha256()
         self._hasher = ThreadPoolExecutor(max_workers=1)
-        self._hashing = None
+        self._hashing: list[Future] = []
         self._parts: list[bytes] = []
-        self._buffered = 0
-        self._offset = 0
+        self._written = 0  # bytes on disk (in the page cache)
+        self._hash_buffer = memoryview(bytearray(CHUNK))
+        self._offset = 0  # bytes added, written or gathered
         self._samples: list[list[tuple[str, int, int, str]]] = []  # (ext, offset, size, name)
         self.closed = False
 
@@ -102,14 +122,25 @@ class ShardWriter:
         return len(self._samples)
 
     def _flush(self) -> None:
-        # Hash on a helper thread while this one goes on (hashlib releases the GIL); one
-        # chunk in flight keeps memory bounded and the order intact.
-        chunk = b"".join(self._parts)
-        self._parts, self._buffered = [], 0
-        if self._hashing is not None:
-            self._hashing.result()
-        self._hashing = self._hasher.submit(self._hash.update, chunk)
-        self._fh.write(chunk)
+        start = self._written
+        _write_all(self._fd, self._parts)
+        self._parts, self._written = [], self._offset
+        # Hashed at once, while the bytes are still in the processor's cache; in order, as
+        # the executor has one thread and a FIFO queue.
+        self._hashing.append(self._hasher.submit(self._hash_range, start, self._written))
+        if len(self._hashing) > 4:  # report a failed read early; the rest are done
+            self._hashing.pop(0).result()
+
+    def _hash_range(self, start: int, end: int) -> None:
+        view = self._hash_buffer
+        while start < end:
+            count = os.preadv(self._fd, [view[: min(len(view), end - start)]], start)
+            if count <= 0:
+                raise OSError(f"{self.tmp}: could not read back bytes {start}..{end}")
+            self._hash.update(view[:count])
+            if self.fsync:  # the disk starts on it now; close()'s fsync waits for the rest
+                start_writeback(self._fd, start, count)
+            start += count
 
     def add(self, key: str, components: dict[str, bytes]) -> None:
         """Append one sample; ``components`` maps extensions (``jpg``, ``mask.png``) to bytes."""
@@ -124,10 +155,9 @@ class ShardWriter:
             members.append((ext, offset + BLOCK, size, name))
             parts += (member_header(name, size), data, _ZEROS[:pad])
             offset += BLOCK + size + pad
-        self._buffered += offset - self._offset
         self._offset = offset
         self._samples.append(members)
-        if self._buffered >= CHUNK:
+        if offset - self._written >= CHUNK:
             self._flush()
 
     def index_text(self) -> str:
@@ -146,12 +176,12 @@ class ShardWriter:
         self._parts.append(bytes(end))
         self._offset += end
         self._flush()
-        self._hashing.result()
+        for hashing in self._hashing:
+            hashing.result()
         self._hasher.shutdown()
-        self._fh.flush()
         if self.fsync:
-            os.fsync(self._fh.fileno())
-        self._fh.close()
+            os.fsync(self._fd)
+        os.close(self._fd)
         atomic_write(index_path(self.path), self.index_text(), fsync=self.fsync)
         os.replace(self.tmp, self.path)
         self.closed = True
@@ -161,9 +191,24 @@ class ShardWriter:
         """Drop the temporary file (on errors)."""
         if not self.closed:
             self._hasher.shutdown(cancel_futures=True)
-            self._fh.close()
+            os.close(self._fd)
             self.tmp.unlink(missing_ok=True)
             self.closed = True
+
+
+# writev takes at most IOV_MAX buffers (1024 on Linux)
+_MAX_PARTS = 1000
+
+
+def _write_all(fd: int, parts: list[bytes]) -> None:
+    """Write ``parts`` in order with as few ``writev`` calls as the kernel allows."""
+    for first in range(0, len(parts), _MAX_PARTS):
+        batch = parts[first : first + _MAX_PARTS]
+        written = os.writev(fd, batch)
+        if written < sum(map(len, batch)):  # a short write: the rest, from where it stopped
+            rest = memoryview(b"".join(batch))[written:]
+            while rest:
+                rest = rest[os.write(fd, rest) :]
 
 
 def file_sha256(path: str | os.PathLike) -> str:
