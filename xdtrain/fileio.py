@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import tempfile
@@ -36,22 +37,23 @@ def atomic_write(path: str | os.PathLike, data: bytes | str, fsync: bool = True)
     return path
 
 
-def _load_sync_file_range():
-    """libc's ``sync_file_range`` (Linux), or None where there is none."""
+@functools.cache
+def _sync_file_range():
+    """libc's ``sync_file_range`` on Linux, else None; looked up on first use (``ctypes``
+    costs milliseconds to import, which every command would otherwise pay)."""
+    if not sys.platform.startswith("linux"):
+        return None
     import ctypes
-    import ctypes.util
 
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-        function = libc.sync_file_range
-    except (OSError, AttributeError, TypeError):
+        function = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
         return None
     function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
     function.restype = ctypes.c_int
     return function
 
 
-_SYNC_FILE_RANGE = _load_sync_file_range() if sys.platform.startswith("linux") else None
 _SYNC_FILE_RANGE_WRITE = 2  # start writing back dirty pages of the range; do not wait
 
 
@@ -63,6 +65,5 @@ def start_writeback(fd: int, offset: int, length: int) -> bool:
     A writer that will ``fsync`` a large file calls this as it goes, so that the disk works
     while the file is written and the final ``fsync`` only waits for the last part.
     """
-    if _SYNC_FILE_RANGE is None:
-        return False
-    return _SYNC_FILE_RANGE(fd, offset, length, _SYNC_FILE_RANGE_WRITE) == 0
+    function = _sync_file_range()
+    return function is not None and function(fd, offset, length, _SYNC_FILE_RANGE_WRITE) == 0
