@@ -9,7 +9,8 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): setup.cfg pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	@# no wheel cache: the environment is several GB already (torch's CUDA build)
+	$(BIN)/python -m pip install --quiet --no-cache-dir -e '.[test]'
 	@touch $(STAMP)
 
 install: $(STAMP)
