@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import typing
 from collections import defaultdict
 from pathlib import Path
 
@@ -12,6 +13,9 @@ import pytest
 import webdataset as wds
 from wds2idx import IndexCreator
 
+from xdtrain.config import DataConfig
+from xdtrain.data.shardset import LAYOUTS, open_split
+from xdtrain.shards import PACKERS
 from xdtrain.shards import manifest as manifest_mod
 from xdtrain.shards.tar import BLOCK, parse_index, read_samples
 
@@ -190,3 +194,23 @@ def test_parse_index_round_trip(packed):
     with open(path, "rb") as fh:
         for ref, (key, parts) in zip(refs, samples, strict=True):
             assert ref.key == key and ref.read(fh) == parts
+
+
+def test_one_registry_entry_makes_a_data_set_known_everywhere():
+    assert typing.get_args(typing.get_type_hints(DataConfig)["dataset"]) == tuple(PACKERS)
+    assert {name: packer.layout for name, packer in PACKERS.items()} == LAYOUTS
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_sample_holds_what_its_layout_reads(packed, name):
+    dataset = name.split("-")[0]
+    shardset = open_split(packed[name], dataset, "test")
+    layout = shardset.layout
+    assert layout is PACKERS[dataset].layout
+    wanted = {shardset.image_ext, layout.label} | ({layout.mask} if layout.mask else set())
+    assert (layout.kind == "segmentation") == (layout.mask is not None)
+    dtype = np.dtype(layout.label_dtype).newbyteorder("<")
+    for path in shardset.paths:
+        for key, parts in read_samples(path):
+            assert wanted <= set(parts), (path, key)
+            assert len(parts[layout.label]) == dtype.itemsize * layout.label_size, (path, key)

@@ -25,8 +25,11 @@ import yaml
 
 from xdtrain.errors import UserError, run_cli
 from xdtrain.fileio import atomic_write
+from xdtrain.shards import PACKERS
 
 BASE_KEY = "_base_"
+# The data sets xd-shard packs: a packer added to xdtrain.shards.PACKERS is a choice here too.
+DatasetName = Literal[tuple(PACKERS)]  # type: ignore[valid-type]
 
 
 # --------------------------------------------------------------------------- schema
@@ -47,7 +50,7 @@ class RunConfig:
 class DataConfig:
     """Which shards to stream and how to turn them into batches."""
 
-    dataset: Literal["imagenet", "chestxray8", "brats", "lits"] = "imagenet"  # shards to read
+    dataset: DatasetName = "imagenet"  # shards to read
     shards: str = ""  # folder written by xd-shard; empty: shards/<dataset>
     backend: Literal["dali", "albumentations"] = "dali"  # albumentations: CPU segmentation
     device: Literal["auto", "gpu", "cpu"] = "auto"  # auto: GPU (mixed decoding) if CUDA

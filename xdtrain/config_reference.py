@@ -12,6 +12,7 @@ import ast
 import dataclasses
 import inspect
 import sys
+import typing
 from pathlib import Path
 
 from xdtrain import config as schema
@@ -33,6 +34,9 @@ def _comments(cls) -> dict[str, tuple[str, str]]:
 
 
 def _type(annotation: str) -> str:
+    alias = getattr(schema, annotation, None)  # a named set of choices, such as DatasetName
+    if typing.get_origin(alias) is typing.Literal:
+        return " \\| ".join(f"`{c}`" for c in typing.get_args(alias))
     if annotation.startswith("Literal["):
         choices = ast.literal_eval("[" + annotation[len("Literal[") : -1] + "]")
         return " \\| ".join(f"`{c}`" for c in choices)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from xdtrain.data.shardset import Layout
+from xdtrain.shards.base import Layout
 
 
 def key_of(info: bytes) -> tuple[str, str]:

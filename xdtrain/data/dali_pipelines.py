@@ -14,7 +14,7 @@ from nvidia.dali import fn, pipeline_def, types
 
 from xdtrain.data import dali_ops as ops
 from xdtrain.data.presets import Augment, for_greyscale
-from xdtrain.data.shardset import Layout
+from xdtrain.shards.base import Layout
 
 PURPOSES = ("simclr", "classify_train", "classify_eval", "segment_train", "segment_eval")
 DTYPES = {"int64": types.INT64, "uint8": types.UINT8, "int32": types.INT32}

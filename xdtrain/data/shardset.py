@@ -2,44 +2,23 @@
 
 The pipelines never guess a layout: the manifest written by ``xd-shard`` says which files
 belong to a split and fraction, how many samples they hold, the image codec and bit depth,
-and the class names. :data:`LAYOUTS` says, per data set, which components a pipeline reads.
+and the class names. :data:`LAYOUTS` says, per data set, which components a pipeline reads
+(each packer declares its own).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 from xdtrain.errors import UserError
+from xdtrain.shards import PACKERS
 from xdtrain.shards import manifest as manifests
+from xdtrain.shards.base import Layout
 from xdtrain.shards.tar import index_path
 
-
-@dataclass(frozen=True)
-class Layout:
-    """How one data set's samples are read: components, label type, stored channels."""
-
-    kind: Literal["multiclass", "multilabel", "segmentation"]
-    image: str  # component holding the encoded image ("jpg", "img.png"; "codec" from options)
-    stored_channels: int  # channels as stored: 3 RGB, 1 greyscale, 4 MRI modalities
-    label: str  # fixed-size little-endian binary component read without Python
-    label_dtype: str  # numpy dtype name of one element of ``label``
-    label_size: int  # elements per sample
-    mask: str | None = None
-
-    @property
-    def greyscale(self) -> bool:
-        """Medical images: brightness/contrast only, never hue, saturation or greyscale."""
-        return self.stored_channels != 3
-
-
-LAYOUTS = {
-    "imagenet": Layout("multiclass", "jpg", 3, "label.i64", "int64", 1),
-    "chestxray8": Layout("multilabel", "codec", 1, "labels.u8", "uint8", 15),
-    "brats": Layout("segmentation", "img.png", 4, "pos.i32", "int32", 3, mask="mask.png"),
-    "lits": Layout("segmentation", "img.png", 1, "pos.i32", "int32", 3, mask="mask.png"),
-}
+# Each packer says how its samples are read (``xdtrain/shards/<name>.py``, ``layout``).
+LAYOUTS: dict[str, Layout] = {name: packer.layout for name, packer in PACKERS.items()}
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import argparse
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 from PIL import UnidentifiedImageError
@@ -68,6 +68,27 @@ class SkipItem(Exception):
     """A malformed input that is skipped (and listed) rather than stopping the run."""
 
 
+@dataclass(frozen=True)
+class Layout:
+    """How one data set's samples are read back: components, label type, stored channels.
+
+    Declared by each packer next to what it writes; the loaders read shards by it.
+    """
+
+    kind: Literal["multiclass", "multilabel", "segmentation"]
+    image: str  # component holding the encoded image ("jpg", "img.png"; "codec" from options)
+    stored_channels: int  # channels as stored: 3 RGB, 1 greyscale, 4 MRI modalities
+    label: str  # fixed-size little-endian binary component read without Python
+    label_dtype: str  # numpy dtype name of one element of ``label``
+    label_size: int  # elements per sample
+    mask: str | None = None
+
+    @property
+    def greyscale(self) -> bool:
+        """Medical images: brightness/contrast only, never hue, saturation or greyscale."""
+        return self.stored_channels != 3
+
+
 class Packer(Protocol):
     """A data set's packing module (``xdtrain/shards/<name>.py``)."""
 
@@ -75,6 +96,7 @@ class Packer(Protocol):
     volumetric: bool  # one source gives many samples (slices)
     groups_are_keys: bool  # no patients: each source is its own group
     components: dict[str, str]  # extension -> what it holds, for the manifest and docs
+    layout: Layout  # which components the loaders read, and how
 
     def add_arguments(self, group: argparse._ArgumentGroup) -> None: ...
 

@@ -23,6 +23,7 @@ import numpy as np
 
 from xdtrain.errors import UserError
 from xdtrain.shards.base import (
+    Layout,
     Sample,
     Scan,
     SkipItem,
@@ -46,6 +47,7 @@ components = {
     "pos.i32": "int32 [case index, slice index, slices in case]",
     "json": "case id, slice index, slices in case, grade",
 }
+layout = Layout("segmentation", "img.png", 4, "pos.i32", "int32", 3, mask="mask.png")
 CASE = re.compile(r"BraTS20_Training_\d+")
 
 

@@ -25,6 +25,7 @@ from PIL import Image
 from xdtrain.errors import UserError
 from xdtrain.shards.base import (
     DECODE_ERRORS,
+    Layout,
     Sample,
     Scan,
     SkipItem,
@@ -49,6 +50,8 @@ components = {
     "labels.u8": "15 uint8 0/1: the 14 findings in manifest class order, then No Finding",
     "json": "finding names, patient id, image name, follow-up, view, age, sex",
 }
+# "codec": the image component is jpg or png, as the manifest says (--codec)
+layout = Layout("multilabel", "codec", 1, "labels.u8", "uint8", len(OUTPUTS))
 TABLES = ("Data_Entry_2017.csv", "Data_Entry_2017_v2020.csv")
 REQUIRED = ("Image Index", "Finding Labels", "Follow-up #", "Patient ID")
 IMAGE = re.compile(r"\d{8}_\d{3}\.png")

@@ -32,6 +32,7 @@ from PIL import Image
 from xdtrain.errors import UserError
 from xdtrain.shards.base import (
     DECODE_ERRORS,
+    Layout,
     Sample,
     Scan,
     SkipItem,
@@ -49,6 +50,7 @@ components = {
     "cls": "class index as ASCII text",
     "label.i64": "class index as little-endian int64",
 }
+layout = Layout("multiclass", "jpg", 3, "label.i64", "int64", 1)
 DATA = Path("ILSVRC/Data/CLS-LOC")
 EXTENSIONS = (".jpeg", ".jpg")
 DEFAULT_QUALITY = 90

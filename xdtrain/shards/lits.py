@@ -30,6 +30,7 @@ from PIL import Image
 from xdtrain.errors import UserError
 from xdtrain.shards.base import (
     DECODE_ERRORS,
+    Layout,
     Sample,
     Scan,
     SkipItem,
@@ -51,6 +52,7 @@ components = {
     "pos.i32": "int32 [volume index, slice index, slices in volume]",
     "json": "volume id, slice index, slices in volume",
 }
+layout = Layout("segmentation", "img.png", 1, "pos.i32", "int32", 3, mask="mask.png")
 NIFTI = re.compile(r"(volume|segmentation)-(\d+)\.nii(\.gz)?")
 PNG = re.compile(r"(?:volume-(\d+)_(\d+)|segmentation-(\d+)_(livermask|lesionmask)_(\d+))\.png")
 SLAB = 32  # slices read at a time from a NIfTI volume
