@@ -44,6 +44,14 @@ def _type(annotation: str) -> str:
     return f"`{escaped}`"
 
 
+def _task_choices() -> str:
+    from xdtrain.tasks import TASKS  # imports torch: only when the reference is written
+
+    pretraining = [f"`{n}`" for n, t in TASKS.items() if t.dataset is None]
+    finetuning = [f"`{n}`" for n, t in TASKS.items() if t.dataset is not None]
+    return f"{' or '.join(pretraining)} pretraining or a finetuning task: {', '.join(finetuning)}"
+
+
 def _default(f: dataclasses.Field) -> str:
     value = f.default if f.default is not dataclasses.MISSING else f.default_factory()
     if value is None:
@@ -78,13 +86,7 @@ def reference() -> str:
                 "",
                 "| type | default | meaning |",
                 "| --- | --- | --- |",
-                f"| {_type(annotation)} | {_default(f)} | "
-                + (
-                    comment
-                    or "`simclr` pretraining or a finetuning task: "
-                    "`imagenet`, `chestxray8`, `brats`, `lits`"
-                )
-                + " |",
+                f"| {_type(annotation)} | {_default(f)} | " + (comment or _task_choices()) + " |",
                 "",
             ]
             continue
