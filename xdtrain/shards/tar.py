@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tarfile
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,7 +124,7 @@ class ShardWriter:
 
     def _flush(self) -> None:
         start = self._written
-        _write_all(self._fd, self._parts)
+        _write_all(self._fd, self._parts, self._offset - start)
         self._parts, self._written = [], self._offset
         # Hashed at once, while the bytes are still in the processor's cache; in order, as
         # the executor has one thread and a FIFO queue.
@@ -198,17 +199,44 @@ class ShardWriter:
 
 # writev takes at most IOV_MAX buffers (1024 on Linux)
 _MAX_PARTS = 1000
+# No single write reaches this size (see CHUNK); a flush is one chunk plus one sample.
+_WRITE_LIMIT = 2 << 20
 
 
-def _write_all(fd: int, parts: list[bytes]) -> None:
-    """Write ``parts`` in order with as few ``writev`` calls as the kernel allows."""
-    for first in range(0, len(parts), _MAX_PARTS):
-        batch = parts[first : first + _MAX_PARTS]
+def _write_all(fd: int, parts: list[bytes], total: int) -> None:
+    """Write ``parts`` (``total`` bytes) in order, each call under ``_WRITE_LIMIT`` bytes
+    and ``_MAX_PARTS`` buffers; one ``writev`` in the usual case."""
+    if total < _WRITE_LIMIT and len(parts) <= _MAX_PARTS:
+        batches: Iterable[list] = (parts,)
+    else:
+        batches = _batches(parts)
+    for batch in batches:
         written = os.writev(fd, batch)
         if written < sum(map(len, batch)):  # a short write: the rest, from where it stopped
             rest = memoryview(b"".join(batch))[written:]
             while rest:
                 rest = rest[os.write(fd, rest) :]
+
+
+def _batches(parts: list[bytes]) -> Iterator[list]:
+    """Runs of consecutive parts under the limits; a part of a chunk or more, in slices."""
+    batch: list = []
+    size = 0
+    for part in parts:
+        views = [part] if len(part) < CHUNK else _slices(part)
+        for view in views:
+            if batch and (size + len(view) >= _WRITE_LIMIT or len(batch) == _MAX_PARTS):
+                yield batch
+                batch, size = [], 0
+            batch.append(view)
+            size += len(view)
+    if batch:
+        yield batch
+
+
+def _slices(data: bytes) -> list[memoryview]:
+    view = memoryview(data)
+    return [view[i : i + CHUNK] for i in range(0, len(data), CHUNK)]
 
 
 def file_sha256(path: str | os.PathLike) -> str:
