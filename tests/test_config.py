@@ -6,6 +6,7 @@ import pytest
 
 from xdtrain.config import (
     Config,
+    Range,
     config_from_dict,
     config_to_dict,
     dump_config,
@@ -98,6 +99,51 @@ def test_wrong_type_names_expected_type(tmp_path):
 )
 def test_wrong_types(tmp_path, text, expected):
     assert expected in error_of(write(tmp_path / "exp.yaml", text))
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("data:\n  batch_size: -3\n", "data.batch_size: expected int >= 1, got int -3"),
+        ("train:\n  epochs: 0\n", "train.epochs: expected int >= 1, got int 0"),
+        ("optim:\n  lr: 0\n", "optim.lr: expected float > 0, got int 0"),
+        ("data:\n  fraction: 1.5\n", "data.fraction: expected float in (0, 1], got float 1.5"),
+        ("data:\n  fraction: 0\n", "data.fraction: expected float in (0, 1], got int 0"),
+        ("optim:\n  momentum: 1\n", "optim.momentum: expected float in [0, 1), got int 1"),
+        ("train:\n  grad_clip: -1\n", "train.grad_clip: expected float > 0, got int -1"),
+        ("model:\n  num_classes: 0\n", "model.num_classes: expected int >= 1, got int 0"),
+        ("data:\n  image_size: 8\n", "data.image_size: expected int >= 32, got int 8"),
+    ],
+)
+def test_values_out_of_range_name_file_key_and_range(tmp_path, text, expected):
+    cfg = write(tmp_path / "exp.yaml", text)
+    assert error_of(cfg) == f"{cfg}: {expected}"
+
+
+def test_range_limits_themselves_are_accepted(tmp_path):
+    text = (
+        "data:\n  fraction: 1.0\n  workers: 0\n  solarize: 1\n  image_size: 32\n"
+        "optim:\n  momentum: 0\n  weight_decay: 0\n"
+        "train:\n  grad_clip: null\n  epochs: 1\n"
+    )
+    cfg = load_config(write(tmp_path / "exp.yaml", text))
+    assert (cfg.data.fraction, cfg.data.workers, cfg.train.grad_clip) == (1.0, 0, None)
+
+
+def test_an_override_out_of_range_names_the_override(tmp_path):
+    cfg = write(tmp_path / "exp.yaml", "task: simclr\n")
+    message = error_of(cfg, ["data.batch_size=-3"])
+    assert message == "--set data.batch_size=-3: data.batch_size: expected int >= 1, got int -3"
+
+
+def test_range_describes_itself():
+    assert [str(r) for r in (Range(1), Range(0, low_open=True), Range(0, 1, high_open=True))] == [
+        ">= 1",
+        "> 0",
+        "in [0, 1)",
+    ]
+    assert Range(0, 1, low_open=True).admits(1) and not Range(0, 1, low_open=True).admits(0)
+    assert Range(0, 1, high_open=True).admits(0) and not Range(0, 1, high_open=True).admits(1)
 
 
 def test_float_written_like_1e_minus_3_is_a_float(tmp_path):

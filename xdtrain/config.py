@@ -60,7 +60,7 @@ class DataConfig:
     channels: int = 3  # network input: 3 RGB, 4 BraTS; greyscale sources 1 or 3
     views: int = 2  # SimCLR views per sample
     batch_size: int = 128  # per GPU
-    workers: int = 4  # decoding threads (DALI) or DataLoader workers
+    workers: int = 4  # decoding threads (DALI, at least 1) or DataLoader workers (0: none)
     fraction: float = 1.0  # share of training patients used (1.0, 0.5, 0.1, 0.01)
 
 
@@ -137,6 +137,63 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# --------------------------------------------------------------------------- value ranges
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric key admits; checked with its type, before any data is read."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False  # low itself is excluded
+    high_open: bool = False
+
+    def admits(self, value: float) -> bool:
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        return (
+            f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}"
+            f"{')' if self.high_open else ']'}"
+        )
+
+
+AT_LEAST_1 = Range(1)
+POSITIVE = Range(0, low_open=True)
+NON_NEGATIVE = Range(0)
+SHARE = Range(0, 1)
+RANGES: dict[tuple[str, str], Range] = {
+    ("data", "image_size"): Range(32),  # ResNet's total stride
+    ("data", "channels"): Range(1, 4),
+    ("data", "views"): Range(2),  # NT-Xent pairs views
+    ("data", "batch_size"): AT_LEAST_1,
+    ("data", "workers"): NON_NEGATIVE,
+    ("data", "fraction"): Range(0, 1, low_open=True),
+    ("data", "solarize"): SHARE,
+    ("model", "num_classes"): AT_LEAST_1,
+    ("loss", "temperature"): POSITIVE,
+    ("loss", "dice_weight"): NON_NEGATIVE,
+    ("optim", "lr"): POSITIVE,
+    ("optim", "weight_decay"): NON_NEGATIVE,
+    ("optim", "momentum"): Range(0, 1, high_open=True),
+    ("optim", "trust_coefficient"): POSITIVE,
+    ("schedule", "warmup_epochs"): NON_NEGATIVE,
+    ("schedule", "gamma"): Range(0, 1, low_open=True),
+    ("schedule", "min_lr"): SHARE,
+    ("train", "epochs"): AT_LEAST_1,
+    ("train", "grad_clip"): POSITIVE,
+    ("train", "limit_batches"): AT_LEAST_1,
+    ("train", "log_every"): AT_LEAST_1,
+    ("train", "checkpoint_minutes"): POSITIVE,
+    ("train", "max_nonfinite"): AT_LEAST_1,
+}
 
 
 # --------------------------------------------------------------------------- reading YAML
@@ -359,7 +416,12 @@ def _build(cls, data: dict, prefix: tuple[str, ...], origins: Origins):
     kwargs = {}
     for name, tp in hints.items():
         if name in data:
-            kwargs[name] = _coerce(tp, data[name], (*prefix, name), origins)
+            path = (*prefix, name)
+            value = kwargs[name] = _coerce(tp, data[name], path, origins)
+            limits = RANGES.get(path)
+            if limits is not None and value is not None and not limits.admits(value):
+                expected = f"{_type_name(tp).removesuffix(' or null')} {limits}"
+                raise _Mismatch(path, expected, data[name])  # the value as written
     return cls(**kwargs)
 
 

@@ -72,8 +72,9 @@ def reference() -> str:
         "An experiment config is a YAML file of the sections below. `_base_: other.yaml` (or a",
         "list of files, relative to the file) extends other configs; later files and",
         "`--set section.key=value` on the command line win. A key that is not listed here, or a",
-        "value of the wrong type, stops `xd-train` before any data is read, with one line naming",
-        "the file and the key. `python -m xdtrain.config CONFIG` prints a config fully resolved.",
+        "value of the wrong type or outside its range, stops `xd-train` before any data is read,",
+        "with one line naming the file and the key. `python -m xdtrain.config CONFIG` prints a",
+        "config fully resolved.",
         "",
     ]
     top = _comments(schema.Config)
@@ -96,9 +97,11 @@ def reference() -> str:
         notes = _comments(cls)
         for sub in dataclasses.fields(cls):
             annotation, comment = notes[sub.name]
-            lines.append(
-                f"| `{f.name}.{sub.name}` | {_type(annotation)} | {_default(sub)} | {comment} |"
-            )
+            kind = _type(annotation)
+            limits = schema.RANGES.get((f.name, sub.name))
+            if limits is not None:
+                kind += f", {limits}"
+            lines.append(f"| `{f.name}.{sub.name}` | {kind} | {_default(sub)} | {comment} |")
         lines.append("")
     return "\n".join(lines)
 

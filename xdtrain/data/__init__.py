@@ -116,4 +116,5 @@ def build_loader(
         device=device,
     )
     device_id = torch.cuda.current_device() if device == "gpu" else None
-    return DaliLoader(shardset, graph, threads=data.workers, device_id=device_id, **common)
+    threads = max(1, data.workers)  # 0 means the main process to a DataLoader; DALI needs one
+    return DaliLoader(shardset, graph, threads=threads, device_id=device_id, **common)
