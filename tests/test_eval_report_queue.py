@@ -80,7 +80,7 @@ def test_eval_classification_plots(packed, tmp_path):
 def test_eval_with_a_missing_or_damaged_checkpoint_says_so(grid_runs, tmp_path):
     with pytest.raises(UserError, match="no config.yaml"):
         eval_main([str(tmp_path)])
-    with pytest.raises(UserError, match="no checkpoint"):
+    with pytest.raises(UserError, match=r"none.pt: no checkpoint \(--checkpoint takes final"):
         eval_main([str(grid_runs / "pre1"), "--checkpoint", str(tmp_path / "none.pt")])
     damaged = tmp_path / "damaged.pt"
     damaged.write_bytes((grid_runs / "pre1" / "final.pt").read_bytes()[:5000])

@@ -196,9 +196,12 @@ def main(argv: list[str] | None = None) -> int:
         args.checkpoint, Path(args.checkpoint)
     )
     if not path.is_file():
-        hint = (
-            " (the run has not finished; try --checkpoint last)" if path.name == "final.pt" else ""
-        )
+        if path.name == "final.pt":
+            hint = " (the run has not finished; try --checkpoint last)"
+        elif path.name == "last.pt":
+            hint = ""
+        else:
+            hint = " (--checkpoint takes final, last or the path of a checkpoint file)"
         raise UserError(f"{path}: no checkpoint{hint}")
     state = checkpoint.load(path)
     world = distributed.init(data.device)
