@@ -142,6 +142,7 @@ def test_range_describes_itself():
         "> 0",
         "in [0, 1)",
     ]
+    assert str(Range(high=8, high_open=True)) == "< 8" and Range(high=8).admits(-3)
     assert Range(0, 1, low_open=True).admits(1) and not Range(0, 1, low_open=True).admits(0)
     assert Range(0, 1, high_open=True).admits(0) and not Range(0, 1, high_open=True).admits(1)
 

@@ -159,6 +159,8 @@ class Range:
     def __str__(self) -> str:
         if self.high is None:
             return f"{'>' if self.low_open else '>='} {self.low:g}"
+        if self.low is None:
+            return f"{'<' if self.high_open else '<='} {self.high:g}"
         return (
             f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}"
             f"{')' if self.high_open else ']'}"
