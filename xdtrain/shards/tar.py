@@ -207,31 +207,31 @@ def _write_all(fd: int, parts: list[bytes], total: int) -> None:
     """Write ``parts`` (``total`` bytes) in order, each call under ``_WRITE_LIMIT`` bytes
     and ``_MAX_PARTS`` buffers; one ``writev`` in the usual case."""
     if total < _WRITE_LIMIT and len(parts) <= _MAX_PARTS:
-        batches: Iterable[list] = (parts,)
+        batches: Iterable[tuple[list, int]] = ((parts, total),)
     else:
         batches = _batches(parts)
-    for batch in batches:
+    for batch, size in batches:
         written = os.writev(fd, batch)
-        if written < sum(map(len, batch)):  # a short write: the rest, from where it stopped
+        if written < size:  # a short write: the rest, from where it stopped
             rest = memoryview(b"".join(batch))[written:]
             while rest:
                 rest = rest[os.write(fd, rest) :]
 
 
-def _batches(parts: list[bytes]) -> Iterator[list]:
-    """Runs of consecutive parts under the limits; a part of a chunk or more, in slices."""
+def _batches(parts: list[bytes]) -> Iterator[tuple[list, int]]:
+    """``(parts, bytes)`` runs under the limits; a part of a chunk or more, in slices."""
     batch: list = []
     size = 0
     for part in parts:
         views = [part] if len(part) < CHUNK else _slices(part)
         for view in views:
             if batch and (size + len(view) >= _WRITE_LIMIT or len(batch) == _MAX_PARTS):
-                yield batch
+                yield batch, size
                 batch, size = [], 0
             batch.append(view)
             size += len(view)
     if batch:
-        yield batch
+        yield batch, size
 
 
 def _slices(data: bytes) -> list[memoryview]:
