@@ -1,16 +1,20 @@
-"""xdtrain.metrics against scikit-learn and hand computations."""
+"""xdtrain.metrics against independent references: scikit-learn (top-k accuracy, AUROC,
+precision, recall), MONAI (Dice, IoU, HD95 of 3-D volumes) and hand computations."""
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
 import torch
-from sklearn.metrics import roc_auc_score
+from scipy import ndimage
+from sklearn.metrics import precision_score, recall_score, roc_auc_score, top_k_accuracy_score
 
 from xdtrain.metrics import (
     BRATS_REGIONS,
+    LITS_REGIONS,
     MultiLabelAUROC,
     SegmentationMetrics,
     TopKAccuracy,
@@ -27,6 +31,20 @@ def test_topk_accuracy():
     result = metric.compute()
     assert result["top1"] == pytest.approx(1 / 4)
     assert result["top2"] == pytest.approx(3 / 4)
+
+
+def test_topk_accuracy_equals_scikit_learn_over_batches():
+    rng = np.random.default_rng(1)
+    logits, labels = rng.normal(size=(300, 10)), rng.integers(0, 10, 300)
+    metric = TopKAccuracy((1, 3, 5))
+    for start in range(0, 300, 64):
+        metric.update(
+            torch.tensor(logits[start : start + 64]), torch.tensor(labels[start : start + 64])
+        )
+    result = metric.compute()
+    for k in (1, 3, 5):
+        expected = top_k_accuracy_score(labels, logits, k=k, labels=np.arange(10))
+        assert result[f"top{k}"] == pytest.approx(expected, abs=1e-12)
 
 
 def test_auroc_equals_scikit_learn_and_leaves_no_finding_out_of_the_mean():
@@ -122,13 +140,13 @@ def _ranked_worker(rank, world, init_file, data, out):
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    logits, labels, scores, targets, pred, mask, cases = data
+    logits, labels, scores, targets, pred, mask, cases, index, depth = data
     accuracy, auroc = TopKAccuracy((1,)), MultiLabelAUROC(["a", "b"])
     seg = SegmentationMetrics({"fg": (1,)})
     part = slice(rank, None, world)  # interleaved: the slices of a case land on both ranks
     accuracy.update(logits[part], labels[part])
     auroc.update(scores[part], targets[part])
-    seg.update(pred[part], mask[part], cases[part])
+    seg.update(pred[part], mask[part], cases[part], index[part], depth[part])
     out[rank] = (accuracy.compute(), auroc.compute(), seg.compute())
     dist.destroy_process_group()
 
@@ -141,18 +159,238 @@ def test_metrics_reduce_across_two_gloo_ranks(tmp_path):
     scores, targets = torch.randn(20, 2), torch.randint(0, 2, (20, 2))
     pred, mask = torch.randint(0, 2, (20, 6, 6)), torch.randint(0, 2, (20, 6, 6))
     cases = torch.arange(20) // 5
-    data = (logits, labels, scores, targets, pred, mask, cases)
+    index, depth = torch.arange(20) % 5, torch.full((20,), 5)
+    depth[15:] = 6  # case 3 has a sixth slice that is never scored
+    data = (logits, labels, scores, targets, pred, mask, cases, index, depth)
     out = mp.Manager().dict()
     mp.spawn(_ranked_worker, args=(2, str(tmp_path / "init"), data, out), nprocs=2, join=True)
     accuracy, auroc = TopKAccuracy((1,)), MultiLabelAUROC(["a", "b"])
     seg = SegmentationMetrics({"fg": (1,)})
     accuracy.update(logits, labels)
     auroc.update(scores, targets)
-    seg.update(pred, mask, cases)
+    seg.update(pred, mask, cases, index, depth)
     single = (accuracy.compute(), auroc.compute(), seg.compute())
     for rank in (0, 1):
         assert out[rank][0] == pytest.approx(single[0])
         assert out[rank][1]["auroc"] == pytest.approx(single[1]["auroc"])
         assert out[rank][2]["regions"]["fg"]["dice_cases"] == pytest.approx(
             single[2]["regions"]["fg"]["dice_cases"]
+        )
+        # each rank saw every case in part; merged, only case 3 lacks a slice
+        assert out[rank][2]["incomplete_cases"] == single[2]["incomplete_cases"] == [3]
+
+
+# --------------------------------------------------------------------------- against MONAI
+# Cases are 3-D label volumes at their native size; our metric gets their slices shuffled
+# across cases and batches, as the trainer feeds it; MONAI gets each whole volume, one
+# channel per region (the one-hot region masks).
+
+NATIVE = (40, 37)
+
+
+def _labels(rng, depth: int, top: int, shape=NATIVE) -> np.ndarray:
+    """A smooth random label volume ``[depth, H, W]`` with labels 0..top (nested blobs)."""
+    field = ndimage.gaussian_filter(rng.normal(size=(depth, *shape)), sigma=(1, 3, 3))
+    cuts = np.quantile(field, [0.45, 0.7, 0.88][:top])
+    return np.digitize(field, cuts).astype(np.int64)
+
+
+def _cases(regions: dict, top: int, shape=NATIVE) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """``{case id: (pred, target)}``; the prediction is the target with its field perturbed.
+
+    Case 13 lacks the highest label in both (a region absent from both: 1), case 14 lacks it
+    in the truth only (0), case 15 in the prediction only (0)."""
+    rng = np.random.default_rng(7)
+    out = {}
+    for case, depth in zip((11, 12, 13, 14, 15), (9, 5, 7, 4, 6), strict=True):
+        target = _labels(rng, depth, top, shape)
+        noise = _labels(rng, depth, top, shape)
+        pred = np.where(rng.random(target.shape) < 0.15, noise, target)
+        pred = np.where(ndimage.binary_dilation(target == 1) & (pred == 0), 1, pred)
+        if case in (13, 14):
+            target = np.minimum(target, top - 1)
+        if case in (13, 15):
+            pred = np.minimum(pred, top - 1)
+        out[case] = (pred, target)
+    return out
+
+
+def _feed(metric: SegmentationMetrics, cases: dict, size=None, batch: int = 6, seed: int = 3):
+    """Every slice of every case, shuffled, in batches; padded to ``size`` plus 0 to 2 rows
+    and columns, drawn per batch (target -1, the prediction random labels there), when
+    given."""
+    rng = np.random.default_rng(seed)
+    items = [(c, s) for c, (_, t) in cases.items() for s in range(t.shape[0])]
+    order = rng.permutation(len(items))
+    for start in range(0, len(order), batch):
+        chosen = [items[i] for i in order[start : start + batch]]
+        if size is not None:
+            padded = (size[0] + rng.integers(0, 3), size[1] + rng.integers(0, 3))
+        preds, targets = [], []
+        for c, s in chosen:
+            pred, target = cases[c][0][s], cases[c][1][s]
+            if size is not None:
+                pad = [(0, padded[0] - pred.shape[0]), (0, padded[1] - pred.shape[1])]
+                pred = np.pad(pred, pad, constant_values=0)
+                pred = np.where(
+                    np.pad(np.ones_like(target), pad) == 0, rng.integers(0, 4, pred.shape), pred
+                )
+                target = np.pad(target, pad, constant_values=-1)
+            preds.append(pred)
+            targets.append(target)
+        metric.update(
+            torch.tensor(np.stack(preds)),
+            torch.tensor(np.stack(targets)),
+            torch.tensor([c for c, _ in chosen]),
+            torch.tensor([s for _, s in chosen]),
+            torch.tensor([cases[c][1].shape[0] for c, _ in chosen]),
+        )
+
+
+def _one_hot(volume: np.ndarray, regions: dict) -> torch.Tensor:
+    """``[1, regions, D, H, W]`` float masks, MONAI's input layout."""
+    masks = [np.isin(volume, labels) for labels in regions.values()]
+    return torch.tensor(np.stack(masks)[None], dtype=torch.float32)
+
+
+def _monai(cases: dict, regions: dict) -> dict[int, dict[str, np.ndarray]]:
+    """Per case: MONAI Dice, IoU and HD95 per region (one value per region channel)."""
+    from monai.metrics import DiceMetric, MeanIoU, compute_hausdorff_distance
+
+    dice = DiceMetric(include_background=True, reduction="none", ignore_empty=False)
+    iou = MeanIoU(include_background=True, reduction="none", ignore_empty=False)
+    out = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # MONAI warns of the empty regions we test on purpose
+        for case, (pred, target) in cases.items():
+            p, t = _one_hot(pred, regions), _one_hot(target, regions)
+            hd = compute_hausdorff_distance(p, t, include_background=True, percentile=95)
+            out[case] = {
+                "dice": dice(p, t)[0].numpy(),
+                "iou": iou(p, t)[0].numpy(),
+                "hd95": hd[0].numpy().astype(np.float64),
+            }
+    return out
+
+
+def _sklearn(pred: np.ndarray, target: np.ndarray, labels) -> dict[str, float]:
+    """scikit-learn precision and recall of one region on the flattened volume; the
+    zero-division value is our empty convention (1 when the region is absent from both)."""
+    p, t = np.isin(pred, labels).ravel(), np.isin(target, labels).ravel()
+    empty = 1.0 if not p.any() and not t.any() else 0.0
+    return {
+        "precision": precision_score(t, p, zero_division=empty),
+        "recall": recall_score(t, p, zero_division=empty),
+    }
+
+
+@pytest.mark.parametrize("regions, top", [(BRATS_REGIONS, 3), (LITS_REGIONS, 2)])
+def test_per_case_scores_equal_monai_and_sklearn_on_whole_volumes(regions, top):
+    cases = _cases(regions, top)
+    metric = SegmentationMetrics(regions, hd95=True)
+    _feed(metric, cases)
+    result = metric.compute()
+    reference = _monai(cases, regions)
+    highest = list(regions).index(next(n for n, lab in regions.items() if lab == (top,)))
+    assert reference[13]["dice"][highest] == 1.0 and reference[14]["dice"][highest] == 0.0
+    for r, name in enumerate(regions):
+        entry = result["regions"][name]
+        for case in cases:
+            assert entry["dice_cases"][case] == pytest.approx(reference[case]["dice"][r], abs=1e-6)
+        per_case = {
+            "dice": [reference[c]["dice"][r] for c in cases],
+            "iou": [reference[c]["iou"][r] for c in cases],
+            "precision": [_sklearn(*cases[c], regions[name])["precision"] for c in cases],
+            "recall": [_sklearn(*cases[c], regions[name])["recall"] for c in cases],
+        }
+        for key, values in per_case.items():
+            assert entry[f"{key}_per_case"] == pytest.approx(np.mean(values), abs=1e-6), key
+        pred = np.concatenate([p.ravel() for p, _ in cases.values()])
+        target = np.concatenate([t.ravel() for _, t in cases.values()])
+        everything = _sklearn(pred, target, regions[name])
+        for key in ("precision", "recall"):
+            assert entry["all_pixels"][key] == pytest.approx(everything[key], abs=1e-12)
+        distances = {c: reference[c]["hd95"][r] for c in cases}
+        for case, expected in distances.items():
+            ours = entry["hd95_cases"][case]
+            empty = [not np.isin(v, regions[name]).any() for v in cases[case]]
+            if any(empty):  # MONAI: NaN or inf; ours: 0 when both are empty, else inf
+                assert not np.isfinite(expected)
+                assert ours == (0.0 if all(empty) else math.inf)
+            else:
+                assert ours == pytest.approx(expected, abs=1e-6), (name, case)
+    assert result["cases"] == 5 and result["incomplete_cases"] == []
+
+
+def test_padding_counts_nowhere_whatever_is_predicted_there():
+    # two native sizes, padded to 40-42 px per batch: target -1 there, the prediction
+    # random labels
+    cases = _cases(LITS_REGIONS, 2, shape=(33, 40)) | {
+        case + 10: volumes for case, volumes in _cases(LITS_REGIONS, 2).items()
+    }
+    padded = SegmentationMetrics(LITS_REGIONS, hd95=True)
+    _feed(padded, cases, size=(40, 40))
+    reference = _monai(cases, LITS_REGIONS)
+    result = padded.compute()
+    for r, name in enumerate(LITS_REGIONS):
+        entry = result["regions"][name]
+        for case in cases:
+            assert entry["dice_cases"][case] == pytest.approx(reference[case]["dice"][r], abs=1e-6)
+            if np.isfinite(reference[case]["hd95"][r]):
+                expected = reference[case]["hd95"][r]
+                assert entry["hd95_cases"][case] == pytest.approx(expected, abs=1e-6)
+    # by hand: one slice, two valid pixels; padding predicted as every label counts nowhere
+    small = SegmentationMetrics({"fg": (1,), "bg": (0,)})
+    small.update(
+        torch.tensor([[[1, 0, 1, 0, -1]]]), torch.tensor([[[1, 0, -1, -1, -1]]]), torch.tensor([0])
+    )
+    scores = small.compute()["regions"]
+    assert scores["fg"]["all_pixels"] == {"dice": 1.0, "iou": 1.0, "precision": 1.0, "recall": 1.0}
+    assert scores["bg"]["all_pixels"]["dice"] == 1.0
+
+
+def test_hd95_is_monais_max_of_directed_percentiles():
+    # target: one voxel; prediction: that voxel and a far one. Directed 95th percentiles:
+    # prediction -> target {0, 9} -> 8.55; target -> prediction {0} -> 0. MONAI takes 8.55;
+    # the percentile of the union {0, 9, 0} (medpy) would be 8.1.
+    target = np.zeros((3, 12, 12), bool)
+    target[1, 1, 1] = True
+    pred = target.copy()
+    pred[1, 1, 10] = True
+    assert hd95(pred, target) == pytest.approx(0.95 * 9, abs=1e-12)
+    from monai.metrics import compute_hausdorff_distance
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # MONAI's own deprecation warning
+        reference = compute_hausdorff_distance(
+            torch.tensor(pred[None, None]), torch.tensor(target[None, None]), True, percentile=95
+        )
+    assert hd95(pred, target) == pytest.approx(float(reference), abs=1e-6)
+
+
+def test_incomplete_cases_lists_volumes_scored_with_missing_slices():
+    metric = SegmentationMetrics({"fg": (1,)})
+    zeros = torch.zeros(2, 4, 4, dtype=torch.long)
+    # case 1 has 3 slices, all seen (slice 2 twice); case 2 has 4, slice 3 never comes;
+    # case 5 has 2 slices but slice 0 comes twice and slice 1 never
+    for cases, indices, depth in [
+        ([1, 2], [0, 0], [3, 4]),
+        ([1, 2], [1, 1], [3, 4]),
+        ([1, 1], [2, 2], [3, 3]),
+        ([2, 5], [2, 0], [4, 2]),
+        ([5, 5], [0, 0], [2, 2]),
+    ]:
+        metric.update(zeros, zeros, torch.tensor(cases), torch.tensor(indices), torch.tensor(depth))
+    assert metric.compute()["incomplete_cases"] == [2, 5]
+    complete = SegmentationMetrics({"fg": (1,)})
+    complete.update(zeros, zeros, torch.tensor([4, 4]), torch.tensor([1, 0]), torch.tensor([2, 2]))
+    assert complete.compute()["incomplete_cases"] == []
+    plain = SegmentationMetrics({"fg": (1,)})
+    plain.update(zeros, zeros, torch.tensor([4, 4]), torch.tensor([1, 0]))
+    assert "incomplete_cases" not in plain.compute()
+    with pytest.raises(ValueError, match="slice_index"):
+        plain.update(zeros, zeros, torch.tensor([4, 4]), slices=torch.tensor([2, 2]))
+    with pytest.raises(ValueError, match="case 4: given 2 and 3 slices"):
+        complete.update(
+            zeros[:1], zeros[:1], torch.tensor([4]), torch.tensor([0]), torch.tensor([3])
         )

@@ -110,13 +110,21 @@ class SegmentationMetrics:
     ET = {3}; LiTS: liver = {1, 2}, tumour = {2}). Per-case scores are those of the 3-D
     volume made of all the case's slices, wherever (batch, rank) they were scored; ``hd95``
     rebuilds the volumes from ``slice`` indices and adds the 95th-percentile Hausdorff
-    distance in voxels."""
+    distance in voxels (:func:`hd95`).
+
+    Target pixels of -1 are padding, not pixels: they count in no region, whatever the
+    prediction says there. When ``update`` gets ``slices`` (the number of slices of each
+    sample's case volume) with ``slice_index``, ``compute`` also lists the cases scored with
+    fewer distinct slices than their volume has (``incomplete_cases``)."""
 
     def __init__(self, regions: dict[str, tuple[int, ...]], hd95: bool = False):
         self.regions = {name: tuple(labels) for name, labels in regions.items()}
         self.hd95 = hd95
         self.cases: dict[int, np.ndarray] = defaultdict(lambda: np.zeros((len(regions), 3)))
-        self.slices: dict[int, dict[int, tuple[np.ndarray, np.ndarray]]] = defaultdict(dict)
+        # case -> slice index -> (pred, target) label maps, for hd95
+        self.volumes: dict[int, dict[int, tuple[np.ndarray, np.ndarray]]] = defaultdict(dict)
+        self.seen: dict[int, set[int]] = defaultdict(set)  # case -> slice indices scored
+        self.depth: dict[int, int] = {}  # case -> slices in its volume
 
     def update(
         self,
@@ -124,32 +132,50 @@ class SegmentationMetrics:
         target: torch.Tensor,
         case: torch.Tensor,
         slice_index: torch.Tensor | None = None,
+        slices: torch.Tensor | None = None,
     ) -> None:
-        """``pred`` and ``target``: label maps ``[B, H, W]``; ``case``: ``[B]`` case ids."""
+        """Add a batch.
+
+        ``pred`` and ``target``: label maps ``[B, H, W]`` (target -1: padding); ``case``:
+        ``[B]`` case ids; ``slice_index``: ``[B]`` index of each slice in its case volume
+        (needed with ``hd95`` or ``slices``); ``slices``: int64 ``[B]``, slices in each
+        sample's case volume. Raises ValueError when a needed index is missing or a case is
+        given two different depths."""
         pred, target = pred.detach(), target.detach()
+        valid = target >= 0
         counts = []
         for labels in self.regions.values():
             lab = torch.tensor(labels, device=pred.device)
-            p, t = torch.isin(pred, lab), torch.isin(target, lab)
+            p, t = torch.isin(pred, lab) & valid, torch.isin(target, lab)
             counts.append(
                 torch.stack([(p & t).sum((1, 2)), (p & ~t).sum((1, 2)), (~p & t).sum((1, 2))], 1)
             )
         counts = torch.stack(counts, 1).cpu().numpy()  # [B, regions, (tp, fp, fn)]
         for i, c in enumerate(case.tolist()):
             self.cases[int(c)] += counts[i]
+        if (self.hd95 or slices is not None) and slice_index is None:
+            raise ValueError("SegmentationMetrics: hd95 and slices need slice_index")
+        if slices is not None:
+            self._track(case.tolist(), slice_index.tolist(), slices.tolist())
         if self.hd95:
-            if slice_index is None:
-                raise ValueError("SegmentationMetrics(hd95=True) needs slice indices")
+            pred, target = pred.cpu().numpy(), target.cpu().numpy()
             for i, (c, s) in enumerate(zip(case.tolist(), slice_index.tolist(), strict=True)):
-                self.slices[int(c)][int(s)] = (
-                    pred[i].cpu().numpy().astype(np.uint8),
-                    target[i].cpu().numpy().astype(np.uint8),
-                )
+                if (target[i] >= 0).any():  # a slice of padding only is no slice
+                    self.volumes[int(c)][int(s)] = _unpadded(pred[i], target[i])
+
+    def _track(self, cases: list[int], indices: list[int], depths: list[int]) -> None:
+        for c, s, n in zip(cases, indices, depths, strict=True):
+            if self.depth.setdefault(int(c), int(n)) != int(n):
+                raise ValueError(f"case {c}: given {self.depth[int(c)]} and {n} slices")
+            self.seen[int(c)].add(int(s))
 
     def compute(self) -> dict:
+        """``{"cases": n, "regions": {name: scores}}``, plus ``incomplete_cases`` (sorted
+        case ids) when slice counts were given; the same on every rank."""
         merged: dict[int, np.ndarray] = defaultdict(lambda: np.zeros((len(self.regions), 3)))
-        for part in gather_objects(dict(self.cases)):
-            for case, counts in part.items():
+        parts = gather_objects((dict(self.cases), dict(self.seen), self.depth))
+        for counts_part, _, _ in parts:
+            for case, counts in counts_part.items():
                 merged[case] += counts
         result: dict = {"cases": len(merged), "regions": {}}
         names = list(self.regions)
@@ -167,12 +193,16 @@ class SegmentationMetrics:
             if distances:
                 finite = [d for d in distances[name].values() if np.isfinite(d)]
                 entry["hd95_per_case"] = float(np.mean(finite)) if finite else float("nan")
+                entry["hd95_cases"] = dict(sorted(distances[name].items()))
             result["regions"][name] = entry
+        incomplete = _incomplete_cases([(seen, depth) for _, seen, depth in parts])
+        if incomplete is not None:
+            result["incomplete_cases"] = incomplete
         return result
 
     def _hd95(self, names: list[str]) -> dict[str, dict[int, float]]:
         volumes: dict[int, dict[int, tuple]] = defaultdict(dict)
-        for part in gather_objects(dict(self.slices)):
+        for part in gather_objects(dict(self.volumes)):
             for case, slices in part.items():
                 volumes[case].update(slices)
         out: dict[str, dict[int, float]] = {name: {} for name in names}
@@ -182,13 +212,49 @@ class SegmentationMetrics:
             target = np.stack([slices[s][1] for s in order])
             for name in names:
                 labels = list(self.regions[name])
-                out[name][case] = hd95(np.isin(pred, labels), np.isin(target, labels))
+                out[name][int(case)] = hd95(np.isin(pred, labels), np.isin(target, labels))
         return out
 
 
+def _unpadded(pred: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A slice's ``(pred, target)`` label maps ``[H, W]`` cropped to the bounding box of its
+    pixels (target not -1; there must be one), as uint8, so that the slices of a case padded
+    to different batch sizes stack into one volume."""
+    valid = target >= 0
+    rows, cols = np.flatnonzero(valid.any(1)), np.flatnonzero(valid.any(0))
+    box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
+    pred = np.where(valid, pred, 0)[box]
+    return pred.astype(np.uint8), target[box].astype(np.uint8)
+
+
+def _incomplete_cases(parts: list[tuple[dict, dict]]) -> list[int] | None:
+    """Case ids scored with fewer distinct slice indices (of 0..depth-1) than their volume
+    has, over the ``(seen slice indices, depth)`` of every rank; None when no rank was given
+    depths.
+    Raises ValueError when two ranks give one case different depths."""
+    seen: dict[int, set[int]] = defaultdict(set)
+    depth: dict[int, int] = {}
+    for part_seen, part_depth in parts:
+        for case, indices in part_seen.items():
+            seen[case] |= indices
+        for case, n in part_depth.items():
+            if depth.setdefault(case, n) != n:
+                raise ValueError(f"case {case}: given {depth[case]} and {n} slices")
+    if not depth:
+        return None
+    return sorted(int(c) for c, n in depth.items() if len(seen[c] & set(range(n))) < n)
+
+
 def hd95(pred: np.ndarray, target: np.ndarray) -> float:
-    """95th percentile of the symmetric surface distance in voxels; 0 when both are empty,
-    inf when exactly one is."""
+    """95th-percentile Hausdorff distance of two boolean masks, in voxels (unit spacing).
+
+    MONAI's definition (``monai.metrics.compute_hausdorff_distance(percentile=95)``): the
+    surface of a mask is its voxels that binary erosion (6-connected in 3-D, outside the
+    array counts as background) removes; each directed distance set holds, for every
+    surface voxel of one mask, the Euclidean distance to the nearest surface voxel of the
+    other; the result is the larger of the two sets' 95th percentiles (linear
+    interpolation). medpy instead pools both sets before taking the percentile. 0 when both
+    masks are empty, inf when exactly one is (MONAI: NaN or inf)."""
     from scipy import ndimage
 
     if not pred.any() and not target.any():
@@ -202,7 +268,7 @@ def hd95(pred: np.ndarray, target: np.ndarray) -> float:
     sp, st = surface(pred), surface(target)
     to_target = ndimage.distance_transform_edt(~st)[sp]
     to_pred = ndimage.distance_transform_edt(~sp)[st]
-    return float(np.percentile(np.concatenate([to_target, to_pred]), 95))
+    return float(max(np.percentile(to_target, 95), np.percentile(to_pred, 95)))
 
 
 # classes, then the regions each challenge ranks by
