@@ -8,6 +8,7 @@ import json
 
 import nibabel as nib
 import numpy as np
+import pytest
 from PIL import Image
 
 from xdtrain.shards import manifest as manifest_mod
@@ -26,6 +27,16 @@ def all_samples(folder, split=None) -> dict[str, dict[str, bytes]]:
         for shard in entry["shards"]:
             out.update(read_samples(folder / shard["name"]))
     return out
+
+
+def case_splits(folder) -> dict[str, str]:
+    """The split of every case (volume) of a BraTS or LiTS shard folder."""
+    manifest = manifest_mod.load(folder)
+    return {
+        json.loads(parts["json"])["case"]: name
+        for name in manifest["splits"]
+        for parts in all_samples(folder, name).values()
+    }
 
 
 # --------------------------------------------------------------------------- ImageNet
@@ -189,12 +200,18 @@ def test_brats_channels_masks_and_positions(raw, packed):
         case_index, z, depth = np.frombuffer(parts["pos.i32"], "<i4").tolist()
         assert cases[case_index] == meta["case"] and z == meta["slice"] and key.endswith(f"{z:03d}")
         by_case.setdefault(meta["case"], []).append(z)
+    splits = case_splits(packed["brats"])
+    assert "train" in splits.values() and set(splits.values()) - {"train"}
     for number, case in enumerate(cases, 1):
         volumes = _case(raw, number)
         brain = volumes["flair"] > 0
-        expected = np.flatnonzero(brain.any(axis=(0, 1))).tolist()
-        assert sorted(by_case[case]) == expected  # --slices brain: exactly the brain slices
-        z = expected[len(expected) // 2]
+        depth = brain.shape[2]
+        in_brain = np.flatnonzero(brain.any(axis=(0, 1))).tolist()
+        assert len(in_brain) < depth  # the selection has something to drop
+        # --slices brain thins training cases only; val and test keep whole volumes
+        expected = in_brain if splits[case] == "train" else list(range(depth))
+        assert sorted(by_case[case]) == expected, (case, splits[case])
+        z = in_brain[len(in_brain) // 2]
         parts = samples[f"{case}_{z:03d}"]
         image, mask = decode_png(parts["img.png"]), decode_png(parts["mask.png"])
         assert image.shape == (64, 64, 4) and image.dtype == np.uint8
@@ -254,7 +271,10 @@ def test_lits_both_releases_give_the_same_masks(packed):
 def test_lits_masks_merge_tumour_over_liver_and_window_hu(raw, packed):
     samples = all_samples(packed["lits-nifti"])
     hu, labels, _ = synth_lits.scan("small", 0, 0)
-    kept = [k for k in range(labels.shape[2]) if labels[:, :, k].any()]
+    with_liver = [k for k in range(labels.shape[2]) if labels[:, :, k].any()]
+    assert len(with_liver) < labels.shape[2]
+    split = case_splits(packed["lits-nifti"])["volume-0"]
+    kept = with_liver if split == "train" else list(range(labels.shape[2]))
     assert sorted(int(k.split("_")[1]) for k in samples if k.startswith("volume-0_")) == kept
     k = int(np.argmax((labels == 2).sum(axis=(0, 1))))
     parts = samples[f"volume-0_{k:03d}"]
@@ -265,3 +285,48 @@ def test_lits_masks_merge_tumour_over_liver_and_window_hu(raw, packed):
     png = all_samples(packed["lits"])[f"volume-0_{k:03d}"]
     liver_and_lesion = decode_png(png["mask.png"])
     assert set(np.unique(liver_and_lesion).tolist()) == {0, 1, 2}
+
+
+# --------------------------------------------------------------------------- volumes
+
+
+@pytest.mark.parametrize("name", ["brats", "lits", "lits-nifti"])
+def test_slice_selection_thins_the_training_split_only(packed, name):
+    """Evaluation never selects by label or content: every val/test case holds every slice
+    of its volume, while --slices (default brain / liver) thins training cases."""
+    manifest = manifest_mod.load(packed[name])
+    assert manifest["options"]["slices"] in ("brain", "liver")
+    thinned = 0
+    for split in manifest["splits"]:
+        slices: dict[int, set[int]] = {}
+        depth: dict[int, int] = {}
+        for parts in all_samples(packed[name], split).values():
+            case, z, n = np.frombuffer(parts["pos.i32"], "<i4").tolist()
+            slices.setdefault(case, set()).add(z)
+            depth[case] = n
+        for case, seen in slices.items():
+            if split == "train":
+                thinned += len(seen) < depth[case]
+            else:
+                assert seen == set(range(depth[case])), (split, case)
+    assert thinned > 0  # the selection is on for training: the test has power
+    assert set(manifest["splits"]) > {"train"}
+
+
+def test_val_test_splits_packed_with_selection_are_refused(packed, tmp_path):
+    """Shard folders written when --slices thinned every split cannot be scored."""
+    import shutil
+
+    from xdtrain.data.shardset import open_split
+    from xdtrain.errors import UserError
+
+    old = tmp_path / "lits"
+    shutil.copytree(packed["lits"], old)
+    manifest = manifest_mod.load(old)
+    del manifest["preprocessing"]["slice_selection"]
+    (old / manifest_mod.NAME).write_text(json.dumps(manifest))
+    assert open_split(old, "lits", "train").samples > 0  # training may be thinned
+    for split in ("val", "test"):
+        with pytest.raises(UserError, match="repack") as info:
+            open_split(old, "lits", split)
+        assert "\n" not in str(info.value)

@@ -31,6 +31,7 @@ class ShardSet:
     layout: Layout
     paths: tuple[str, ...]
     index_paths: tuple[str, ...]
+    counts: tuple[int, ...]  # samples of each shard, as the manifest records them
     samples: int
     classes: tuple[str, ...]
     image_ext: str
@@ -65,6 +66,7 @@ def open_split(folder: str | Path, dataset: str, split: str, fraction: float = 1
                 f"{folder}/manifest.json: data.fraction {fraction} was not packed "
                 f"(fractions {offered} and 1.0); repack with --fractions or pick one of those"
             )
+    _check_whole_volumes(folder, manifest, dataset, split)
     names = manifests.shards(manifest, split, fraction)
     counts = {s["name"]: s["samples"] for s in manifest["splits"][split]["shards"]}
     paths = tuple(str(folder / name) for name in names)
@@ -81,11 +83,26 @@ def open_split(folder: str | Path, dataset: str, split: str, fraction: float = 1
         layout=layout,
         paths=paths,
         index_paths=tuple(str(index_path(p)) for p in paths),
+        counts=tuple(counts[n] for n in names),
         samples=sum(counts[n] for n in names),
         classes=tuple(manifest["classes"]),
         image_ext=image_ext,
         bits=int(options.get("bits", 8)),
     )
+
+
+def _check_whole_volumes(folder: Path, manifest: dict, dataset: str, split: str) -> None:
+    """Refuse to score val/test splits whose slices were selected by label or content
+    (written before ``--slices`` applied to the training split only)."""
+    if split == "train" or not PACKERS[dataset].volumetric:
+        return
+    slices = manifest.get("options", {}).get("slices", "all")
+    if slices != "all" and "slice_selection" not in manifest.get("preprocessing", {}):
+        raise UserError(
+            f"{folder}/manifest.json: its {split} split keeps only --slices {slices} slices, so "
+            "the ground truth decided what is scored; repack with this xd-shard (--force), "
+            "which keeps every val/test slice"
+        )
 
 
 def rank_range(samples: int, rank: int, world_size: int) -> tuple[int, int]:

@@ -127,7 +127,8 @@ def add_shared_arguments(group: argparse._ArgumentGroup) -> None:
         "--slices",
         choices=["brain", "tumor", "liver", "all"],
         default=None,
-        help="BraTS: brain (default), tumor or all; LiTS: liver (default) or all",
+        help="training slices kept: BraTS brain (default), tumor or all; LiTS liver (default) "
+        "or all (val and test always keep every slice)",
     )
     group.add_argument(
         "--bits",
@@ -154,6 +155,18 @@ def float_pair(text: str, option: str, example: str) -> tuple[float, float]:
     if low >= high:
         raise UserError(f"{option} {text}: low must be below high")
     return low, high
+
+
+# Recorded in the manifest of volumetric data sets; the loaders refuse to score val/test
+# splits of shard folders that lack it (packed when selection thinned every split).
+SLICE_SELECTION = "training split only: val and test keep every slice of every volume"
+
+
+def thins(source: Source) -> bool:
+    """Whether slices of ``source`` may be selected by label or content (``--slices``): only
+    in the training split. Evaluation keeps whole volumes, so the ground truth never decides
+    what is scored and per-case scores are over the whole volume."""
+    return source.split == "train"
 
 
 def slices_option(args: argparse.Namespace, dataset: str, allowed: tuple[str, ...]) -> str:

@@ -10,7 +10,8 @@ Sample ``BraTS20_Training_001_075`` (case, slice index)::
 
 Intensities are clipped per volume and modality to robust percentiles of the brain voxels
 (0.5–99.5 by default) and scaled to the full 8- or 16-bit range; outside the brain stays 0.
-Slices are kept when they hold brain (default), tumour, or always (``--slices``).
+Training slices are kept when they hold brain (default), tumour, or always (``--slices``);
+validation and test cases keep every slice, so per-case scores are over whole volumes.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import numpy as np
 
 from xdtrain.errors import UserError
 from xdtrain.shards.base import (
+    SLICE_SELECTION,
     Layout,
     Sample,
     Scan,
@@ -33,6 +35,7 @@ from xdtrain.shards.base import (
     rel,
     slice_sample,
     slices_option,
+    thins,
 )
 
 name = "brats"
@@ -140,6 +143,7 @@ def scan(src: Path, options: dict) -> Scan:
         "clip_percentiles": options["clip"],
         "bits": options["bits"],
         "slices": options["slices"],
+        "slice_selection": SLICE_SELECTION,
         "label_map": {str(k): v for k, v in LABEL_MAP.items()},
         "cases": [s.key for s in sources],
         "slice_axis": "axial (NIfTI axis 2); PNG rows are NIfTI axis 1, columns axis 0",
@@ -194,7 +198,7 @@ def encode(source: Source, options: dict) -> list[Sample]:
         "brain": brain.any(axis=(0, 1)),
         "tumor": (mask > 0).any(axis=(0, 1)),
         "all": np.ones(depth, bool),
-    }[options["slices"]]
+    }[options["slices"] if thins(source) else "all"]
     samples = []
     for z in np.flatnonzero(keep).tolist():
         image = np.stack([c[:, :, z].T for c in channels], axis=-1)

@@ -14,8 +14,11 @@ Sample ``volume-3_042`` (volume, slice index; at least three digits)::
     pos.i32    int32 [volume index in the manifest's ``cases``, slice index, slices in volume]
     json       {"case", "slice", "slices"}
 
-``--slices liver`` (default) keeps slices holding liver or tumour; ``all`` keeps every slice.
-A volume with an unreadable slice or slab is skipped whole: per-case metrics need every slice.
+``--slices liver`` (default) keeps the training split's slices that hold liver or tumour;
+``all`` keeps every slice. Validation and test volumes always keep every slice: selecting by
+the ground truth would let the labels decide what is scored (a false positive on a slice
+without liver would never count). A volume with an unreadable slice or slab is skipped whole:
+per-case metrics need every slice.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from PIL import Image
 from xdtrain.errors import UserError
 from xdtrain.shards.base import (
     DECODE_ERRORS,
+    SLICE_SELECTION,
     Layout,
     Sample,
     Scan,
@@ -40,6 +44,7 @@ from xdtrain.shards.base import (
     rel,
     slice_sample,
     slices_option,
+    thins,
 )
 
 name = "lits"
@@ -101,6 +106,7 @@ def scan(src: Path, options: dict) -> Scan:
         "window_hu": options["window"] if release == "nifti" else "as stored in the PNGs",
         "bits": options["bits"] if release == "nifti" else 8,
         "slices": options["slices"],
+        "slice_selection": SLICE_SELECTION,
         "mask": "liver 1, tumour 2 (tumour wins where the PNG masks overlap)",
         "cases": [s.key for s in sources],
         "slice_axis": "axial (NIfTI axis 2); PNG rows are NIfTI axis 1, columns axis 0",
@@ -176,9 +182,10 @@ def encode(source: Source, options: dict) -> list[Sample]:
         planes = _nifti_planes(source, options)
     else:
         planes = _png_planes(source)
+    thin = options["slices"] == "liver" and thins(source)
     samples = []
     for k, image, mask, depth in planes:
-        if options["slices"] == "all" or mask.any():
+        if not thin or mask.any():
             samples.append(slice_sample(source, k, depth, image, mask, {}))
     return samples
 
