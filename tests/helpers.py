@@ -4,7 +4,25 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+import torch
+
 ROOT = Path(__file__).resolve().parent.parent
+
+# A GPU variant of a test is listed and reported as skipped, with the reason, on a machine
+# without CUDA (``pytest -ra`` shows it): it never vanishes from the run silently.
+NEEDS_CUDA = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device: GPU variant not run"
+)
+
+
+def on_gpu(*values):
+    """One ``parametrize`` entry that needs CUDA: ``on_gpu("gpu")``, ``on_gpu("dali", "gpu")``."""
+    return pytest.param(*values, marks=NEEDS_CUDA)
+
+
+# DALI pipeline devices: the CPU always, the GPU where there is one
+DEVICES = ["cpu", on_gpu("gpu")]
 
 
 def demo_args(config: str, shards: Path, run: Path, *settings: str) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import typing
 from collections import defaultdict
@@ -17,6 +18,7 @@ from xdtrain.config import DataConfig
 from xdtrain.data.shardset import LAYOUTS, open_split
 from xdtrain.shards import PACKERS
 from xdtrain.shards import manifest as manifest_mod
+from xdtrain.shards.splits import fraction_tier_indices, tier_name
 from xdtrain.shards.tar import BLOCK, parse_index, read_samples
 
 NAMES = ["imagenet", "chestxray8", "brats", "lits", "lits-nifti"]
@@ -172,15 +174,46 @@ def test_samples_are_shuffled_across_groups(packed, name):
         assert len(keys) < 8 or keys != sorted(keys)  # 8! orders: sorted by chance is rare
 
 
+def _patients(folder: Path, names: list[str]) -> set[str]:
+    """Patients of the samples in the shard files ``names`` (each sample's ``json``)."""
+    return {
+        json.loads(parts["json"])["patient"] for n in names for _, parts in read_samples(folder / n)
+    }
+
+
 def test_fraction_tiers_are_nested_by_patient(packed):
     folder = packed["chestxray8"]
     manifest = manifest_mod.load(folder)
-    sizes = []
-    for fraction in (0.01, 0.1, 0.5, 1.0):
+    train = manifest["splits"]["train"]
+    everyone = sorted(train["patient_ids"])
+    n = len(everyone)
+    fractions = sorted(manifest["fractions"].values())
+    assert fractions == [0.01, 0.1, 0.5] and n >= 10  # enough patients for distinct tiers
+    # fraction -> patients of the files it reads
+    read = {}
+    for fraction in (*fractions, 1.0):
         names = manifest_mod.shards(manifest, "train", fraction)
-        sizes.append(len(names))
-        assert names == sorted(names, key=lambda n: n.split("-")[1])
-    assert sizes == sorted(sizes) and sizes[-1] == len(manifest["splits"]["train"]["shards"])
+        assert names == sorted(names, key=lambda name: name.split("-")[1])
+        read[fraction] = _patients(folder, names)
+        # ceil(f * n) patients, at least one: the rule of splits.fraction_tier_indices
+        assert len(read[fraction]) == (n if fraction == 1.0 else max(1, math.ceil(fraction * n)))
+    assert sorted(read[1.0]) == everyone
+    assert read[0.01] < read[0.1] < read[0.5] < read[1.0]  # nested, and each adds patients
+    # each file tier holds whole patients: nobody is in two tiers
+    tiers = defaultdict(list)
+    for shard in train["shards"]:
+        tiers[shard["tier"]].append(shard["name"])
+    assert sorted(tiers) == ["p001", "p010", "p050", "p100"]
+    by_tier = {tier: _patients(folder, names) for tier, names in tiers.items()}
+    assert sum(len(p) for p in by_tier.values()) == n
+    assert set().union(*by_tier.values()) == set(everyone)
+    # and they are the patients fraction_tier_indices picks for the pack's seed
+    picked = fraction_tier_indices(n, tuple(fractions), manifest["seed"])
+    names = [tier_name(f) for f in (*fractions, 1.0)]
+    assert by_tier == {
+        name: {p for p, i in zip(everyone, picked.tolist(), strict=True) if i == k}
+        for k, name in enumerate(names)
+    }
     assert manifest_mod.shards(manifest, "val") == [
         s["name"] for s in manifest["splits"]["val"]["shards"]
     ]

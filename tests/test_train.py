@@ -7,19 +7,25 @@ import dataclasses
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torchvision
 from helpers import ROOT, demo_args
+from sklearn.metrics import roc_auc_score
 
 from xdtrain import tasks
+from xdtrain.config import load_config
+from xdtrain.data import build_loader
 from xdtrain.errors import UserError
+from xdtrain.models import get_model
 from xdtrain.runlog import read_metrics
 from xdtrain.train import main
 
@@ -32,9 +38,33 @@ def rows(run: Path, kind: str) -> list[dict]:
     return [r for r in read_metrics(run / "metrics.jsonl") if r["kind"] == kind]
 
 
-def test_simclr_run_writes_a_complete_run_folder(packed, tmp_path):
+class _ShiftedLoss:
+    """Metrics that add ``shift`` to the validation loss they report."""
+
+    def __init__(self, metrics, shift: float):
+        self.metrics, self.shift = metrics, shift
+
+    def update(self, outputs, batch) -> None:
+        self.metrics.update(outputs, batch)
+
+    def compute(self) -> dict:
+        result = self.metrics.compute()
+        return result | {"loss": result["loss"] + self.shift}
+
+
+def test_simclr_run_writes_a_complete_run_folder(packed, tmp_path, monkeypatch):
+    # SimCLR's best epoch is the lowest validation NT-Xent. A real loss often falls every
+    # epoch, where "the last epoch" or "the first" would pass too: shift the validation loss
+    # of epochs 1 and 3 up (by more than NT-Xent at batch 8 can reach) so the middle epoch
+    # is the best, then check the rows against the values actually logged.
+    task = tasks.TASKS["simclr"]
+    shifts = iter([10.0, 0.0, 20.0])  # validation of epochs 1, 2, 3; then the test split
+    shifted = dataclasses.replace(
+        task, metrics=lambda c, cfg: _ShiftedLoss(task.metrics(c, cfg), next(shifts, 0.0))
+    )
+    monkeypatch.setitem(tasks.TASKS, "simclr", shifted)
     run = tmp_path / "simclr"
-    extra = ["--set", "data.batch_size=8", "--set", "train.epochs=2"]
+    extra = ["--set", "data.batch_size=8", "--set", "train.epochs=3"]
     assert main(args("pt_simclr_imagenet.yaml", packed["imagenet"], run, *extra)) == 0
     for name in ("config.yaml", "env.json", "metrics.jsonl", "last.pt", "final.pt", "encoder.pt"):
         assert (run / name).is_file(), name
@@ -45,11 +75,20 @@ def test_simclr_run_writes_a_complete_run_folder(packed, tmp_path):
     train, val, test = rows(run, "train"), rows(run, "val"), rows(run, "test")
     steps = [r["step"] for r in train]
     assert steps == list(range(1, len(steps) + 1))  # every row once, every step logged
-    assert [r["epoch"] for r in val] == [1, 2] and len(test) == 1
+    assert [r["epoch"] for r in val] == [1, 2, 3] and len(test) == 1
     for row in train:
         assert math.isfinite(row["loss"]) and row["samples_per_s"] > 0
         assert 0 <= row["data_wait"] <= 1 and row["lr"] > 0
-    assert test[0]["checkpoint"] == "final.pt" and test[0]["best_val_epoch"] in (1, 2)
+    # the best epoch is the lowest validation loss so far (the first of equals), every epoch
+    losses = [r["loss"] for r in val]
+    assert all(math.isfinite(v) for v in losses)
+    running = [min(range(i + 1), key=lambda j: (losses[j], j)) for i in range(len(val))]
+    assert [r["best_epoch"] for r in val] == [val[j]["epoch"] for j in running]
+    best = running[-1]
+    assert best == 1  # the middle epoch: the shifts above put it there
+    assert test[0]["checkpoint"] == "final.pt"
+    assert test[0]["best_val_epoch"] == val[best]["epoch"] == 2
+    assert test[0]["best_val_value"] == losses[best]
     final = torch.load(run / "final.pt", weights_only=True)
     last = torch.load(run / "last.pt", weights_only=True)
     assert "optimizer" not in final and "optimizer" in last  # only last.pt is for resuming
@@ -89,7 +128,49 @@ def test_finetuning_from_a_pretrained_encoder_records_what_it_loaded(packed, tmp
     assert loaded["missing"] == [] and loaded["unexpected"] == [] and loaded["loaded"]
     train = rows(run, "train")
     assert train[-1]["loss"] < train[0]["loss"]
-    assert 0 <= rows(run, "test")[0]["auroc_mean"] <= 1
+    test = rows(run, "test")[0]
+    expected = _test_auroc(run)
+    assert 2 <= len(expected) <= 14  # findings with both classes in the test split
+    assert test["auroc_classes"] == len(expected)
+    assert test["auroc_mean"] == pytest.approx(float(np.mean(list(expected.values()))), abs=1e-6)
+    findings = [k for k in test if k.startswith("auroc/") and k != "auroc/No Finding"]
+    assert len(findings) == 14
+    for key in findings:
+        name = key.removeprefix("auroc/")
+        if name in expected:
+            assert test[key] == pytest.approx(expected[name], abs=1e-6), name
+        else:
+            assert test[key] is None, name  # one class only: no AUROC
+
+
+def _test_auroc(run: Path) -> dict[str, float]:
+    """Per-finding AUROC of the run's final.pt on its test split, computed here: the saved
+    config's test batches through the saved weights, scored with scikit-learn, for the
+    findings (the manifest's first 14 classes) whose test labels hold both classes."""
+    config = load_config(run / "config.yaml")
+    loader = build_loader(config.data, "test", seed=config.run.seed, train=False)
+    classes = list(loader.shardset.classes)
+    model = get_model(config.model.name, num_classes=len(classes), in_channels=config.data.channels)
+    model.load_state_dict(torch.load(run / "final.pt", weights_only=True)["model"])
+    model.eval()
+    if config.train.channels_last:  # as the run scored it: the same convolution kernels
+        model.to(memory_format=torch.channels_last)
+    scores, labels, keys = [], [], []
+    with torch.no_grad():
+        for batch in loader:
+            image = batch["image"]
+            if config.train.channels_last:
+                image = image.contiguous(memory_format=torch.channels_last)
+            scores.append(model(image).float().numpy())
+            labels.append(batch["label"].numpy())
+            keys += list(batch["keys"])
+    scores, labels = np.concatenate(scores), np.concatenate(labels)
+    assert len(keys) == len(set(keys)) == len(labels)  # every test sample once
+    out = {}
+    for i, name in enumerate(classes[:14]):
+        if labels[:, i].min() != labels[:, i].max():
+            out[name] = float(roc_auc_score(labels[:, i], scores[:, i]))
+    return out
 
 
 def test_an_existing_run_needs_resume_or_force(packed, tmp_path):
@@ -170,7 +251,7 @@ def test_a_config_typo_fails_before_any_data_is_read(tmp_path):
         main([str(ROOT / "configs/demo/ft_brats.yaml"), "--set", "model.name=resnet18"])
 
 
-def _train_command(run: Path, shards: Path, epochs: int) -> list[str]:
+def _train_command(run: Path, shards: Path, epochs: int, *extra: str) -> list[str]:
     return [
         sys.executable,
         "-m",
@@ -179,39 +260,86 @@ def _train_command(run: Path, shards: Path, epochs: int) -> list[str]:
         "--set",
         f"train.epochs={epochs}",
         "--set",
-        "data.batch_size=2",
+        "data.batch_size=4",
         "--set",
         "train.deterministic=true",
+        *extra,
     ]
 
 
-def test_sigkill_in_the_second_epoch_then_resume_gives_identical_weights(packed, tmp_path):
+def test_sigkill_mid_epoch_then_resume_gives_identical_weights(packed, tmp_path):
+    """Killed after a checkpoint written in the middle of an epoch, a resumed run replays
+    the epoch's batches up to the checkpoint's step and ends bit for bit where a run that
+    was never stopped ends, with every metrics row once."""
     shards = packed["lits"]
     whole = tmp_path / "whole"
-    subprocess.run(_train_command(whole, shards, 3), check=True, capture_output=True)
+    subprocess.run(_train_command(whole, shards, 2), check=True, capture_output=True)
+    steps_per_epoch = max(r["step"] for r in rows(whole, "train") if r["epoch"] == 1)
+    assert steps_per_epoch >= 3  # room for a checkpoint and a logged step after it
+    # last.pt after every step (checkpoint_minutes is tiny), not only at the epoch's end
+    often = ("--set", "train.checkpoint_minutes=1e-9")
     killed = tmp_path / "killed"
     proc = subprocess.Popen(
-        _train_command(killed, shards, 3), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        _train_command(killed, shards, 2, *often),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
-    deadline = time.monotonic() + 120
+    kill_after = steps_per_epoch + 1  # in the second epoch
+    deadline = time.monotonic() + 180
     while time.monotonic() < deadline and proc.poll() is None:
-        if any(r["epoch"] == 2 for r in rows(killed, "train")):
-            os.kill(proc.pid, signal.SIGKILL)
-            break
+        if max((r["step"] for r in rows(killed, "train")), default=0) >= kill_after:
+            # frozen, it is killed once its last.pt is from within the epoch and it has
+            # logged a step after it (rows the resumed run must drop); else it goes on
+            os.kill(proc.pid, signal.SIGSTOP)
+            saved = torch.load(killed / "last.pt", weights_only=True)
+            logged = max(r["step"] for r in rows(killed, "train"))
+            if saved["step_in_epoch"] > 0 and logged > saved["global_step"]:
+                os.kill(proc.pid, signal.SIGKILL)
+                break
+            os.kill(proc.pid, signal.SIGCONT)
         time.sleep(0.02)
     assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
     state = torch.load(killed / "last.pt", weights_only=True)
-    assert state["epoch"] == 1  # killed during the second epoch
+    assert state["epoch"] == 1 and 0 < state["step_in_epoch"] < steps_per_epoch, (
+        state["epoch"],
+        state["step_in_epoch"],
+    )
+    assert state["global_step"] == steps_per_epoch + state["step_in_epoch"]
+    assert max(r["step"] for r in rows(killed, "train")) > state["global_step"]  # rows to drop
     subprocess.run(
-        [*_train_command(killed, shards, 3), "--resume"], check=True, capture_output=True
+        [*_train_command(killed, shards, 2, *often), "--resume"], check=True, capture_output=True
     )
     a = torch.load(whole / "final.pt", weights_only=True)["model"]
     b = torch.load(killed / "final.pt", weights_only=True)["model"]
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    steps = [r["step"] for r in rows(killed, "train")]
-    assert steps == sorted(set(steps))  # rows after the checkpoint were dropped, not doubled
+    # rows after the checkpoint were dropped, not doubled, and the replayed batches were the
+    # same: every step's loss is the uninterrupted run's
+    train = rows(killed, "train")
+    assert [r["step"] for r in train] == list(range(1, 2 * steps_per_epoch + 1))
+    assert [r["loss"] for r in train] == [r["loss"] for r in rows(whole, "train")]
+    assert [r["epoch"] for r in rows(killed, "val")] == [1, 2]
+    assert [r["loss"] for r in rows(killed, "val")] == [r["loss"] for r in rows(whole, "val")]
+    assert len(rows(killed, "test")) == 1
     assert rows(killed, "test")[0]["loss"] == rows(whole, "test")[0]["loss"]
+
+
+def torchrun2(*train_args: str, torchrun: tuple[str, ...] = ()):
+    """``xd-train`` under ``torchrun --standalone`` with two CPU processes."""
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        *torchrun,
+        "-m",
+        "xdtrain.train",
+        *train_args,
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
 
 
 @pytest.mark.parametrize(
@@ -223,19 +351,7 @@ def test_sigkill_in_the_second_epoch_then_resume_gives_identical_weights(packed,
 )
 def test_torchrun_with_two_cpu_processes(packed, tmp_path, config, data, extra):
     run = tmp_path / "ddp"
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "xdtrain.train",
-        *args(config, packed[data], run, "--set", "train.epochs=2", *extra),
-    ]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    done = torchrun2(*args(config, packed[data], run, "--set", "train.epochs=2", *extra))
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("run: ") == 1  # only rank 0 prints
     assert json.loads((run / "env.json").read_text())["world_size"] == 2
@@ -243,3 +359,35 @@ def test_torchrun_with_two_cpu_processes(packed, tmp_path, config, data, extra):
     assert [r["step"] for r in train] == list(range(1, len(train) + 1))
     assert [r["epoch"] for r in rows(run, "val")] == [1, 2] and len(rows(run, "test")) == 1
     assert all(math.isfinite(r["loss"]) for r in train)
+
+
+def test_sync_bn_on_cpu_ranks_is_refused_in_one_line_before_any_data_is_read(tmp_path):
+    """SyncBatchNorm needs CUDA: two CPU ranks under torchrun refuse ``train.sync_bn: true``
+    at start, each with the one-line message (shards that do not exist are never opened)."""
+    run, logs = tmp_path / "ddp", tmp_path / "logs"
+    done = torchrun2(
+        str(ROOT / "configs/demo/ft_lits.yaml"),
+        "--run-dir",
+        str(run),
+        "--set",
+        "data.shards=/nonexistent",
+        "--set",
+        "data.device=cpu",  # CPU ranks on a machine with GPUs too
+        "--set",
+        "train.sync_bn=true",
+        # each rank's stdout and stderr into its own files under logs/
+        torchrun=("--log-dir", str(logs), "--redirects", "3"),
+    )
+    # torchrun fails (1) and reports the rank that failed first with xd-train's status 2
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert re.search(r"exitcode\s*:\s*2\b", done.stderr), done.stderr[-3000:]
+    errs = {p.parent.name: p.read_text() for p in logs.rglob("stderr.log")}
+    outs = [p.read_text() for p in logs.rglob("stdout.log")]
+    assert sorted(errs) == ["0", "1"] and outs == ["", ""], (errs, outs)
+    said = [text for text in errs.values() if text]  # torchrun may stop the second at once
+    assert said and all(text == said[0] for text in said), errs
+    assert said[0].count("\n") == 1 and "Traceback" not in said[0], said[0]  # one line
+    line = said[0].rstrip("\n")
+    assert line.startswith(f"error: {ROOT / 'configs/demo/ft_lits.yaml'}: train.sync_bn: ")
+    assert "CUDA" in line and "set train.sync_bn: false" in line, line
+    assert not run.exists()  # no run folder, no files

@@ -518,6 +518,14 @@ def main(argv: list[str] | None = None) -> int:
     resume = prepare_folder(folder, config, args.resume, args.force)
     world = distributed.init(config.data.device)
     try:
+        if config.train.sync_bn and world.size > 1 and world.device.type != "cuda":
+            # torch refuses it only when DDP wraps the model, after the loaders are built,
+            # with a raw ValueError; every rank refuses here, before any data is read
+            raise UserError(
+                f"{args.config}: train.sync_bn: SyncBatchNorm needs CUDA devices, but the "
+                f"{world.size} ranks run on CPU; set train.sync_bn: false on CPU "
+                "(--set train.sync_bn=false)"
+            )
         distributed.barrier()  # every rank has looked at the folder before rank 0 changes it
         if world.main and args.force:
             clear_folder(folder)
