@@ -128,3 +128,25 @@ def test_pixel_cross_entropy_matches_torch_in_value_and_gradient():
         (expected,) = torch.autograd.grad(theirs, logits)
         assert torch.allclose(ours, theirs, atol=1e-6)
         assert torch.allclose(grad, expected, atol=1e-7)
+
+
+def test_padding_pixels_count_in_no_loss():
+    """Pixels labelled -1 (padding of evaluation masks) count nowhere: the cross-entropy is
+    ``F.cross_entropy(ignore_index=-1)``, and both terms equal those of the unpadded part."""
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 12, 12)
+    mask = torch.randint(0, 3, (2, 12, 12))
+    padded = mask.clone()
+    padded[1, 8:, :] = -1
+    padded[1, :, 9:] = -1
+    weight = torch.tensor([0.2, 1.0, 3.0])
+    for w in (None, weight):
+        expected = F.cross_entropy(logits, padded, weight=w, ignore_index=-1)
+        assert segmentation_loss(logits, padded, w) == pytest.approx(expected.item(), rel=1e-6)
+    # the padded pixels' logits do not matter at all, Dice term included
+    changed = logits.clone()
+    changed[1, :, 8:, :] = 50.0
+    changed[1, :, :, 9:] = -50.0
+    a = segmentation_loss(logits, padded, None, dice_weight=1.0)
+    b = segmentation_loss(changed, padded, None, dice_weight=1.0)
+    assert a == pytest.approx(b.item(), rel=1e-6)

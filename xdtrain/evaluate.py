@@ -114,16 +114,21 @@ class _Collector:
             self.scores.append(outputs.argmax(1).cpu().numpy())
             self.labels.append(batch["label"].cpu().numpy())
         elif self.kind == "segmentation":
-            # the first slices that hold any target, in the order they are read
+            # the first slices that hold any target, in the order they are read, at the
+            # grid they are scored on (the stored masks'; the image brought to it)
             for i in range(len(batch["keys"])):
                 if len(self.samples) >= self.overlays:
                     break
-                if int(batch["mask"][i].sum()) > 0:
+                mask = batch["mask"][i]
+                if int((mask > 0).sum()) > 0:
+                    h, w = int((mask >= 0).any(1).sum()), int((mask >= 0).any(0).sum())
+                    image = batch["image"][i : i + 1, :1].float()  # at the network's size
+                    image = torch.nn.functional.interpolate(image, size=(h, w), mode="bilinear")
                     self.samples.append(
                         (
-                            batch["image"][i, 0].float().cpu().numpy(),
-                            batch["mask"][i].cpu().numpy(),
-                            outputs[i].cpu().numpy(),
+                            image[0, 0].cpu().numpy(),
+                            mask[:h, :w].cpu().numpy(),
+                            outputs[i, :h, :w].cpu().numpy(),
                         )
                     )
 

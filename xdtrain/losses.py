@@ -74,6 +74,9 @@ def multilabel_bce(
     return loss.mean()
 
 
+IGNORE = -1  # label of padding pixels in evaluation masks: no pixel, no loss, no score
+
+
 def one_hot(mask: torch.Tensor, classes: int, dtype: torch.dtype) -> torch.Tensor:
     """``[N, H, W]`` labels as ``[N, classes, H, W]`` indicators (elementwise: deterministic)."""
     labels = torch.arange(classes, device=mask.device).view(1, classes, 1, 1)
@@ -87,19 +90,22 @@ def pixel_cross_entropy(
 
     CUDA's 2-D NLL kernel has no deterministic implementation, so ``train.deterministic``
     runs would fail on a GPU; this form uses only elementwise products and sums. With
-    ``weight`` it is the weighted mean, as ``F.cross_entropy`` computes it."""
+    ``weight`` it is the weighted mean, as ``F.cross_entropy`` computes it. Pixels labelled
+    :data:`IGNORE` (padding) count nowhere, as with ``ignore_index``."""
     logp = logits.float().log_softmax(dim=1)
-    onehot = one_hot(mask, logits.shape[1], logp.dtype)
+    onehot = one_hot(mask, logits.shape[1], logp.dtype)  # all zero where ignored
     nll = -(logp * onehot).sum(dim=1)
     if weight is None:
-        return nll.mean()
+        valid = (mask != IGNORE).sum()
+        return nll.sum() / valid.clamp(min=1)
     pixel_weight = (onehot * weight.view(1, -1, 1, 1)).sum(dim=1)
     return (nll * pixel_weight).sum() / pixel_weight.sum()
 
 
 def soft_dice_loss(logits: torch.Tensor, mask: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
-    """1 − mean soft Dice over the foreground classes (class 0 is background)."""
-    probs = logits.float().softmax(dim=1)
+    """1 − mean soft Dice over the foreground classes (class 0 is background); pixels
+    labelled :data:`IGNORE` count nowhere."""
+    probs = logits.float().softmax(dim=1) * (mask != IGNORE).unsqueeze(1)
     onehot = one_hot(mask, probs.shape[1], probs.dtype)
     dims = (0, 2, 3)
     inter = (probs * onehot).sum(dims)
@@ -114,7 +120,10 @@ def segmentation_loss(
     class_weights: torch.Tensor | None = None,
     dice_weight: float = 0.0,
 ) -> torch.Tensor:
-    """Cross-entropy with optional class weights, plus ``dice_weight`` × soft Dice loss."""
+    """Cross-entropy with optional class weights, plus ``dice_weight`` × soft Dice loss.
+
+    ``logits``: ``[N, C, H, W]``; ``mask``: ``int64 [N, H, W]`` labels, :data:`IGNORE`
+    (-1) where a padded evaluation mask holds no pixel."""
     weight = class_weights.to(logits.device) if class_weights is not None else None
     loss = pixel_cross_entropy(logits, mask, weight)
     if dice_weight:

@@ -71,7 +71,7 @@ def build_loader(
     augment = data.augment or ("segment" if kind == "segment" else "standard")
     preset = PRESETS.get(augment)
     purpose = "simclr" if preset is not None and preset.purpose == "simclr" else kind
-    aug = get_preset(augment, purpose, data.solarize) if train or purpose == "simclr" else None
+    aug = get_preset(augment, purpose, data.solarize)  # evaluation reads its eval_resize
     device = resolve_device(data.device)
     common = dict(
         batch_size=data.batch_size,

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from xdtrain.config import add_config_arguments, load_config
-from xdtrain.data import build_loader
+from xdtrain.data import PRESETS, build_loader
 from xdtrain.errors import run_cli
 
 
@@ -41,7 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", default="train", choices=["train", "val", "test"])
     parser.add_argument("--batches", type=int, default=5, help="batches to time (default 5)")
     args = parser.parse_args(argv)
-    cfg = load_config(args.config, args.set)
+    from xdtrain.train import resolve  # fills the task's default preset
+
+    cfg, _ = resolve(load_config(args.config, args.set))
     loader = build_loader(cfg.data, args.split, seed=cfg.run.seed, debug=cfg.run.debug)
     count = min(args.batches, len(loader))
     it = iter(loader)
@@ -64,7 +66,22 @@ def main(argv: list[str] | None = None) -> int:
         f"{len(loader)} batches per epoch of {cfg.data.batch_size}; preset {cfg.data.augment}, "
         f"backend {backend}; {rate} after the first batch"
     )
+    print(f"evaluation (val, test): {evaluation_geometry(cfg.data)}")
     return 0
+
+
+def evaluation_geometry(data) -> str:
+    """What the evaluation graph does to an image, from the preset (docs/pipelines.md)."""
+    preset = PRESETS[data.augment]
+    size = data.image_size
+    if preset.purpose == "segment":
+        return f"image resized to {size} px; scored on the masks as stored"
+    if preset.purpose == "simclr":
+        return "the SimCLR views, as in training"
+    if preset.eval_resize == "centre_crop":
+        side = round(size / preset.eval_crop_ratio)
+        return f"shorter side to {side} px, centre {size} px crop"
+    return f"whole image resized to {size} px, as training does when it does not crop"
 
 
 if __name__ == "__main__":

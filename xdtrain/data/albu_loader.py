@@ -1,52 +1,90 @@
-"""The CPU path for segmentation: webdataset + DataLoader workers + albumentations.
+"""The CPU path for segmentation: tar shards read by offset, albumentations on DataLoader
+workers.
 
-Same batch contract as the DALI loader (:mod:`xdtrain.data.batch`), same rank split (each
-rank reads the contiguous sample range DALI's ``shard_id`` would give it), and the same
-preset numbers: albumentations draws one set of geometric parameters per sample and applies
-it to the image and, with nearest-neighbour interpolation and no intensity change, to the
-mask. Each worker reads its own contiguous part of the rank's range, opening only the
-shards it touches, and shuffles inside a buffer seeded by (seed, rank, epoch, worker).
-Training streams wrap around, so every rank yields exactly ``len()`` full batches.
+Same batch contract as the DALI loader (:mod:`xdtrain.data.batch`), same samples per rank
+and epoch (:mod:`xdtrain.data.order`), and the same preset numbers: albumentations draws one
+set of geometric parameters per sample and applies it to the image and, with
+nearest-neighbour interpolation and no intensity change, to the mask.
+
+What a batch holds depends only on (seed, rank, epoch): the main process fixes the order
+(the epoch's pieces, then, for training, a seeded permutation of the rank's samples), cuts it
+into batches, and a worker builds batch ``i`` from its list of samples, seeding each sample's
+augmentation from (seed, rank, epoch, position). So ``data.workers`` changes neither the
+samples, nor their order, nor their augmentation, nor ``len()``, and a run may be resumed
+with another worker count.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from typing import Any
 
 import albumentations as A
 import cv2
 import numpy as np
 import torch
-import webdataset as wds
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset
 
 from xdtrain.data.batch import labels
 from xdtrain.data.dali_ops import GREY_MEAN, GREY_STD
+from xdtrain.data.order import rank_order
 from xdtrain.data.presets import Augment
 from xdtrain.data.shardset import ShardSet, rank_range
 from xdtrain.errors import UserError
 from xdtrain.rng import rng_for
+from xdtrain.shards.tar import parse_index
 
 log = logging.getLogger("xdtrain.data")
-SHUFFLE_BUFFER = 256
 # OpenCV's INTER_NEAREST samples at floor(x * scale), half a pixel off the linear grid the
 # image is resampled on; INTER_NEAREST_EXACT is centre-aligned, so masks stay on the image.
 NEAREST = cv2.INTER_NEAREST_EXACT
+# Shrinking images are area-averaged (OpenCV's INTER_AREA), as DALI and torchvision
+# antialias them; masks are never averaged.
+SHRINK = "image"
+
+
+class BrightnessContrast(A.ImageOnlyTransform):
+    """torchvision's brightness then contrast on a 0–1 float image of any channel count:
+    ``clamp(b · (m + c · (x − m)))``, ``b`` and ``c`` drawn in ``1 ± strength``, ``m`` the
+    mean of each channel (the grey level of a film, each MRI modality on its own); clamped
+    once, as the DALI graphs do."""
+
+    def __init__(self, brightness: float, contrast: float, p: float = 0.5):
+        super().__init__(p=p)
+        self.brightness, self.contrast = brightness, contrast
+
+    def get_params(self) -> dict[str, float]:
+        b, c = self.brightness, self.contrast
+        return {
+            "b": self.py_random.uniform(max(0.0, 1 - b), 1 + b),
+            "c": self.py_random.uniform(max(0.0, 1 - c), 1 + c),
+        }
+
+    def apply(self, img: np.ndarray, b: float = 1.0, c: float = 1.0, **params: Any) -> np.ndarray:
+        centre = img.mean(axis=(0, 1), keepdims=True) if img.ndim == 3 else img.mean()
+        return np.clip(img * (b * c) + centre * (b * (1.0 - c)), 0.0, 1.0).astype(np.float32)
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("brightness", "contrast")
 
 
 def transform(aug: Augment | None, size: int) -> A.Compose:
-    """The albumentations Compose for a segmentation preset (``None``: evaluation resize)."""
+    """The albumentations Compose for a segmentation preset (``None``: evaluation resize of
+    the image alone; scores are computed on the mask as stored)."""
     if aug is None:
-        return A.Compose([A.Resize(size, size, mask_interpolation=NEAREST)])
+        return A.Compose([A.Resize(size, size, area_for_downscale=SHRINK)])
     crop = A.RandomResizedCrop(
         size=(size, size),
         scale=aug.crop_area,
         ratio=aug.crop_ratio,
         mask_interpolation=NEAREST,
+        area_for_downscale=SHRINK,
         p=aug.crop_p,
     )
-    whole = A.Resize(size, size, mask_interpolation=NEAREST, p=1.0 - aug.crop_p)
+    whole = A.Resize(
+        size, size, mask_interpolation=NEAREST, area_for_downscale=SHRINK, p=1.0 - aug.crop_p
+    )
     if aug.crop_p >= 1:
         first = crop
     elif aug.crop_p <= 0:
@@ -66,93 +104,85 @@ def transform(aug: Augment | None, size: int) -> A.Compose:
                 p=aug.rotate_p,
             )
         )
-    if aug.jitter_p > 0:
-        # additive brightness and multiplicative contrast on the 0-1 scale (the image only)
-        steps.append(
-            A.RandomBrightnessContrast(
-                brightness_limit=aug.brightness, contrast_limit=aug.contrast, p=aug.jitter_p
-            )
-        )
+    if aug.jitter_p > 0 and (aug.brightness > 0 or aug.contrast > 0):
+        steps.append(BrightnessContrast(aug.brightness, aug.contrast, p=aug.jitter_p))
     return A.Compose(steps)
-
-
-class _Stream(IterableDataset):
-    """Decoded, augmented samples of one rank's range, split among the workers."""
-
-    def __init__(self, loader: AlbuLoader):
-        self.loader = loader
-        self.epoch = 0
-
-    def __iter__(self):
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        lo, hi = self.loader.worker_range(worker, workers)
-        rng = rng_for(self.loader.seed, "albu", self.loader.rank, self.epoch, worker)
-        compose = transform(self.loader.aug, self.loader.size)
-        compose.set_random_seed(int(rng.integers(2**31 - 1)))
-        pending_bad = 0
-        if hi <= lo:
-            return
-        while True:
-            yielded = False
-            for sample in self._shuffled(self._samples(lo, hi), rng):
-                try:
-                    item = self.loader.prepare(sample, compose)
-                except _BadSample as bad:
-                    if self.loader.debug:
-                        raise UserError(str(bad)) from None
-                    log.warning("%s; replaced by the next sample", bad)
-                    pending_bad += 1
-                    continue
-                item["bad"] = pending_bad
-                pending_bad = 0
-                yielded = True
-                yield item
-            if not self.loader.train:
-                return
-            if not yielded:
-                raise UserError(
-                    f"{self.loader.shardset.folder}: no sample of this rank's part decodes; "
-                    f"run `xd-shard verify {self.loader.shardset.folder}`"
-                )
-
-    def _shuffled(self, samples, rng):
-        if not self.loader.train:
-            yield from samples
-            return
-        buffer = []
-        for sample in samples:
-            buffer.append(sample)
-            if len(buffer) >= SHUFFLE_BUFFER:
-                yield buffer.pop(int(rng.integers(len(buffer))))
-        rng.shuffle(buffer)
-        yield from buffer
-
-    def _samples(self, lo: int, hi: int):
-        """Raw samples ``lo``–``hi`` of the split, opening only the shards they live in."""
-        offsets = np.cumsum([0, *self.loader.counts])
-        urls = [
-            p
-            for p, a, b in zip(self.loader.shardset.paths, offsets[:-1], offsets[1:], strict=True)
-            if a < hi and b > lo
-        ]
-        if not urls:
-            return
-        first = int(np.searchsorted(offsets, lo, side="right") - 1)
-        index = int(offsets[first])
-        stream = wds.WebDataset(
-            urls, shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False
-        )
-        for sample in stream:
-            if index >= hi:
-                break
-            if index >= lo:
-                yield sample
-            index += 1
 
 
 class _BadSample(Exception):
     pass
+
+
+class _Batches(Dataset):
+    """Batch ``i`` of an epoch, built in whichever worker asks for it."""
+
+    def __init__(self, loader: AlbuLoader, batches: list[list[tuple[int, int]]], epoch: int):
+        self.loader, self.batches, self.epoch = loader, batches, epoch
+        self._refs: dict[int, list] = {}
+        self._files: dict[int, Any] = {}
+        self._compose: A.Compose | None = None
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> dict:
+        loader = self.loader
+        if self._compose is None:
+            self._compose = transform(loader.aug if loader.train else None, loader.size)
+        items, bad = [], []
+        for j, (shard, position) in enumerate(self.batches[i]):
+            sample = self._read(shard, position)
+            seed = rng_for(loader.seed, "albu", loader.rank, self.epoch, i, j).integers(2**31)
+            self._compose.set_random_seed(int(seed))
+            try:
+                items.append(loader.prepare(sample, self._compose))
+            except _BadSample as exc:
+                if loader.debug:
+                    raise UserError(str(exc)) from None
+                log.warning("%s; replaced within its batch", exc)
+                bad.append(j)
+                items.append(None)
+        good = [item for item in items if item is not None]
+        if not good:
+            folder = loader.shardset.folder
+            raise UserError(
+                f"{folder}: every sample of a batch failed to decode; "
+                f"run `xd-shard verify {folder}`"
+            )
+        items = [item if item is not None else good[n % len(good)] for n, item in enumerate(items)]
+        return _collate(items, len(bad))
+
+    def _read(self, shard: int, position: int) -> dict:
+        if shard not in self._refs:
+            with open(self.loader.shardset.index_paths[shard]) as fh:
+                self._refs[shard] = parse_index(fh.read())
+            self._files[shard] = open(self.loader.shardset.paths[shard], "rb")  # noqa: SIM115
+        ref = self._refs[shard][position]
+        sample: dict = ref.read(self._files[shard])
+        sample["__key__"] = ref.key
+        sample["__url__"] = self.loader.shardset.paths[shard]
+        return sample
+
+    def __del__(self):
+        for fh in getattr(self, "_files", {}).values():
+            fh.close()
+
+
+def _collate(items: list[dict], bad: int) -> dict:
+    """Stacked tensors; masks of different sizes (evaluation, as stored) padded with -1."""
+    masks = [item["mask"] for item in items]
+    height = max(m.shape[0] for m in masks)
+    width = max(m.shape[1] for m in masks)
+    mask = torch.full((len(masks), height, width), -1, dtype=torch.int64)
+    for n, m in enumerate(masks):
+        mask[n, : m.shape[0], : m.shape[1]] = m
+    return {
+        "image": torch.stack([item["image"] for item in items]),
+        "mask": mask,
+        "pos": torch.stack([item["pos"] for item in items]),
+        "keys": [item["key"] for item in items],
+        "bad": bad,
+    }
 
 
 class AlbuLoader:
@@ -178,26 +208,22 @@ class AlbuLoader:
         self.batch_size, self.workers, self.seed = batch_size, workers, seed
         self.rank, self.world_size, self.train, self.debug = rank, world_size, train, debug
         self.device = torch.device("cuda") if device == "gpu" else torch.device("cpu")
-        self.counts = [_index_count(p) for p in shardset.index_paths]
-        self.start, self.stop = rank_range(shardset.samples, rank, world_size)
+        start, stop = rank_range(shardset.samples, rank, world_size)
+        self.rank_samples = stop - start
         self.peak = 65535.0 if shardset.bits == 16 else 255.0
         self.epoch = 0
         self.bad_samples = 0
-        ways = max(1, workers)
         if train:
-            smallest = shardset.samples // world_size
-            sizes = [_part(smallest, w, ways) for w in range(ways)]
-            self._len = sum(s // batch_size for s in sizes)
+            # every rank yields the batches of the smallest rank, all full
+            self._len = (shardset.samples // world_size) // batch_size
         else:
-            sizes = [_part(self.stop - self.start, w, ways) for w in range(ways)]
-            self._len = sum(math.ceil(s / batch_size) for s in sizes)
+            self._len = math.ceil(self.rank_samples / batch_size)
         if self._len == 0:
             raise UserError(
                 f"{shardset.folder}: the {shardset.split} split has {shardset.samples} samples, "
-                f"too few for batches of {batch_size} on {ways} workers × {world_size} ranks; "
-                "lower data.batch_size or data.workers"
+                f"fewer than one batch of {batch_size} per rank ({world_size} ranks); "
+                "lower data.batch_size"
             )
-        self._stream = _Stream(self)
 
     def __len__(self) -> int:
         return self._len
@@ -205,13 +231,26 @@ class AlbuLoader:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def worker_range(self, worker: int, workers: int) -> tuple[int, int]:
-        n = self.stop - self.start
-        lo = self.start + n * worker // workers
-        return lo, self.start + n * (worker + 1) // workers
+    def epoch_samples(self, epoch: int) -> list[tuple[int, int]]:
+        """``(shard, position)`` of every sample this rank reads in ``epoch``, in order."""
+        pieces = rank_order(
+            list(self.shardset.counts),
+            seed=self.seed,
+            epoch=epoch,
+            train=self.train,
+            rank=self.rank,
+            world_size=self.world_size,
+        )
+        samples = [(p.shard, i) for p in pieces for i in p.positions]
+        if self.train:
+            permutation = rng_for(self.seed, "albu-order", self.rank, epoch).permutation
+            samples = [samples[i] for i in permutation(len(samples)).tolist()]
+        return samples
 
     def prepare(self, sample: dict, compose: A.Compose) -> dict:
-        """Decode, co-transform and normalise one raw webdataset sample."""
+        """Decode, transform and normalise one raw sample (a dict of component bytes with
+        ``__key__`` and ``__url__``). Training co-transforms image and mask; evaluation
+        resizes the image alone and keeps the mask as stored."""
         where = f"{sample.get('__url__')}: sample {sample.get('__key__')}"
         layout = self.shardset.layout
         image = _decode(sample.get(self.shardset.image_ext), cv2.IMREAD_UNCHANGED)
@@ -225,40 +264,44 @@ class AlbuLoader:
         if image.shape[2] == 4:
             image = image[:, :, [2, 1, 0, 3]]  # OpenCV reads 4-channel PNG as BGRA
         image = image.astype(np.float32) / self.peak
-        out = compose(image=image, mask=mask)
-        image = (np.ascontiguousarray(out["image"]) - GREY_MEAN) / GREY_STD
+        if self.train:
+            out = compose(image=image, mask=mask)
+            image, mask = out["image"], out["mask"]
+        else:
+            image = compose(image=image)["image"]
+        image = (np.ascontiguousarray(image) - GREY_MEAN) / GREY_STD
         if image.ndim == 2:
             image = image[:, :, None]
-        chw = torch.from_numpy(image.transpose(2, 0, 1).copy())
+        chw = torch.from_numpy(image.transpose(2, 0, 1).astype(np.float32))
         if chw.shape[0] == 1 and self.channels == 3:
             chw = chw.expand(3, -1, -1).clone()
         pos = np.frombuffer(sample[layout.label], "<i4").astype(np.int64)
         return {
             "image": chw,
-            "mask": torch.from_numpy(np.ascontiguousarray(out["mask"]).astype(np.int64)),
+            "mask": torch.from_numpy(np.ascontiguousarray(mask).astype(np.int64)),
             "pos": torch.from_numpy(pos),
             "key": sample["__key__"],
         }
 
     def __iter__(self):
-        self._stream.epoch = self.epoch
+        samples = self.epoch_samples(self.epoch)
+        size = self.batch_size
+        batches = [samples[i * size : (i + 1) * size] for i in range(self._len)]
         loader = DataLoader(
-            self._stream,
-            batch_size=self.batch_size,
+            _Batches(self, batches, self.epoch),
+            batch_size=None,
+            shuffle=False,
             num_workers=self.workers,
-            drop_last=self.train,
             pin_memory=self.device.type == "cuda",
         )
-        for produced, raw in enumerate(loader):
-            if produced == self._len:
-                break
+        for raw in loader:
             batch = {
                 "image": raw["image"].to(self.device, non_blocking=True),
                 "mask": raw["mask"].to(self.device, non_blocking=True),
             }
             batch.update(labels(self.shardset.layout, raw["pos"].to(self.device)))
-            batch["keys"] = list(raw["key"])
-            batch["bad_samples"] = int(raw["bad"].sum())
+            batch["keys"] = list(raw["keys"])
+            batch["bad_samples"] = int(raw["bad"])
             self.bad_samples += batch["bad_samples"]
             yield batch
         self.epoch += 1
@@ -268,12 +311,3 @@ def _decode(data: bytes | None, flags: int):
     if data is None:
         return None
     return cv2.imdecode(np.frombuffer(data, np.uint8), flags)
-
-
-def _part(n: int, worker: int, workers: int) -> int:
-    return n * (worker + 1) // workers - n * worker // workers
-
-
-def _index_count(index: str) -> int:
-    with open(index) as fh:
-        return int(fh.readline().split()[1])

@@ -5,8 +5,10 @@ A batch is a dict of torch tensors (on the GPU when the pipeline runs there):
 - ``views``: list of ``[B, C, S, S]`` float tensors (SimCLR), or ``image``: ``[B, C, S, S]``;
 - ``label``: ``int64 [B]`` class index (ImageNet) or ``float32 [B, 15]`` multi-hot
   (ChestX-ray8), absent for segmentation;
-- ``mask``: ``int64 [B, S, S]`` (segmentation) with ``case``, ``slice``, ``slices``:
-  ``int64 [B]`` from ``pos.i32``, so 3-D volumes can be rebuilt for per-case metrics;
+- ``mask``: ``int64 [B, S, S]`` in training (segmentation); in evaluation ``int64 [B, H, W]``,
+  each slice's mask as stored, padded with -1 to the largest of the batch (scores are
+  computed at the stored grid); with ``case``, ``slice``, ``slices``: ``int64 [B]`` from
+  ``pos.i32``, so 3-D volumes can be rebuilt for per-case metrics;
 - ``keys``: list of the samples' keys; ``bad_samples``: samples in this batch that failed
   to decode and were replaced by others of the batch.
 """

@@ -1,17 +1,19 @@
 """Batches from a DALI pipeline as torch tensors, per rank, epoch by epoch.
 
-Each epoch builds its pipeline with a seed derived from (run seed, rank, epoch), so a run
-resumed at an epoch sees the samples in the same order, with the same augmentations, as
-one that was never stopped. Each rank reads its own contiguous part of the split (DALI's
-``shard_id``/``num_shards``); training epochs have the same number of full batches on every
-rank (so DDP never waits for a rank that ran out), evaluation epochs every sample once.
+Each epoch reads the order :mod:`xdtrain.data.order` gives for (run seed, epoch, rank):
+for training, runs of consecutive samples of every shard shuffled together, written as
+per-epoch DALI index files that the reader follows; its pipeline is seeded from (run seed,
+rank, epoch). A run resumed at an epoch therefore sees the samples in the same order, with
+the same augmentations, as one that was never stopped. Training epochs have the same number
+of full batches on every rank (so DDP never waits for a rank that ran out), evaluation
+epochs every sample of the rank's part once.
 
 DALI cannot skip a sample that fails to decode: the whole batch fails. The loader then
 replays the reader without decoding to learn which samples the failed batch held, decodes
 them in Python to find the bad ones, logs each with its key and shard, and rebuilds the
 batch through the same graph with the bad samples replaced by good ones of the batch. Later
-epochs read an index with the bad samples swapped for their neighbours, so the cost is paid
-once. With ``debug`` the first bad sample raises instead.
+epochs' index files swap the bad samples for neighbours, so the cost is paid once. With
+``debug`` the first bad sample raises instead.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from nvidia.dali.plugin.pytorch import feed_ndarray
 from xdtrain.data import dali_pipelines
 from xdtrain.data.batch import key_of, labels
 from xdtrain.data.dali_pipelines import Graph
+from xdtrain.data.order import rank_order
 from xdtrain.data.shardset import ShardSet, rank_range
 from xdtrain.errors import UserError
 from xdtrain.rng import rng_for
@@ -46,7 +49,7 @@ TORCH_TYPES = {
     types.INT64: torch.int64,
     types.FLOAT16: torch.float16,
 }
-SHUFFLE_FILL = 1024  # samples in the reader's shuffle buffer (shards are shuffled at pack time)
+SHUFFLE_FILL = 1024  # samples in the reader's shuffle buffer, after the run shuffle
 
 
 class DaliLoader:
@@ -87,7 +90,8 @@ class DaliLoader:
         self.epoch = 0
         self.bad_samples = 0  # replaced so far, over all epochs
         self._bad: dict[str, set[str]] = {}  # shard path -> keys of bad samples
-        self._tmp: Path | None = None
+        self._indexes = EpochIndexes(shardset, seed, rank, world_size, train)
+        self._planned = None  # (epoch, bad samples known, future of the written indexes)
         self._fallback = None
         self._helper: ThreadPoolExecutor | None = None
         self._next = None  # (epoch, future of (pipeline, reader args)) built ahead
@@ -103,20 +107,24 @@ class DaliLoader:
         return int(rng_for(self.seed, "data", self.rank, epoch).integers(2**31 - 1))
 
     def reader_args(self, epoch: int | None = None) -> dict:
+        """Reader arguments of ``epoch``: this rank's pieces as index files of their own."""
+        epoch = self.epoch if epoch is None else epoch
+        return self._reader(epoch, self._indexes.write(epoch, self._bad))
+
+    def _reader(self, epoch: int, written: tuple[list[str], list[str]]) -> dict:
+        paths, index_paths = written
         return {
-            "paths": list(self.shardset.paths),
-            "index_paths": self._index_paths(),
-            "shard_id": self.rank,
-            "num_shards": self.world_size,
+            "paths": paths,
+            "index_paths": index_paths,
             "random_shuffle": self.train,
             "initial_fill": max(1, min(SHUFFLE_FILL, self.rank_samples)),
             "pad_last_batch": True,
-            "stick_to_shard": True,
             "seed": self.epoch_seed(epoch),
         }
 
     def __iter__(self):
         pipe, reader, primed = self._pipeline(self.epoch)
+        self._plan(self.epoch + 1)  # the next epoch's index files, written meanwhile
         try:
             if not primed:
                 pipe.schedule_run()  # fills the prefetch queue
@@ -143,15 +151,29 @@ class DaliLoader:
             self.graph, reader, self.batch_size, self.threads, self.device_id, start=False
         )
 
-    def _prepare(self, epoch: int) -> None:
-        """Build the pipeline of ``epoch`` and start its reading on a helper thread, so an
-        epoch boundary costs no pipeline start-up (GPU decoder set-up, shuffle-buffer fill)."""
+    def _executor(self) -> ThreadPoolExecutor:
         if self._helper is None:
             self._helper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="xdtrain-data")
-        reader = self.reader_args(epoch)
-        args = (self.graph, reader, self.batch_size, self.threads, self.device_id, True)
-        # the helper gets no reference to the loader, so the loader is never freed there
-        self._next = (epoch, self._helper.submit(_make_pipeline, *args))
+        return self._helper
+
+    def _plan(self, epoch: int) -> None:
+        """Write the index files of ``epoch`` on the helper thread (it holds no reference to
+        the loader, so the loader is never freed there)."""
+        known = _known(self._bad)
+        future = self._executor().submit(self._indexes.write, epoch, known)
+        self._planned = (epoch, known, future)
+
+    def _prepare(self, epoch: int) -> None:
+        """Build the pipeline of ``epoch`` and start its reading on a helper thread, so an
+        epoch boundary costs no pipeline start-up (GPU decoder set-up, shuffle-buffer fill).
+        Index files planned before a bad sample turned up are written again."""
+        planned, self._planned = self._planned, None
+        if planned is None or planned[0] != epoch or planned[1] != _known(self._bad):
+            self._plan(epoch)
+            planned, self._planned = self._planned, None
+        reader = self._reader(epoch, ([], []))  # paths filled in by the helper
+        args = (self.graph, reader, planned[2], self.batch_size, self.threads, self.device_id)
+        self._next = (epoch, self._executor().submit(_make_prepared, *args))
 
     def _pipeline(self, epoch: int):
         """``(pipeline, reader args, primed)`` for ``epoch``, the prepared one if it fits."""
@@ -187,7 +209,8 @@ class DaliLoader:
         else:
             batch["image"] = self._tensor(named["image"])[:valid]
         if "mask" in named:
-            batch["mask"] = self._tensor(named["mask"])[:valid, :, :, 0].long()
+            mask = self._tensor(named["mask"])[:valid, :, :, 0].long()
+            batch["mask"] = mask.masked_fill_(mask == dali_pipelines.MASK_PAD, -1)
         raw = self._tensor(named["label"])[:valid]
         if self.device is not None:
             raw = raw.to(self.device, non_blocking=True)
@@ -273,42 +296,23 @@ class DaliLoader:
             self._fallback.feed_input(name, data)
         return self._fallback.run()
 
-    def _index_paths(self) -> list[str]:
-        """The shards' indexes, with every known bad sample swapped for a good neighbour."""
-        if not self._bad:
-            return list(self.shardset.index_paths)
-        if self._tmp is None:
-            self._tmp = Path(tempfile.mkdtemp(prefix="xdtrain-idx-"))
-        out = []
-        for path, index in zip(self.shardset.paths, self.shardset.index_paths, strict=True):
-            bad = self._bad.get(path)
-            if not bad:
-                out.append(index)
-                continue
-            lines = Path(index).read_text().splitlines()
-            samples = lines[1:]
-            keys = [line.split()[3].partition(".")[0] for line in samples]
-            good = [line for line, key in zip(samples, keys, strict=True) if key not in bad]
-            if good:
-                samples = [
-                    good[0] if key in bad else line for line, key in zip(samples, keys, strict=True)
-                ]
-            target = self._tmp / Path(index).name
-            target.write_text("\n".join([f"{INDEX_VERSION} {len(samples)}", *samples]) + "\n")
-            out.append(str(target))
-        return out
-
     def close(self) -> None:
         self._next = None
         if getattr(self, "_helper", None) is not None:
             self._helper.shutdown(wait=False, cancel_futures=True)
             self._helper = None
-        if getattr(self, "_tmp", None) is not None:
-            shutil.rmtree(self._tmp, ignore_errors=True)
-            self._tmp = None
+        if getattr(self, "_indexes", None) is not None:
+            self._indexes.remove()
 
     def __del__(self):
         self.close()
+
+
+def _make_prepared(graph, reader, written, batch_size, threads, device_id):
+    """:func:`_make_pipeline` once the planned index files (a future) are written."""
+    paths, index_paths = written.result()
+    reader = {**reader, "paths": paths, "index_paths": index_paths}
+    return _make_pipeline(graph, reader, batch_size, threads, device_id, start=True)
 
 
 def _make_pipeline(graph, reader, batch_size, threads, device_id, start):
@@ -328,6 +332,92 @@ def _make_pipeline(graph, reader, batch_size, threads, device_id, start):
 
 def _read_index(path: str, shardset: ShardSet) -> str:
     return Path(shardset.index_paths[shardset.paths.index(path)]).read_text()
+
+
+def _known(bad: dict[str, set[str]]) -> dict[str, frozenset[str]]:
+    """A frozen copy of the bad samples known so far, for the helper thread."""
+    return {path: frozenset(keys) for path, keys in bad.items()}
+
+
+class EpochIndexes:
+    """Writes one rank's DALI index files for an epoch: one per piece of the epoch's order
+    (:mod:`xdtrain.data.order`), with the samples known to be bad swapped for a good one of
+    the piece. Reads only the lines it needs, by byte offset, so a rank of a large data set
+    reads its part of the indexes, not all of them. Holds no reference to the loader: it
+    runs on the helper thread."""
+
+    def __init__(self, shardset: ShardSet, seed: int, rank: int, world_size: int, train: bool):
+        self.shardset, self.seed, self.rank = shardset, seed, rank
+        self.world_size, self.train = world_size, train
+        self.folder: Path | None = None
+        self._offsets: dict[int, np.ndarray] = {}
+
+    def write(self, epoch: int, bad) -> tuple[list[str], list[str]]:
+        """``(tar paths, index paths)`` of ``epoch``, in reading order."""
+        pieces = rank_order(
+            list(self.shardset.counts),
+            seed=self.seed,
+            epoch=epoch,
+            train=self.train,
+            rank=self.rank,
+            world_size=self.world_size,
+        )
+        if self.folder is None:
+            self.folder = Path(tempfile.mkdtemp(prefix="xdtrain-idx-"))
+        folder = self.folder / f"epoch{epoch}"
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir()
+        for old in self.folder.glob("epoch*"):  # the epoch before stays: its batches may replay
+            if int(old.name[5:]) < epoch - 1:
+                shutil.rmtree(old, ignore_errors=True)
+        paths, index_paths = [], []
+        for n, piece in enumerate(pieces):
+            path = self.shardset.paths[piece.shard]
+            lines = _swap_bad(self._lines(piece.shard, piece.positions), bad.get(path, ()))
+            target = folder / f"{n:06d}.idx"
+            target.write_text("\n".join([f"{INDEX_VERSION} {len(lines)}", *lines]) + "\n")
+            paths.append(path)
+            index_paths.append(str(target))
+        return paths, index_paths
+
+    def _lines(self, shard: int, positions: tuple[int, ...]) -> list[str]:
+        """Index lines ``positions`` of ``shard`` (runs of consecutive positions)."""
+        ends = self._offsets.get(shard)
+        index = self.shardset.index_paths[shard]
+        if ends is None:
+            data = np.frombuffer(Path(index).read_bytes(), np.uint8)
+            ends = np.flatnonzero(data == 10)  # newline after the header and after each sample
+            if len(data) and data[-1] != 10:
+                ends = np.append(ends, len(data))
+            self._offsets[shard] = ends
+        out: list[str] = []
+        with open(index, "rb") as fh:
+            start = 0
+            for stop in range(1, len(positions) + 1):
+                if stop < len(positions) and positions[stop] == positions[stop - 1] + 1:
+                    continue
+                a, b = positions[start], positions[stop - 1] + 1
+                fh.seek(int(ends[a]) + 1)
+                out += fh.read(int(ends[b]) - int(ends[a]) - 1).decode().split("\n")
+                start = stop
+        return out
+
+    def remove(self) -> None:
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            self.folder = None
+
+
+def _swap_bad(lines: list[str], bad) -> list[str]:
+    """Index ``lines`` with the samples whose key is in ``bad`` swapped for the first good
+    one (kept when every sample is bad: the batch then fails and says so)."""
+    if not bad:
+        return lines
+    keys = [line.split()[3].partition(".")[0] for line in lines]
+    good = [line for line, key in zip(lines, keys, strict=True) if key not in bad]
+    if not good:
+        return lines
+    return [good[0] if key in bad else line for line, key in zip(lines, keys, strict=True)]
 
 
 try:  # the GPU list type exists in every wheel; guarded so CPU-only builds import cleanly

@@ -1,10 +1,19 @@
 """DALI augmentation steps, one small function each, for CPU and GPU graphs alike.
 
-Each function takes and returns a DALI ``DataNode`` and draws its random parameters per
-sample. Steps that cost nothing when off (colour factors) are gated arithmetically: the
-factor is 1 for samples that skip the step. Expensive steps (blur, sharpening, noise,
-rotation) run under a per-sample ``if`` so that skipped samples cost nothing; the
-pipelines that use them are built with ``enable_conditionals=True``.
+Geometry (crop, resize, flip, rotation) runs on the decoded image as stored (``uint8`` or
+``uint16``); everything after it runs on ``float32`` on the 0–1 scale (:func:`to_unit`).
+Every intensity step computes in float and clamps its result once to [0, 1]: arithmetic on
+integer nodes would wrap around (``uint8`` 10 − 20 is 246), and a step that rounded and
+clamped after every operation would stack rounding errors.
+
+Each step comes in two layers: an ``adjust_*``/``apply`` function that takes its parameters
+(numbers or per-sample DALI nodes) and does exactly one thing, tested against torchvision,
+PIL and albumentations on fixed parameters; and the random step the graphs use, which draws
+those parameters per sample. The definitions follow ``torchvision.transforms.v2``
+(brightness scales, contrast blends with the mean grey level, saturation with the greyscale
+image); hue is DALI's rotation in YIQ space, not torchvision's HSV shift (see
+docs/pipelines.md). Expensive steps run under a per-sample ``if`` so that skipped samples
+cost nothing; the pipelines that use them are built with ``enable_conditionals=True``.
 """
 
 from __future__ import annotations
@@ -15,11 +24,17 @@ from nvidia.dali import fn, math, types
 
 from xdtrain.data.presets import Augment
 
-# ImageNet statistics for RGB, on the 0–255 scale the decoders produce
-RGB_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
-RGB_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
-# X-ray, CT and MRI: on the 0–1 scale, centred and spread to about unit variance
+# ImageNet statistics for RGB, on the 0–1 scale
+RGB_MEAN = (0.485, 0.456, 0.406)
+RGB_STD = (0.229, 0.224, 0.225)
+# X-ray, CT and MRI: centred and spread to about unit variance
 GREY_MEAN, GREY_STD = 0.5, 0.25
+# torchvision's rgb_to_grayscale weights (ITU-R BT.601 luma)
+LUMA = (0.2989, 0.587, 0.114)
+SHARPEN_SIGMA = 1.0  # pixels: the unsharp mask's blur
+
+
+# --------------------------------------------------------------------------- randomness
 
 
 def coin(p: float):
@@ -38,14 +53,19 @@ def gated(p: float, low: float, high: float, neutral: float):
     return neutral + on * (value - neutral)
 
 
+# --------------------------------------------------------------------------- geometry
+
+
 def random_resized_crop(image, size: int, aug: Augment):
-    """Crop a random area share and aspect ratio of the source and resize it to ``size``."""
+    """With probability ``crop_p`` a random area share and aspect ratio of the source (as
+    torchvision's ``RandomResizedCrop``), else the whole image, resized to ``size`` square
+    with antialiasing (as torchvision's ``resize``)."""
     if aug.crop_p >= 1.0:
         return _crop(image, size, aug)
-    if coin(aug.crop_p):
+    if coin(aug.crop_p):  # noqa: SIM108 - a DALI conditional needs the statement form
         image = _crop(image, size, aug)
     else:
-        image = fn.resize(image, size=[size, size], antialias=False)
+        image = resize(image, size)
     return image
 
 
@@ -55,94 +75,20 @@ def _crop(image, size: int, aug: Augment):
         size=[size, size],
         random_area=list(aug.crop_area),
         random_aspect_ratio=list(aug.crop_ratio),
-        antialias=False,
+        antialias=True,
     )
 
 
-def colour_jitter(image, aug: Augment):
-    """RGB ``uint8``: brightness, contrast, saturation, hue with probability ``jitter_p``,
-    then greyscale with probability ``grey_p`` (saturation 0), in one ``color_twist``."""
-    if aug.jitter_p <= 0 and aug.grey_p <= 0:
-        return image
-    p = aug.jitter_p
-    brightness = gated(p, max(0.0, 1 - aug.brightness), 1 + aug.brightness, 1.0)
-    contrast = gated(p, max(0.0, 1 - aug.contrast), 1 + aug.contrast, 1.0)
-    saturation = gated(p, max(0.0, 1 - aug.saturation), 1 + aug.saturation, 1.0)
-    hue = gated(p, -aug.hue * 360.0, aug.hue * 360.0, 0.0)
-    if aug.grey_p > 0:
-        keep_colour = 1.0 - fn.random.coin_flip(probability=aug.grey_p)
-        saturation = saturation * keep_colour
-    return fn.color_twist(
-        image, brightness=brightness, contrast=contrast, saturation=saturation, hue=hue
-    )
+def resize(image, size: int):
+    """The whole image to ``size`` square: linear, antialiased when shrinking."""
+    return fn.resize(image, size=[size, size], antialias=True)
 
 
-def brightness_contrast(image, aug: Augment, centre: float | None = None):
-    """Any channel count (X-ray, CT, MRI): brightness and contrast with ``jitter_p``."""
-    p = aug.jitter_p
-    if p <= 0 or (aug.brightness <= 0 and aug.contrast <= 0):
-        return image
-    brightness = gated(p, max(0.0, 1 - aug.brightness), 1 + aug.brightness, 1.0)
-    contrast = gated(p, max(0.0, 1 - aug.contrast), 1 + aug.contrast, 1.0)
-    kwargs = {} if centre is None else {"contrast_center": centre}
-    return fn.brightness_contrast(image, brightness=brightness, contrast=contrast, **kwargs)
-
-
-def gaussian_blur(image, aug: Augment):
-    """Blur with a per-sample sigma in ``blur_sigma``, with probability ``blur_p``.
-
-    The window follows from sigma (DALI's default), which on CPU is about 1.4x faster than
-    SimCLR's fixed 23-pixel window at 224 px and equal inside three sigmas."""
-    if coin(aug.blur_p):
-        image = fn.gaussian_blur(image, sigma=fn.random.uniform(range=list(aug.blur_sigma)))
-    return image
-
-
-def solarize(image, aug: Augment):
-    """``uint8``: invert pixels at or above 128, with probability ``solarize_p``."""
-    if coin(aug.solarize_p):
-        high = fn.cast(image >= 128, dtype=types.FLOAT)
-        flipped = image + high * (255.0 - 2.0 * image)
-        image = fn.cast(flipped, dtype=types.UINT8)
-    return image
-
-
-def sharpen(image, aug: Augment, peak: float):
-    """Unsharp mask (image + a·(image − blur)) with probability ``sharpness_p``."""
-    if coin(aug.sharpness_p):
-        soft = fn.gaussian_blur(image, sigma=1.0)
-        sharp = image + aug.sharpness * (image - soft)
-        image = fn.cast(math.clamp(sharp, 0.0, peak), dtype=types.UINT8)
-    return image
-
-
-def gaussian_noise(image, aug: Augment, peak: float):
-    """Additive Gaussian noise of ``noise_std`` (0–1 scale), with probability ``noise_p``."""
-    if coin(aug.noise_p):
-        image = fn.noise.gaussian(image, stddev=aug.noise_std * peak)
-    return image
-
-
-def normalise(image, channels: int, rgb: bool, mirror=None, peak: float = 255.0):
-    """Float CHW normalised with the statistics of its kind; optionally mirrored.
-
-    ``peak`` is the value of full intensity in ``image`` (255, 65535, or 1 for floats)."""
-    if rgb:
-        mean = [m * peak / 255 for m in RGB_MEAN]
-        std = [s * peak / 255 for s in RGB_STD]
-    else:
-        mean, std = [GREY_MEAN * peak] * channels, [GREY_STD * peak] * channels
-    kwargs = {} if mirror is None else {"mirror": mirror}
-    return fn.crop_mirror_normalize(
-        image, mean=mean, std=std, dtype=types.FLOAT, output_layout="CHW", **kwargs
-    )
-
-
-def to_channels(chw, have: int, want: int):
-    """Replicate a single channel to ``want`` (a greyscale film for a 3-channel encoder)."""
-    if have == want:
-        return chw
-    return fn.cat(*([chw] * want), axis=0)
+def centre_crop(image, size: int, ratio: float):
+    """Shorter side to ``size / ratio``, then the central ``size`` square (torchvision's
+    ImageNet evaluation with ratio 0.875)."""
+    resized = fn.resize(image, resize_shorter=round(size / ratio), antialias=True)
+    return fn.crop(resized, crop=[size, size])
 
 
 def shared_window(aug: Augment):
@@ -162,19 +108,9 @@ def shared_window(aug: Augment):
     return start, end
 
 
-def rotate_pair(image, mask, aug: Augment):
-    """Rotate image (linear) and mask (nearest) by one angle, with probability ``rotate_p``."""
-    if coin(aug.rotate_p):
-        angle = fn.random.uniform(range=[-aug.rotate_degrees, aug.rotate_degrees])
-        image = fn.rotate(image, angle=angle, keep_size=True, fill_value=0.0)
-        mask = fn.rotate(
-            mask, angle=angle, keep_size=True, fill_value=0, interp_type=types.INTERP_NN
-        )
-    return image, mask
-
-
 def resize_window(image, start, end, size: int, nearest: bool):
-    """Resize the window ``start``–``end`` (relative) of ``image`` to ``size`` square."""
+    """Resize the window ``start``–``end`` (relative) of ``image`` to ``size`` square:
+    nearest neighbour for masks, else linear and antialiased (as :func:`resize`)."""
     return fn.resize(
         image,
         roi_start=start,
@@ -182,5 +118,178 @@ def resize_window(image, start, end, size: int, nearest: bool):
         roi_relative=True,
         size=[size, size],
         interp_type=types.INTERP_NN if nearest else types.INTERP_LINEAR,
-        antialias=False,
+        antialias=not nearest,
     )
+
+
+def rotate(image, angle, nearest: bool = False):
+    """Rotate by ``angle`` degrees counter-clockwise about the centre, same size, 0 outside."""
+    if nearest:
+        return fn.rotate(
+            image, angle=angle, keep_size=True, fill_value=0, interp_type=types.INTERP_NN
+        )
+    return fn.rotate(image, angle=angle, keep_size=True, fill_value=0.0)
+
+
+def rotate_pair(image, mask, aug: Augment):
+    """Rotate image (linear) and mask (nearest) by one angle, with probability ``rotate_p``."""
+    if coin(aug.rotate_p):
+        angle = fn.random.uniform(range=[-aug.rotate_degrees, aug.rotate_degrees])
+        image = rotate(image, angle)
+        mask = rotate(mask, angle, nearest=True)
+    return image, mask
+
+
+# --------------------------------------------------------------------------- intensity
+
+
+def to_unit(image, peak: float):
+    """``float32`` on the 0–1 scale from an image whose full intensity is ``peak``."""
+    return fn.cast(image, dtype=types.FLOAT) * (1.0 / peak)
+
+
+def clamp(image):
+    return math.clamp(image, 0.0, 1.0)
+
+
+def _centre(image, rgb: bool):
+    """The level contrast pivots on: the mean grey (luma) level of an RGB image, as
+    torchvision's ``adjust_contrast``; the mean of each channel otherwise (greyscale films,
+    each MRI modality on its own)."""
+    means = fn.reductions.mean(image, axes=[0, 1])  # [C]
+    if not rgb:
+        return means
+    return means[0] * LUMA[0] + means[1] * LUMA[1] + means[2] * LUMA[2]
+
+
+def adjust_brightness_contrast(image, brightness, contrast):
+    """Greyscale and multi-channel images (films, CT, MRI): ``clamp(b · (m + c · (x − m)))``
+    with ``m`` the mean of each channel: torchvision's ``adjust_brightness`` then
+    ``adjust_contrast``, clamped once."""
+    centre = _centre(image, rgb=False)
+    return clamp(image * (brightness * contrast) + centre * (brightness * (1.0 - contrast)))
+
+
+def adjust_colour(image, brightness=1.0, contrast=1.0, saturation=1.0, hue_turns=0.0):
+    """RGB colour jitter in one pass: :func:`adjust_brightness_contrast`'s brightness and
+    contrast (pivot: the mean luma), saturation blended with the greyscale image (0 gives
+    it), hue turned by ``hue_turns`` of a full turn in YIQ space; clamped once.
+
+    DALI's ``color_twist`` pivots contrast on 0.5, ``b · (0.5 + c · (x − 0.5))``; adding
+    ``b · (1 − c) · (m − 0.5)``, a grey shift that saturation and hue leave as it is, moves
+    the pivot to the mean ``m``."""
+    twisted = fn.color_twist(
+        image,
+        brightness=brightness,
+        contrast=contrast,
+        saturation=saturation,
+        hue=hue_turns * 360.0,
+        dtype=types.FLOAT,
+    )
+    if isinstance(contrast, float) and contrast == 1.0:
+        return clamp(twisted)
+    shift = (_centre(image, rgb=True) - 0.5) * (brightness * (1.0 - contrast))
+    return clamp(twisted + shift)
+
+
+def gaussian_blur(image, sigma):
+    """Gaussian blur of ``sigma`` pixels, window ``2·ceil(3σ) + 1`` (DALI's default)."""
+    return fn.gaussian_blur(image, sigma=sigma)
+
+
+def solarize(image, threshold: float = 0.5):
+    """Invert (``1 − x``) every value at or above ``threshold`` (torchvision's ``solarize``)."""
+    high = fn.cast(image >= threshold, dtype=types.FLOAT)
+    return image + high * (1.0 - 2.0 * image)
+
+
+def unsharp_mask(image, amount: float, sigma: float = SHARPEN_SIGMA):
+    """``clamp(x + amount · (x − blur_σ(x)))`` (PIL's ``UnsharpMask`` with threshold 0)."""
+    soft = fn.gaussian_blur(image, sigma=sigma)
+    return clamp(image + amount * (image - soft))
+
+
+def add_noise(image, stddev: float):
+    """Additive Gaussian noise of ``stddev`` (0–1 scale), clamped."""
+    return clamp(fn.noise.gaussian(image, stddev=stddev))
+
+
+def colour_jitter(image, aug: Augment):
+    """RGB: brightness, contrast, saturation and hue with probability ``jitter_p`` (factors in
+    1 ± strength, hue in ± ``hue`` turns, as torchvision's ``ColorJitter`` draws them, applied
+    in that fixed order), then greyscale with probability ``grey_p``."""
+    if aug.jitter_p <= 0 and aug.grey_p <= 0:
+        return image
+    p = aug.jitter_p
+    brightness = gated(p, max(0.0, 1 - aug.brightness), 1 + aug.brightness, 1.0)
+    contrast = gated(p, max(0.0, 1 - aug.contrast), 1 + aug.contrast, 1.0)
+    saturation = gated(p, max(0.0, 1 - aug.saturation), 1 + aug.saturation, 1.0)
+    hue = gated(p, -aug.hue, aug.hue, 0.0)
+    if aug.grey_p > 0:
+        keep_colour = 1.0 - fn.random.coin_flip(probability=aug.grey_p)
+        saturation = saturation * keep_colour
+    return adjust_colour(image, brightness, contrast, saturation, hue)
+
+
+def brightness_contrast(image, aug: Augment):
+    """Any channel count (X-ray, CT, MRI): brightness and contrast with ``jitter_p``."""
+    p = aug.jitter_p
+    if p <= 0 or (aug.brightness <= 0 and aug.contrast <= 0):
+        return image
+    brightness = gated(p, max(0.0, 1 - aug.brightness), 1 + aug.brightness, 1.0)
+    contrast = gated(p, max(0.0, 1 - aug.contrast), 1 + aug.contrast, 1.0)
+    return adjust_brightness_contrast(image, brightness, contrast)
+
+
+def random_blur(image, aug: Augment):
+    """Blur with a per-sample sigma in ``blur_sigma``, with probability ``blur_p``.
+
+    The window follows from sigma (DALI's default), which on CPU is about 1.4x faster than
+    SimCLR's fixed 23-pixel window at 224 px and equal inside three sigmas."""
+    if coin(aug.blur_p):
+        image = gaussian_blur(image, fn.random.uniform(range=list(aug.blur_sigma)))
+    return image
+
+
+def random_solarize(image, aug: Augment):
+    """Solarize with probability ``solarize_p``."""
+    if coin(aug.solarize_p):
+        image = solarize(image)
+    return image
+
+
+def random_sharpen(image, aug: Augment):
+    """Unsharp mask of amount ``sharpness`` with probability ``sharpness_p``."""
+    if coin(aug.sharpness_p):
+        image = unsharp_mask(image, aug.sharpness)
+    return image
+
+
+def random_noise(image, aug: Augment):
+    """Gaussian noise of ``noise_std`` with probability ``noise_p``."""
+    if coin(aug.noise_p):
+        image = add_noise(image, aug.noise_std)
+    return image
+
+
+# --------------------------------------------------------------------------- output
+
+
+def normalise(image, channels: int, rgb: bool, mirror=None):
+    """Float CHW from a 0–1 float HWC image, normalised with the statistics of its kind
+    (ImageNet's for RGB, mean 0.5 and std 0.25 otherwise); optionally mirrored."""
+    if rgb:
+        mean, std = list(RGB_MEAN), list(RGB_STD)
+    else:
+        mean, std = [GREY_MEAN] * channels, [GREY_STD] * channels
+    kwargs = {} if mirror is None else {"mirror": mirror}
+    return fn.crop_mirror_normalize(
+        image, mean=mean, std=std, dtype=types.FLOAT, output_layout="CHW", **kwargs
+    )
+
+
+def to_channels(chw, have: int, want: int):
+    """Replicate a single channel to ``want`` (a greyscale film for a 3-channel encoder)."""
+    if have == want:
+        return chw
+    return fn.cat(*([chw] * want), axis=0)

@@ -18,6 +18,7 @@ from xdtrain.shards.base import Layout
 
 PURPOSES = ("simclr", "classify_train", "classify_eval", "segment_train", "segment_eval")
 DTYPES = {"int64": types.INT64, "uint8": types.UINT8, "int32": types.INT32}
+MASK_PAD = 255  # evaluation masks are padded with it to the batch's largest (-1 in batches)
 
 
 @dataclass(frozen=True)
@@ -140,35 +141,37 @@ def decode_mask(encoded, graph: Graph):
 # --------------------------------------------------------------------------- graphs
 
 
-def _colour(image, graph: Graph, aug: Augment, scale: float):
-    """The colour steps of SimCLR and classification, per sample, in SimCLR's order."""
+def _colour(image, graph: Graph, aug: Augment):
+    """The intensity steps of SimCLR and classification, per sample, in SimCLR's order, on
+    the 0–1 float image (8- and 16-bit sources alike)."""
     if graph.layout.greyscale:
         image = ops.brightness_contrast(image, for_greyscale(aug))
     else:
         image = ops.colour_jitter(image, aug)
     if aug.blur_p > 0:
-        image = ops.gaussian_blur(image, aug)
-    if aug.solarize_p > 0 and scale == 255.0:
-        image = ops.solarize(image, aug)
-    if aug.sharpness_p > 0 and scale == 255.0:
-        image = ops.sharpen(image, aug, scale)
+        image = ops.random_blur(image, aug)
+    if aug.solarize_p > 0:
+        image = ops.random_solarize(image, aug)
+    if aug.sharpness_p > 0:
+        image = ops.random_sharpen(image, aug)
     if aug.noise_p > 0:
-        image = ops.gaussian_noise(image, aug, scale)
+        image = ops.random_noise(image, aug)
     return image
 
 
-def _finish(image, graph: Graph, mirror=None, scale: float = 255.0):
+def _finish(image, graph: Graph, mirror=None):
+    """Normalised CHW with the network's channel count, from a 0–1 float HWC image."""
     stored = graph.layout.stored_channels
-    chw = ops.normalise(image, stored, rgb=stored == 3, mirror=mirror, peak=scale)
+    chw = ops.normalise(image, stored, rgb=stored == 3, mirror=mirror)
     return ops.to_channels(chw, stored, graph.channels)
 
 
 def _augment_view(decoded, graph: Graph):
-    aug, scale = graph.aug, peak(graph)
+    aug = graph.aug
     view = ops.random_resized_crop(decoded, graph.size, aug)
-    view = _colour(view, graph, aug, scale)
+    view = _colour(ops.to_unit(view, peak(graph)), graph, aug)
     mirror = fn.random.coin_flip(probability=aug.flip_p)
-    return _finish(view, graph, mirror, scale)
+    return _finish(view, graph, mirror)
 
 
 def simclr_views(inputs: dict, graph: Graph):
@@ -184,16 +187,19 @@ def classify_train(inputs: dict, graph: Graph):
 
 
 def classify_eval(inputs: dict, graph: Graph):
-    """Resize the shorter side to size/0.875, then the centre crop (torchvision's recipe)."""
+    """The preset's evaluation geometry: the whole image resized (as training without a
+    crop), or the shorter side to size / ratio and the centre crop (ImageNet's recipe)."""
     decoded = decode_image(inputs["image"], graph)
-    resized = fn.resize(decoded, resize_shorter=round(graph.size / 0.875), antialias=True)
-    cropped = fn.crop(resized, crop=[graph.size, graph.size])
-    return _finish(cropped, graph, scale=peak(graph)), inputs["label"], inputs["info"]
+    aug = graph.aug
+    if aug is not None and aug.eval_resize == "centre_crop":
+        image = ops.centre_crop(decoded, graph.size, aug.eval_crop_ratio)
+    else:
+        image = ops.resize(decoded, graph.size)
+    return _finish(ops.to_unit(image, peak(graph)), graph), inputs["label"], inputs["info"]
 
 
 def _float_image(inputs: dict, graph: Graph):
-    image = decode_image(inputs["image"], graph)
-    return fn.cast(image, dtype=types.FLOAT) * (1.0 / peak(graph))
+    return ops.to_unit(decode_image(inputs["image"], graph), peak(graph))
 
 
 def segment_train(inputs: dict, graph: Graph):
@@ -211,16 +217,16 @@ def segment_train(inputs: dict, graph: Graph):
     if aug.rotate_p > 0:
         image, mask = ops.rotate_pair(image, mask, aug)
     if aug.jitter_p > 0:
-        image = ops.brightness_contrast(image, aug, centre=0.5)
-    return _finish(image, graph, scale=1.0), mask, inputs["label"], inputs["info"]
+        image = ops.brightness_contrast(image, aug)
+    return _finish(image, graph), mask, inputs["label"], inputs["info"]
 
 
 def segment_eval(inputs: dict, graph: Graph):
-    image = _float_image(inputs, graph)
-    mask = decode_mask(inputs["mask"], graph)
-    image = fn.resize(image, size=[graph.size, graph.size], antialias=True)
-    mask = fn.resize(mask, size=[graph.size, graph.size], interp_type=types.INTERP_NN)
-    return _finish(image, graph, scale=1.0), mask, inputs["label"], inputs["info"]
+    """The image resized to the network's size; the mask as stored (scores are computed at
+    the stored grid), padded with :data:`MASK_PAD` to the largest mask of the batch."""
+    image = ops.resize(_float_image(inputs, graph), graph.size)
+    mask = fn.pad(decode_mask(inputs["mask"], graph), fill_value=MASK_PAD)
+    return _finish(image, graph), mask, inputs["label"], inputs["info"]
 
 
 GRAPHS = {

@@ -38,6 +38,11 @@ class Augment:
     sharpness: float = 1.0  # unsharp-mask amount
     noise_p: float = 0.0
     noise_std: float = 0.05  # on the 0–1 intensity scale
+    # evaluation (val, test) of classification: "whole" resizes the whole image to the
+    # network's size, as training does when it does not crop; "centre_crop" resizes the
+    # shorter side to size / eval_crop_ratio and takes the central square (ImageNet's)
+    eval_resize: Literal["whole", "centre_crop"] = "whole"
+    eval_crop_ratio: float = 0.875
 
 
 # SimCLR (Chen et al. 2020, appendix A): colour strength s = 1 gives 0.8/0.8/0.8/0.2.
@@ -70,8 +75,9 @@ PRESETS: dict[str, Augment] = {
             blur_p=0.0,
         ),
         # the torchvision reference recipe for ImageNet classification
-        Augment("standard", "classify"),
-        # the study's finetuning set: every step on its own with probability 0.2
+        Augment("standard", "classify", eval_resize="centre_crop"),
+        # the study's finetuning set: every step on its own with probability 0.2; most
+        # films are not cropped, so evaluation sees the whole film as training mostly does
         Augment(
             "study",
             "classify",
