@@ -16,7 +16,7 @@ import torch
 from helpers import ROOT, demo_args
 from scipy import stats
 
-from xdtrain.config import load_config
+from xdtrain.config import load_config, save_config
 from xdtrain.errors import UserError
 from xdtrain.evaluate import main as eval_main
 from xdtrain.queue import main as queue_main
@@ -107,13 +107,9 @@ def test_report_table_statistics_and_heatmap(grid_runs, tmp_path, capsys):
         name: [_test(grid_runs / f"{name}{s}")["dice_liver"] for s in (0, 1)]
         for name in ("scratch", "pre")
     }
-    expected = stats.ttest_ind(scores["pre"], scores["scratch"], equal_var=False).pvalue
-    pre = rows["simclr-imagenet"]
+    pre = rows["simclr-imagenet"]  # named after the SimCLR run that wrote the encoder
     assert int(pre["seeds"]) == 2 and int(rows["scratch"]["seeds"]) == 2
-    if np.isnan(expected):
-        assert pre["p_welch"] in ("", "nan")
-    else:
-        assert float(pre["p_welch"]) == pytest.approx(expected, rel=1e-9)
+    assert pre["settings"] == rows["scratch"]["settings"] == ""  # the same settings
     assert float(pre["mean"]) == pytest.approx(np.mean(scores["pre"]))
     delta = np.mean(scores["pre"]) - np.mean(scores["scratch"])
     assert float(pre["delta_vs_scratch"]) == pytest.approx(delta)
@@ -133,6 +129,262 @@ def _csv(path: Path) -> list[dict]:
 
 def _test(run: Path) -> dict:
     return [r for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "test"][-1]
+
+
+# Run folders written directly (config.yaml, env.json, metrics.jsonl), with chosen scores.
+
+PRIMARY = {"lits": "dice_liver", "chestxray8": "auroc_mean"}
+CX8 = [
+    "Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
+    "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening",
+    "Hernia", "No Finding",
+]  # fmt: skip
+
+
+def _run(
+    folder: Path,
+    value: float,
+    seed: int = 0,
+    pretrain: str = "",
+    task: str = "lits",
+    settings: tuple[str, ...] = (),
+    world_size: int = 1,
+    test: dict | None = None,
+    curve: tuple[float, ...] = (),
+) -> Path:
+    """A finished finetuning run of ``configs/demo/ft_<task>.yaml`` with ``settings``
+    (``KEY=VALUE``), scoring ``value`` on the test split; ``curve``: validation scores of
+    epochs 0, 1, …; ``test``: more entries of the test row."""
+    config = load_config(
+        ROOT / "configs" / "demo" / f"ft_{task}.yaml",
+        [f"run.seed={seed}", f"run.pretrain={pretrain}", f"run.name={folder.name}", *settings],
+    )
+    folder.mkdir(parents=True)
+    save_config(config, folder / "config.yaml")
+    (folder / "env.json").write_text(json.dumps({"world_size": world_size}))
+    primary = PRIMARY[task]
+    rows = [{"kind": "train", "epoch": 0, "step": 1, "loss": 1.0}]
+    rows += [
+        {"kind": "val", "epoch": e, "step": 2 * (e + 1), primary: v} for e, v in enumerate(curve)
+    ]
+    rows.append({"kind": "test", "epoch": len(curve), "step": 99, primary: value, **(test or {})})
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+def _report(root: Path, capsys) -> tuple[list[dict], str, str]:
+    """results.csv rows, results.md and stderr of ``xd-report root``."""
+    out = root.parent / f"{root.name}_report"
+    assert report_main([str(root), "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    return _csv(out / "results.csv"), (out / "results.md").read_text(), err
+
+
+def _welch(a: list[float], b: list[float]) -> float:
+    expected = stats.ttest_ind(a, b, equal_var=False).pvalue
+    assert np.isfinite(expected)  # the values are chosen so that scipy gives a number
+    return float(expected)
+
+
+def _auroc_row(missing: tuple[str, ...] = ()) -> dict:
+    """ChestX-ray8 test-row entries: per-class AUROC, null for ``missing``."""
+    row = {f"auroc/{name}": None if name in missing else 0.7 for name in CX8}
+    row["auroc_classes"] = 14 - len([m for m in missing if m != "No Finding"])
+    return row
+
+
+SCRATCH = (0.60, 0.64)  # two seeds each, chosen so that Welch's p is a number
+PRE = (0.70, 0.76)
+OTHER = (0.90, 0.97)
+
+
+@pytest.mark.parametrize(
+    "task, setting, label",
+    [
+        ("lits", {"settings": ("optim.lr=0.01",)}, "optim.lr=0.01"),
+        ("lits", {"settings": ("train.epochs=40",)}, "train.epochs=40"),
+        ("lits", {"settings": ("data.batch_size=16",)}, "data.batch_size=16"),
+        ("lits", {"settings": ("data.image_size=96",)}, "data.image_size=96"),
+        ("lits", {"settings": ("train.deterministic=true",)}, "train.deterministic=true"),
+        ("lits", {"world_size": 2}, "world_size=2"),
+        (
+            "chestxray8",
+            {"test": _auroc_row(("Hernia",))},
+            "auroc_classes=13, auroc_without=Hernia",
+        ),
+    ],
+)
+def test_report_splits_runs_that_differ_in_a_defining_setting(
+    tmp_path, capsys, task, setting, label
+):
+    root = tmp_path / "runs"
+    base = {"test": _auroc_row()} if task == "chestxray8" else {}
+    for seed in (0, 1):
+        _run(root / f"scratch{seed}", SCRATCH[seed], seed, task=task, **base)
+        _run(root / f"pre{seed}", PRE[seed], seed, "simclr-imagenet", task, **base)
+        _run(root / f"other{seed}", OTHER[seed], seed, "simclr-imagenet", task, **setting)
+    rows, text, err = _report(root, capsys)
+    key = label.split("=")[0]
+    keys = "auroc_classes, auroc_without" if key == "auroc_classes" else key
+    usual = {
+        "optim.lr": "0.002",
+        "train.epochs": "25",  # configs/demo/ft_lits.yaml
+        "data.batch_size": "32",
+        "data.image_size": "64",
+        "train.deterministic": "false",
+        "world_size": "1",
+        "auroc_classes": "14, auroc_without=–",
+    }
+    assert len(rows) == 3, rows  # scratch, pretrained, pretrained with the other setting
+    by_settings = {(r["pretrain"], r["settings"]): r for r in rows}
+    ours = f"{key}={usual[key]}"
+    assert set(by_settings) == {
+        ("scratch", ours),
+        ("simclr-imagenet", ours),
+        ("simclr-imagenet", label),
+    }
+    pre, other = by_settings[("simclr-imagenet", ours)], by_settings[("simclr-imagenet", label)]
+    assert float(pre["mean"]) == pytest.approx(np.mean(PRE), abs=1e-12)
+    assert float(pre["delta_vs_scratch"]) == pytest.approx(np.mean(PRE) - np.mean(SCRATCH))
+    assert float(pre["p_welch"]) == pytest.approx(_welch(list(PRE), list(SCRATCH)), rel=1e-9)
+    assert float(other["mean"]) == pytest.approx(np.mean(OTHER), abs=1e-12)
+    assert other["delta_vs_scratch"] == "" and other["p_welch"] == ""  # no matching scratch
+    assert int(other["seeds"]) == 2 and int(pre["seeds"]) == 2
+    notes = text.split("## Notes")[1]
+    assert f"runs differ in {keys}; split into rows" in notes
+    assert f"[{label}]: no scratch run with the same settings (scratch has {ours})" in notes
+    assert f"runs differ in {keys}" in err
+
+
+def _differ_by(root: Path, settings: tuple[str, ...], key: str) -> None:
+    """The demo's runs plus the docs' torchrun example: 25 epochs on 2 processes."""
+    for seed in (0, 1):
+        _run(root / f"scratch{seed}", SCRATCH[seed], seed, settings=settings)
+        _run(root / f"pre{seed}", PRE[seed], seed, "simclr-imagenet", settings=settings)
+    for seed in (0, 1):
+        _run(
+            root / f"ddp{seed}", OTHER[seed], seed, "simclr-imagenet",
+            settings=(*settings, key), world_size=2,
+        )  # fmt: skip
+
+
+def test_report_labels_rows_with_every_differing_setting(tmp_path, capsys):
+    root = tmp_path / "runs"
+    _differ_by(root, ("train.epochs=10",), "train.epochs=25")
+    rows, text, err = _report(root, capsys)
+    labels = {r["settings"] for r in rows}
+    assert labels == {"train.epochs=10, world_size=1", "train.epochs=25, world_size=2"}
+    assert "runs differ in train.epochs, world_size" in text
+    assert "(scratch has train.epochs=10, world_size=1)" in text
+
+
+def test_report_pools_runs_that_differ_only_in_keys_that_do_not_define_the_experiment(
+    tmp_path, capsys
+):
+    root = tmp_path / "runs"
+    for seed, extra in enumerate(
+        [
+            ("data.workers=1", "train.log_every=5", "data.shards=/a", "train.compile=true"),
+            ("data.workers=3", "train.log_every=9", "data.shards=/b", "data.device=cpu"),
+        ]
+    ):
+        _run(root / f"scratch{seed}", SCRATCH[seed], seed, settings=extra)
+        _run(
+            root / f"pre{seed}", PRE[seed], seed, "simclr-imagenet",
+            settings=(*extra, f"train.checkpoint_minutes={seed + 1}", "train.channels_last=false"),
+        )  # fmt: skip
+    rows, text, _ = _report(root, capsys)
+    assert [(r["pretrain"], r["settings"], r["seeds"]) for r in rows] == [
+        ("scratch", "", "2"),
+        ("simclr-imagenet", "", "2"),
+    ]
+    assert float(rows[1]["p_welch"]) == pytest.approx(_welch(list(PRE), list(SCRATCH)), rel=1e-9)
+    assert "## Notes" not in text
+
+
+def test_report_counts_a_repeated_seed_once_and_names_its_folders(tmp_path, capsys):
+    root = tmp_path / "runs"
+    first = _run(root / "scratch0", 0.60, 0)
+    again = _run(root / "scratch0_again", 0.66, 0)  # the same seed and settings
+    _run(root / "scratch1", 0.70, 1)
+    pre = [0.80, 0.83, 0.89]
+    for seed, value in enumerate(pre):
+        _run(root / f"pre{seed}", value, seed, "simclr-imagenet")
+    rows, text, err = _report(root, capsys)
+    scratch, pretrained = rows
+    per_seed = [(0.60 + 0.66) / 2, 0.70]
+    assert (scratch["seeds"], scratch["runs"]) == ("2", "3")
+    assert float(scratch["mean"]) == pytest.approx(np.mean(per_seed), abs=1e-12)
+    assert float(scratch["std"]) == pytest.approx(np.std(per_seed, ddof=1), abs=1e-12)
+    assert float(pretrained["p_welch"]) == pytest.approx(_welch(pre, per_seed), rel=1e-9)
+    assert float(pretrained["delta_vs_scratch"]) == pytest.approx(np.mean(pre) - 0.665)
+    note = f"seed 0 ran 2 times ({first}, {again}); their mean counts as one seed"
+    assert note in text and note in err
+    header = next(line for line in text.splitlines() if line.startswith("| task"))
+    assert "| n (seeds) |" in header
+    assert "| 2 | 3 | 0.665 ± 0.049 |" in text and "| 3 | 3 | 0.840 ± 0.046 |" in text
+
+
+def test_report_warns_of_findings_left_out_of_the_mean_auroc(tmp_path, capsys):
+    root = tmp_path / "runs"
+    full = _auroc_row(("No Finding",))  # No Finding is never in the mean: no warning
+    short = _auroc_row(("Hernia", "Edema", "No Finding"))
+    for seed in (0, 1):
+        _run(root / f"scratch{seed}", SCRATCH[seed], seed, task="chestxray8", test=full)
+    run = _run(root / "pre0", 0.7, 0, "simclr-imagenet", "chestxray8", test=short)
+    rows, text, err = _report(root, capsys)
+    warning = f"{run}: auroc_mean averages 12 of 14 findings; no test AUROC (one class only) for "
+    assert warning + "Edema, Hernia" in text and warning + "Edema, Hernia" in err
+    assert text.count("averages") == 1 and "No Finding" not in text
+    assert {r["settings"] for r in rows} == {
+        "auroc_classes=14, auroc_without=–",
+        "auroc_classes=12, auroc_without=Edema, Hernia",
+    }
+
+
+def test_report_heatmap_and_curves_keep_every_row_apart(tmp_path, capsys):
+    from xdtrain.report import cells, curve_series, find_runs, heatmap_table
+
+    root = tmp_path / "runs"
+    curves = {"scratch": (0.1, 0.2), "pre": (0.3, 0.5), "ddp": (0.6, 0.8)}
+    for seed in (0, 1):
+        shift = 0.01 * seed
+        for name, pretrain, extra, world in [
+            ("scratch", "", (), 1),
+            ("pre", "simclr-imagenet", (), 1),
+            ("ddp", "simclr-imagenet", (), 2),
+            ("linear", "simclr-imagenet", ("model.frozen_encoder=true",), 1),
+            ("tenth", "simclr-imagenet", ("data.fraction=0.1",), 1),
+        ]:
+            points = tuple(v + shift for v in curves.get(name, (0.0, 0.05)))
+            _run(
+                root / f"{name}{seed}", PRE[seed] if name != "scratch" else SCRATCH[seed],
+                seed, pretrain, settings=extra, world_size=world, curve=points,
+            )  # fmt: skip
+    rows = cells(find_runs([root]))
+    lines = curve_series(rows)["lits"]
+    assert set(lines) == {
+        "scratch [world_size=1]",
+        "simclr-imagenet [world_size=1]",
+        "simclr-imagenet [world_size=2]",
+        "simclr-imagenet 1 linear",
+        "simclr-imagenet 0.1 full",
+    }
+    for label, expected in [("[world_size=2]", (0.605, 0.805)), ("[world_size=1]", (0.305, 0.505))]:
+        epochs, values = zip(*lines[f"simclr-imagenet {label}"], strict=True)
+        assert epochs == (0, 1) and values == pytest.approx(expected, abs=1e-12)  # seed mean
+    values, pretrains, columns, texts = heatmap_table(rows)
+    assert pretrains == ["simclr-imagenet"]
+    assert columns == [
+        "lits\nworld_size=1",
+        "lits\nworld_size=2",
+        "lits\n1 linear",
+        "lits\n0.1 full",
+    ]
+    delta = f"{np.mean(PRE) - np.mean(SCRATCH):+.3f}"
+    assert texts == [[f"{delta} (n=2)", "–", "–", "–"]]
+    assert values[0, 0] == pytest.approx(np.mean(PRE) - np.mean(SCRATCH))
+    assert np.isnan(values[0, 1:]).all()
 
 
 # --------------------------------------------------------------------------- xd-queue
@@ -197,10 +449,11 @@ def test_queue_marks_a_failed_job_with_its_log(tmp_path):
     assert queue_main([str(jobs)]) == 1
     (line,) = [line for line in parse(jobs) if line.command]
     assert line.status.startswith("failed: ") and Path(line.status[8:]).is_file()
-    assert (
-        "no such folder" in Path(line.status[8:]).read_text()
-        or "error" in Path(line.status[8:]).read_text()
+    message = (
+        f"error: {tmp_path / 'none'}: source folder not found; pass --src with the raw brats "
+        "data set (xd-synth writes a small one)"
     )
+    assert message in Path(line.status[8:]).read_text().splitlines()
 
 
 def test_grid_writes_loadable_configs_and_jobs(tmp_path):

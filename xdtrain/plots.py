@@ -97,26 +97,40 @@ def box_plot(values: dict[str, list[float]], ylabel: str, path: Path) -> Path:
     return _save(fig, path)
 
 
-def heatmap(values: np.ndarray, rows: list[str], cols: list[str], title: str, path: Path) -> Path:
-    """A diverging map (0 in white) with each cell's value written in it."""
+def heatmap(
+    values: np.ndarray,
+    rows: list[str],
+    cols: list[str],
+    title: str,
+    path: Path,
+    texts: list[list[str]] | None = None,
+) -> Path:
+    """A diverging map (0 in white) of ``values`` ``[len(rows), len(cols)]`` (NaN: no value,
+    drawn blank), each cell annotated with ``texts[i][j]`` (default: the value as ``+0.012``,
+    "–" for NaN)."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(1.4 * len(cols) + 2.5, 0.7 * len(rows) + 1.8))
+    fig, ax = plt.subplots(figsize=(1.6 * len(cols) + 2.5, 0.8 * len(rows) + 2.0))
     finite = np.abs(values[np.isfinite(values)])
     scale = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
     image = ax.imshow(values, cmap="RdBu", vmin=-scale, vmax=scale)
-    ax.set_xticks(range(len(cols)), cols)
+    ax.set_xticks(range(len(cols)), cols, fontsize=7)
     ax.set_yticks(range(len(rows)), rows)
     for (i, j), value in np.ndenumerate(values):
-        text = "–" if not np.isfinite(value) else f"{value:+.3f}"
+        if texts is not None:
+            text = texts[i][j]
+        else:
+            text = "–" if not np.isfinite(value) else f"{value:+.3f}"
         dark = np.isfinite(value) and abs(value) > 0.6 * scale
-        ax.text(j, i, text, ha="center", va="center", color="white" if dark else "black")
+        color = "white" if dark else "black"
+        ax.text(j, i, text, ha="center", va="center", color=color, fontsize=7)
     ax.set_title(title, fontsize=9)
     fig.colorbar(image, ax=ax, shrink=0.8)
     return _save(fig, path)
 
 
 def grouped_curves(groups: dict[str, dict[str, list[tuple[int, float]]]], path: Path) -> Path:
-    """One panel per group (task), one line per series (pretraining), x = epoch."""
+    """One panel per group (task), one line per series, x = epoch: ``{panel: {line label:
+    [(epoch, value)]}}``. Lines are drawn as given, one per label, never merged."""
     plt = _pyplot()
     names = list(groups)
     fig, axes = plt.subplots(1, max(1, len(names)), figsize=(4 * max(1, len(names)), 3.4))
@@ -128,5 +142,6 @@ def grouped_curves(groups: dict[str, dict[str, list[tuple[int, float]]]], path: 
                 ax.plot(xs, ys, marker="o", ms=3, label=series)
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("epoch")
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=6)
     return _save(fig, path)

@@ -3,10 +3,19 @@
 Runs are grouped by what their configs say: task, training fraction, full finetuning or
 linear evaluation, and pretraining (``run.pretrain``, or else what ``model.encoder_weights``
 points to: the data set of the SimCLR run that wrote it, ``scratch`` when there is none).
-Each cell is the test score of the final model (the task's primary metric), mean ± standard
-deviation over seeds, its difference to training from scratch, and Welch's t-test p-value
-against scratch (the study's statistic). Unfinished and failed runs are listed, never
-averaged.
+Within such a group, runs are pooled only when they agree on every setting that defines the
+experiment: every config key but those in :data:`NOT_DEFINING`, the number of processes
+(``world_size`` in ``env.json``) and, for ChestX-ray8, the number of findings averaged into
+the test AUROC (``auroc_classes``). Runs that differ are split into rows labelled with the
+differing settings, never averaged together.
+
+Each row is the test score of the final model (the task's primary metric), mean ± standard
+deviation over distinct seeds (runs that repeat a seed with the same settings are averaged
+into that one seed), its difference to training from scratch with the same settings, and
+Welch's t-test p-value against that scratch (the study's statistic). Unfinished and failed
+runs are listed, never averaged. What the reader must know (split rows, repeated seeds,
+rows without a matching scratch, findings left out of a mean AUROC) is listed under Notes
+and printed to stderr.
 """
 
 from __future__ import annotations
@@ -14,21 +23,48 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import json
 import math
 import sys
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from xdtrain.config import load_config
+from xdtrain.config import config_to_dict, load_config
 from xdtrain.errors import UserError, run_cli
 from xdtrain.fileio import atomic_write
 from xdtrain.runlog import METRICS, read_metrics
 from xdtrain.tasks import get_task
+from xdtrain.tasks.chestxray8 import FINDINGS
 
 SCRATCH = "scratch"
+
+# Config keys that do not define the experiment: runs that differ only in these are pooled.
+NOT_DEFINING = {
+    "run.seed": "the replicate: what the statistics run over",
+    "run.name": "the run folder's name",
+    "run.output_dir": "where the run folder lives",
+    "run.debug": "anomaly checks and a loader in the main process; the same computation",
+    "run.pretrain": "makes the pretraining label, already a grouping key",
+    "model.encoder_weights": "makes the pretraining label (a path), already a grouping key",
+    "data.shards": "a path: the same packed data set may live in any folder",
+    "data.workers": "decoding threads: speed only",
+    "data.device": "where the same decoding graph runs: speed only",
+    "train.log_every": "how often train rows are logged",
+    "train.checkpoint_minutes": "how often last.pt is written",
+    "train.max_nonfinite": "a guard that stops a diverged run; a finished run never hit it",
+    "train.compile": "the same model, compiled: speed only",
+    "train.channels_last": "memory layout of the same tensors: speed only",
+}
+# Keys the rows are grouped by already (with the pretraining).
+GROUPING = ("task", "data.fraction", "model.frozen_encoder")
+WORLD_SIZE = "world_size"  # from env.json: processes, so global batch = batch_size x this
+AUROC_CLASSES = "auroc_classes"  # from the test row: findings averaged into auroc_mean
+AUROC_WITHOUT = "auroc_without"  # the findings left out of it, when any
+
+Settings = tuple[tuple[str, str], ...]  # sorted (key, value as text): hashable, comparable
 
 
 @dataclass
@@ -43,6 +79,13 @@ class Run:
     value: float | None  # test score of the final model; None when unfinished
     status: str  # "finished", "unfinished", "failed: …"
     curve: list[tuple[int, float]]
+    settings: Settings = ()  # the defining settings (see NOT_DEFINING)
+    dropped: list[str] = field(default_factory=list)  # findings with no test AUROC
+
+    @property
+    def family(self) -> tuple[str, float, str]:
+        """(task, fraction, mode): the runs whose rows are compared with each other."""
+        return (self.task, self.fraction, self.mode)
 
 
 def pretrain_label(config, folder: Path) -> str:
@@ -64,8 +107,60 @@ def pretrain_label(config, folder: Path) -> str:
     return source.stem
 
 
+def _text(value) -> str:
+    """A setting's value as written in labels: strings bare, everything else as JSON."""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
+    out: dict[str, object] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def world_size(folder: Path) -> int | None:
+    """Processes the run trained with (``env.json``); None when it is missing or unreadable."""
+    try:
+        return int(json.loads((folder / "env.json").read_text(encoding="utf-8"))[WORLD_SIZE])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def defining_settings(config, folder: Path, test_row: dict | None) -> Settings:
+    """The settings that define a run's experiment: every config key but the grouping keys
+    and :data:`NOT_DEFINING`, ``world_size`` (``"unknown"`` without ``env.json``) and, when
+    its test row has one, ``auroc_classes`` and the findings left out of the mean
+    (``auroc_without``)."""
+    flat = _flatten(config_to_dict(config))
+    settings = {k: _text(v) for k, v in flat.items() if k not in NOT_DEFINING and k not in GROUPING}
+    size = world_size(folder)
+    settings[WORLD_SIZE] = "unknown" if size is None else str(size)
+    if test_row is not None and test_row.get(AUROC_CLASSES) is not None:
+        settings[AUROC_CLASSES] = str(test_row[AUROC_CLASSES])
+        dropped = dropped_findings(test_row)
+        if dropped:  # which findings, not only how many: means without others differ too
+            settings[AUROC_WITHOUT] = ", ".join(dropped)
+    return tuple(sorted(settings.items()))
+
+
+def dropped_findings(test_row: dict | None) -> list[str]:
+    """Findings whose test AUROC is null (undefined: one class only), so left out of
+    ``auroc_mean``: the first :data:`FINDINGS` ``auroc/<name>`` entries of a ChestX-ray8
+    test row (the 15th, No Finding, is never in the mean)."""
+    if not test_row:
+        return []
+    names = [k for k in test_row if k.startswith("auroc/")][:FINDINGS]
+    return [k.removeprefix("auroc/") for k in names if test_row[k] is None]
+
+
 def read_run(folder: Path) -> Run | None:
-    """The record of one run folder, or None when it holds no xd-train config."""
+    """The record of one run folder, or None when it holds no finetuning config."""
     try:
         config = load_config(folder / "config.yaml")
     except UserError as exc:
@@ -75,10 +170,11 @@ def read_run(folder: Path) -> Run | None:
     task = get_task(config.task)
     rows = read_metrics(folder / METRICS)
     tests = [r for r in rows if r["kind"] == "test"]
-    value = tests[-1].get(task.primary) if tests else None
-    if tests and value is not None:
+    test = tests[-1] if tests else None
+    value = test.get(task.primary) if test else None
+    if test and value is not None:
         status = "finished"
-    elif tests:
+    elif test:
         status = f"failed: no {task.primary} in its test row"
     else:
         status = "unfinished"
@@ -98,6 +194,8 @@ def read_run(folder: Path) -> Run | None:
         value=value,
         status=status,
         curve=curve,
+        settings=defining_settings(config, folder, test),
+        dropped=dropped_findings(test) if task.name == "chestxray8" else [],
     )
 
 
@@ -128,34 +226,174 @@ def welch_p(a: list[float], b: list[float]) -> float | None:
     return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
 
 
+def varying_keys(settings: list[Settings]) -> list[str]:
+    """Keys whose values are not the same in all of ``settings`` (sorted; a key missing from
+    some counts as differing)."""
+    values: dict[str, set] = defaultdict(set)
+    for s in settings:
+        for key, value in s:
+            values[key].add(value)
+    present = [dict(s) for s in settings]
+    return sorted(k for k, v in values.items() if len(v) > 1 or any(k not in p for p in present))
+
+
+def settings_label(settings: Settings, keys: list[str]) -> str:
+    """``"train.epochs=25, world_size=2"``: the values of ``keys`` in ``settings``."""
+    given = dict(settings)
+    return ", ".join(f"{k}={given.get(k, '–')}" for k in keys)
+
+
+def per_seed(runs: list[Run]) -> dict[int, list[Run]]:
+    """Runs by seed (sorted); several runs of one seed are one seed."""
+    seeds: dict[int, list[Run]] = defaultdict(list)
+    for run in runs:
+        seeds[run.seed].append(run)
+    return dict(sorted(seeds.items()))
+
+
+def seed_curve(runs: list[Run]) -> dict[int, float]:
+    """Validation curve of one seed: {epoch: mean over the seed's runs that have it}."""
+    epochs: dict[int, list[float]] = defaultdict(list)
+    for run in runs:
+        for epoch, value in run.curve:
+            epochs[epoch].append(value)
+    return {e: float(np.mean(v)) for e, v in sorted(epochs.items())}
+
+
+def mean_curve(seeds: dict[int, list[Run]]) -> list[tuple[int, float]]:
+    """Validation curve of a row: per epoch, the mean over its seeds' curves."""
+    curves = [seed_curve(runs) for runs in seeds.values()]
+    epochs = sorted(set().union(*[c.keys() for c in curves])) if curves else []
+    return [(e, float(np.mean([c[e] for c in curves if e in c]))) for e in epochs]
+
+
+def _row(family: tuple, pretrain: str, settings: Settings, runs: list[Run], label: str) -> dict:
+    task, fraction, mode = family
+    seeds = per_seed(runs)
+    values = [float(np.mean([r.value for r in rs])) for rs in seeds.values()]
+    return {
+        "task": task,
+        "metric": runs[0].metric,
+        "fraction": fraction,
+        "mode": mode,
+        "pretrain": pretrain,
+        "settings": label,
+        "seeds": len(values),
+        "runs": len(runs),
+        "mean": float(np.mean(values)),
+        "std": float(np.std(values, ddof=1)) if len(values) > 1 else None,
+        "delta_vs_scratch": None,
+        "p_welch": None,
+        "values": values,
+        "seed_runs": seeds,
+        "settings_all": settings,
+        "curve": mean_curve(seeds),
+    }
+
+
+def _compare(row: dict, scratch: dict | None) -> None:
+    """Δ and Welch's p of ``row`` against the scratch row of the same settings."""
+    if row["pretrain"] == SCRATCH or scratch is None:
+        return
+    row["delta_vs_scratch"] = row["mean"] - scratch["mean"]
+    row["p_welch"] = welch_p(row["values"], scratch["values"])
+
+
 def cells(runs: list[Run]) -> list[dict]:
-    """One row per (task, fraction, mode, pretraining) with statistics over seeds."""
-    groups: dict[tuple, list[Run]] = defaultdict(list)
+    """One row per (task, fraction, mode, pretraining, defining settings), with statistics
+    over distinct seeds; ``settings`` names the settings that vary within the (task,
+    fraction, mode) family, empty when none do. Δ and p are against the scratch row whose
+    settings are the same, None when there is none."""
+    families: dict[tuple, dict[tuple[str, Settings], list[Run]]] = defaultdict(
+        lambda: defaultdict(list)
+    )
     for run in runs:
         if run.status == "finished":
-            groups[(run.task, run.fraction, run.mode, run.pretrain)].append(run)
+            families[run.family][(run.pretrain, run.settings)].append(run)
     out = []
-    for key in sorted(groups, key=lambda k: (k[0], -k[1], k[2], k[3] != SCRATCH, k[3])):
-        task, fraction, mode, pretrain = key
-        values = [r.value for r in groups[key]]
-        scratch = [r.value for r in groups.get((task, fraction, mode, SCRATCH), [])]
-        mean = float(np.mean(values))
-        row = {
-            "task": task,
-            "metric": groups[key][0].metric,
-            "fraction": fraction,
-            "mode": mode,
-            "pretrain": pretrain,
-            "seeds": len(values),
-            "mean": mean,
-            "std": float(np.std(values, ddof=1)) if len(values) > 1 else None,
-            "delta_vs_scratch": mean - float(np.mean(scratch))
-            if scratch and pretrain != SCRATCH
-            else None,
-            "p_welch": welch_p(values, scratch) if pretrain != SCRATCH else None,
-            "values": values,
-        }
-        out.append(row)
+    for family, groups in families.items():
+        keys = varying_keys([s for _, s in groups])
+        rows = [
+            _row(family, pretrain, settings, group, settings_label(settings, keys))
+            for (pretrain, settings), group in groups.items()
+        ]
+        scratch = {r["settings_all"]: r for r in rows if r["pretrain"] == SCRATCH}
+        for row in rows:
+            _compare(row, scratch.get(row["settings_all"]))
+        out += rows
+    return sorted(
+        out,
+        key=lambda r: (
+            r["task"],
+            -r["fraction"],
+            r["mode"],
+            r["settings"],
+            r["pretrain"] != SCRATCH,
+            r["pretrain"],
+        ),
+    )
+
+
+def _where(row: dict) -> str:
+    """``"lits 1 full simclr-imagenet [train.epochs=25]"``: a row, named in notes."""
+    name = f"{row['task']} {row['fraction']:g} {row['mode']} {row['pretrain']}"
+    return f"{name} [{row['settings']}]" if row["settings"] else name
+
+
+def notes(rows: list[dict], runs: list[Run]) -> list[str]:
+    """What the table cannot show: split families, repeated seeds, rows without a matching
+    scratch, findings left out of a mean AUROC. One line each."""
+    out = []
+    families = defaultdict(list)
+    for row in rows:
+        families[(row["task"], row["fraction"], row["mode"])].append(row)
+    for (task, fraction, mode), family in families.items():
+        keys = varying_keys([r["settings_all"] for r in family])
+        if keys:
+            out.append(
+                f"{task} {fraction:g} {mode}: runs differ in {', '.join(keys)}; split into "
+                "rows by these settings, never averaged together"
+            )
+        out += _scratch_notes(family, keys)
+    for row in rows:
+        for seed, seed_runs in row["seed_runs"].items():
+            if len(seed_runs) > 1:
+                folders = ", ".join(str(r.path) for r in seed_runs)
+                out.append(
+                    f"{_where(row)}: seed {seed} ran {len(seed_runs)} times ({folders}); "
+                    "their mean counts as one seed"
+                )
+    for run in runs:
+        if run.status == "finished" and run.dropped:
+            averaged = dict(run.settings).get(AUROC_CLASSES, "?")
+            out.append(
+                f"{run.path}: {run.metric} averages {averaged} of {FINDINGS} findings; no "
+                f"test AUROC (one class only) for {', '.join(run.dropped)}"
+            )
+    return out
+
+
+def _differences(mine: Settings, other: Settings, keys: list[str]) -> str:
+    """``"train.epochs=10, world_size=1"``: the values of ``other`` where it differs."""
+    a, b = dict(mine), dict(other)
+    return ", ".join(f"{k}={b.get(k, '–')}" for k in keys if a.get(k) != b.get(k))
+
+
+def _scratch_notes(family: list[dict], keys: list[str]) -> list[str]:
+    """Notes on the pretrained rows of one family that have no scratch row to compare with."""
+    scratch = [r["settings_all"] for r in family if r["pretrain"] == SCRATCH]
+    out = []
+    for row in family:
+        if row["pretrain"] == SCRATCH or row["delta_vs_scratch"] is not None:
+            continue
+        if not scratch:
+            out.append(f"{_where(row)}: no scratch run in this task, fraction and mode; Δ and p –")
+            continue
+        theirs = "; ".join(_differences(row["settings_all"], s, keys) for s in scratch)
+        out.append(
+            f"{_where(row)}: no scratch run with the same settings (scratch has {theirs}); "
+            "Δ and p –"
+        )
     return out
 
 
@@ -165,12 +403,13 @@ def _fmt(value, digits=3) -> str:
     return f"{value:.{digits}f}"
 
 
-def markdown(rows: list[dict], runs: list[Run]) -> str:
+def markdown(rows: list[dict], runs: list[Run], remarks: list[str]) -> str:
     lines = ["# Results", ""]
     lines.append(
         "Test score of the final model of each run (the task's primary metric), mean ± std "
-        "over seeds; Δ against training from scratch in the same task, fraction and mode; "
-        "p: Welch's t-test against scratch."
+        "over n distinct seeds; Δ against training from scratch in the same task, fraction, "
+        "mode and settings; p: Welch's t-test against that scratch. Settings: what differs "
+        "between the rows of a task, fraction and mode (see Notes)."
     )
     lines.append("")
     header = (
@@ -179,7 +418,9 @@ def markdown(rows: list[dict], runs: list[Run]) -> str:
         "fraction",
         "mode",
         "pretraining",
-        "seeds",
+        "settings",
+        "n (seeds)",
+        "runs",
         "mean ± std",
         "Δ vs scratch",
         "p (Welch)",
@@ -190,9 +431,13 @@ def markdown(rows: list[dict], runs: list[Run]) -> str:
         delta = r["delta_vs_scratch"]
         lines.append(
             f"| {r['task']} | {r['metric']} | {r['fraction']:g} | {r['mode']} | {r['pretrain']} "
-            f"| {r['seeds']} | {_fmt(r['mean'])} ± {_fmt(r['std'])} "
-            f"| {'–' if delta is None else f'{delta:+.3f}'} | {_fmt(r['p_welch'], 4)} |"
+            f"| {r['settings']} | {r['seeds']} | {r['runs']} | {_fmt(r['mean'])} ± "
+            f"{_fmt(r['std'])} | {'–' if delta is None else f'{delta:+.3f}'} "
+            f"| {_fmt(r['p_welch'], 4)} |"
         )
+    if remarks:
+        lines += ["", "## Notes", ""]
+        lines += [f"- {note}" for note in remarks]
     others = [r for r in runs if r.status != "finished"]
     if others:
         lines += ["", "## Not in the table", "", "| run | status |", "| --- | --- |"]
@@ -200,65 +445,132 @@ def markdown(rows: list[dict], runs: list[Run]) -> str:
     return "\n".join(lines) + "\n"
 
 
+ROW_FIELDS = [
+    "task",
+    "metric",
+    "fraction",
+    "mode",
+    "pretrain",
+    "settings",
+    "seeds",
+    "runs",
+    "mean",
+    "std",
+    "delta_vs_scratch",
+    "p_welch",
+]
+
+
+def _run_labels(rows: list[dict]) -> dict[int, str]:
+    """``id(run)`` -> the ``settings`` label of the row that finished run is in."""
+    return {
+        id(run): row["settings"]
+        for row in rows
+        for seed_runs in row["seed_runs"].values()
+        for run in seed_runs
+    }
+
+
 def write_csv(rows: list[dict], runs: list[Run]) -> tuple[str, str]:
     table = io.StringIO()
-    fields = [
-        "task",
-        "metric",
-        "fraction",
-        "mode",
-        "pretrain",
-        "seeds",
-        "mean",
-        "std",
-        "delta_vs_scratch",
-        "p_welch",
-    ]
-    writer = csv.DictWriter(table, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
+    writer = csv.DictWriter(
+        table, fieldnames=ROW_FIELDS, extrasaction="ignore", lineterminator="\n"
+    )
     writer.writeheader()
     writer.writerows(rows)
     per_run = io.StringIO()
     writer = csv.writer(per_run, lineterminator="\n")
     writer.writerow(
-        ["run", "task", "pretrain", "fraction", "mode", "seed", "metric", "value", "status"]
+        [
+            "run",
+            "task",
+            "pretrain",
+            "fraction",
+            "mode",
+            "seed",
+            "metric",
+            "value",
+            "status",
+            "settings",
+            "world_size",
+        ]
     )
+    labels = _run_labels(rows)
     for r in runs:
         writer.writerow(
-            [r.path, r.task, r.pretrain, r.fraction, r.mode, r.seed, r.metric, r.value, r.status]
+            [
+                r.path,
+                r.task,
+                r.pretrain,
+                r.fraction,
+                r.mode,
+                r.seed,
+                r.metric,
+                r.value,
+                r.status,
+                labels.get(id(r), ""),
+                dict(r.settings).get(WORLD_SIZE, ""),
+            ]
         )
     return table.getvalue(), per_run.getvalue()
 
 
-def figures(rows: list[dict], runs: list[Run], out: Path) -> list[Path]:
+def _column(row: dict) -> str:
+    """Heatmap column name of a row: the task, with fraction, mode and settings when not the
+    defaults."""
+    parts = [row["task"]]
+    if (row["fraction"], row["mode"]) != (1.0, "full"):
+        parts.append(f"{row['fraction']:g} {row['mode']}")
+    if row["settings"]:
+        parts.append(row["settings"].replace(", ", "\n"))
+    return "\n".join(parts)
+
+
+def heatmap_table(rows: list[dict]) -> tuple[np.ndarray, list[str], list[str], list[list[str]]]:
+    """Δ against scratch as a pretraining × (task, fraction, mode, settings) matrix:
+    ``(values [P, C] with NaN where there is no Δ, pretrainings, column names, cell texts
+    "+0.012 (n=3)" with n the pretraining's distinct seeds, "–" where there is no Δ)``."""
+    pretrained = [r for r in rows if r["pretrain"] != SCRATCH]
+    pretrains = sorted({r["pretrain"] for r in pretrained})
+    keys = sorted({(r["task"], -r["fraction"], r["mode"], r["settings"]) for r in pretrained})
+    values = np.full((len(pretrains), len(keys)), np.nan)
+    texts = [["–"] * len(keys) for _ in pretrains]
+    names = [""] * len(keys)
+    for r in pretrained:
+        j = keys.index((r["task"], -r["fraction"], r["mode"], r["settings"]))
+        names[j] = _column(r)
+        if r["delta_vs_scratch"] is not None:
+            i = pretrains.index(r["pretrain"])
+            values[i, j] = r["delta_vs_scratch"]
+            texts[i][j] = f"{r['delta_vs_scratch']:+.3f} (n={r['seeds']})"
+    return values, pretrains, names, texts
+
+
+def curve_series(rows: list[dict]) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    """Validation curves, one panel per task and one line per row (pretraining, fraction,
+    mode, settings): ``{task: {line label: [(epoch, mean over seeds)]}}``."""
+    out: dict[str, dict[str, list]] = defaultdict(dict)
+    for r in rows:
+        label = r["pretrain"]
+        if (r["fraction"], r["mode"]) != (1.0, "full"):
+            label += f" {r['fraction']:g} {r['mode']}"
+        if r["settings"]:
+            label += f" [{r['settings']}]"
+        out[r["task"]][label] = r["curve"]
+    return dict(out)
+
+
+def figures(rows: list[dict], out: Path) -> list[Path]:
     from xdtrain import plots
 
     written = []
-    columns = sorted({(r["task"], r["fraction"], r["mode"]) for r in rows})
-    pretrains = sorted({r["pretrain"] for r in rows if r["pretrain"] != SCRATCH})
-    if columns and pretrains:
-        values = np.full((len(pretrains), len(columns)), np.nan)
-        for r in rows:
-            if r["pretrain"] != SCRATCH and r["delta_vs_scratch"] is not None:
-                i = pretrains.index(r["pretrain"])
-                values[i, columns.index((r["task"], r["fraction"], r["mode"]))] = r[
-                    "delta_vs_scratch"
-                ]
-        names = [t if (f, m) == (1.0, "full") else f"{t} {f:g} {m}" for t, f, m in columns]
+    values, pretrains, names, texts = heatmap_table(rows)
+    if values.size:
+        title = "Δ test score vs. scratch (n: distinct seeds)"
         written.append(
-            plots.heatmap(values, pretrains, names, "Δ test score vs. scratch", out / "heatmap.png")
+            plots.heatmap(values, pretrains, names, title, out / "heatmap.png", texts=texts)
         )
-    groups: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
-    for run in runs:
-        if run.status == "finished":
-            groups[run.task][run.pretrain].append(dict(run.curve))
-    curves = {}
-    for task, series in groups.items():
-        curves[task] = {}
-        for pretrain, seed_curves in series.items():
-            epochs = sorted(set().union(*[c.keys() for c in seed_curves]))
-            curves[task][pretrain] = [
-                (e, float(np.mean([c[e] for c in seed_curves if e in c]))) for e in epochs
-            ]
+    curves = curve_series(rows)
     if curves:
         written.append(plots.grouped_curves(curves, out / "curves.png"))
     return written
@@ -273,15 +585,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     runs = find_runs([Path(d) for d in args.dirs])
     rows = cells(runs)
+    remarks = notes(rows, runs)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     table, per_run = write_csv(rows, runs)
     atomic_write(out / "results.csv", table)
     atomic_write(out / "runs.csv", per_run)
-    text = markdown(rows, runs)
+    text = markdown(rows, runs, remarks)
     atomic_write(out / "results.md", text)
-    written = figures(rows, runs, out)
+    written = figures(rows, out)
     sys.stdout.write(text)
+    for note in remarks:
+        print(f"xd-report: note: {note}", file=sys.stderr)
     finished = sum(r.status == "finished" for r in runs)
     print(
         f"\n{finished} finished run(s), {len(runs) - finished} not in the table; report in {out}/"
