@@ -18,7 +18,7 @@ from helpers import DEVICES, on_gpu
 from xdtrain.config import DataConfig
 from xdtrain.data import build_loader
 from xdtrain.data.dali_pipelines import Graph, build, external_batch
-from xdtrain.data.presets import get_preset
+from xdtrain.data.presets import PRESETS, get_preset
 from xdtrain.data.shardset import open_split
 from xdtrain.errors import UserError
 from xdtrain.shards import manifest as manifests
@@ -270,17 +270,23 @@ def test_mask_stays_aligned_with_its_image(tmp_path, dataset, backend, device):
 # --------------------------------------------------------------------------- bad samples
 
 
-def corrupt_copy(folder: Path, target: Path, ext: str) -> tuple[str, str]:
-    """Copy a shard folder and overwrite the header of one ``ext`` member in train."""
+def corrupt_copy(
+    folder: Path, target: Path, ext: str, split: str = "train", picks=((-1, 0),)
+) -> tuple[str, str]:
+    """Copy a shard folder and overwrite the header of the ``ext`` member of the samples
+    ``picks`` (shard number in ``split``, sample number); the first one's shard and key."""
     shutil.copytree(folder, target)
-    manifest = manifests.load(target)
-    name = manifests.shards(manifest, "train")[-1]
-    ref = parse_index((target / name).with_suffix(".idx").read_text())[0]
-    offset, size = next((o, s) for e, o, s in ref.parts if e == ext)
-    with open(target / name, "r+b") as fh:
-        fh.seek(offset)
-        fh.write(b"\0" * min(size, 64))
-    return str(target / name), ref.key
+    names = manifests.shards(manifests.load(target), split)
+    hit = []
+    for shard, sample in picks:
+        name = names[shard]
+        ref = parse_index((target / name).with_suffix(".idx").read_text())[sample]
+        offset, size = next((o, s) for e, o, s in ref.parts if e == ext)
+        with open(target / name, "r+b") as fh:
+            fh.seek(offset)
+            fh.write(b"\0" * min(size, 64))
+        hit.append((str(target / name), ref.key))
+    return hit[0]
 
 
 def test_dali_replaces_a_sample_that_fails_to_decode(packed, tmp_path, caplog):
@@ -297,6 +303,42 @@ def test_dali_replaces_a_sample_that_fails_to_decode(packed, tmp_path, caplog):
     batches = list(loader)
     assert sum(b["bad_samples"] for b in batches) == 0 and loader.bad_samples == 1
     assert key not in {k for b in batches for k in b["keys"]}
+
+
+def test_dali_recovers_every_bad_batch_and_a_resumed_loader_reads_the_same(packed, tmp_path):
+    """Several bad samples in several batches: each batch is rebuilt (the fallback pipeline
+    is fresh each time). A loader resumed at epoch 1 with the first loader's state reads
+    exactly what the first read in epoch 1."""
+    picks = ((0, 0), (-1, 0), (-1, 1))
+    corrupt_copy(packed["imagenet"], tmp_path / "im", "jpg", picks=picks)
+    config = data_config(tmp_path / "im", "imagenet", batch_size=2)
+    first = build_loader(config, "train", seed=4)
+    epoch0 = list(first)
+    assert sum(b["bad_samples"] for b in epoch0) == 3 == first.bad_samples
+    assert sum(b["bad_samples"] > 0 for b in epoch0) >= 2  # more than one batch rebuilt
+    state = first.state_dict()
+    epoch1 = list(first)
+    resumed = build_loader(config, "train", seed=4)
+    resumed.load_state_dict(state)
+    resumed.set_epoch(1)
+    for a, b in zip(epoch1, resumed, strict=True):
+        assert a["keys"] == b["keys"] and torch.equal(a["image"], b["image"])
+
+
+@pytest.mark.parametrize("backend", ["dali", "albumentations"])
+def test_evaluation_leaves_a_bad_sample_out_instead_of_counting_a_stand_in(
+    packed, tmp_path, backend
+):
+    shard, key = corrupt_copy(packed["lits"], tmp_path / "l", "img.png", split="val")
+    config = data_config(tmp_path / "l", "lits", backend=backend, batch_size=4, workers=1)
+    truth = split_truth(tmp_path / "l", "val")
+    loader = build_loader(config, "val")
+    for _ in range(2):  # every epoch: read, found bad, left out
+        batches = list(loader)
+        keys = [k for b in batches for k in b["keys"]]
+        assert sorted(keys) == sorted(set(truth) - {key})  # once each, the bad one never
+        assert sum(b["bad_samples"] for b in batches) == 1
+        assert all(len(b["keys"]) == len(b["mask"]) == len(b["case"]) for b in batches)
 
 
 def test_debug_raises_on_a_bad_sample(packed, tmp_path):
@@ -601,3 +643,23 @@ def test_classification_evaluation_is_what_training_sees_without_a_crop(packed):
     assert get_preset("standard", "classify").eval_resize == "centre_crop"
     cropped = output("classify_eval", get_preset("standard", "classify"))
     assert cropped.shape == evaluation.shape and not np.array_equal(cropped, evaluation)
+
+
+@pytest.mark.parametrize("backend,device", SEG_BACKENDS)
+@pytest.mark.parametrize("preset", [n for n, p in PRESETS.items() if p.purpose == "segment"])
+def test_every_segmentation_preset_trains_and_evaluates(packed, preset, backend, device):
+    config = data_config(packed["brats"], "brats", augment=preset, backend=backend, device=device)
+    for split in ("train", "val"):
+        batch = next(iter(build_loader(config, split)))
+        assert batch["image"].shape[1:] == (4, 48, 48) and torch.isfinite(batch["image"]).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("preset", [n for n, p in PRESETS.items() if p.purpose != "segment"])
+def test_every_classification_and_simclr_preset_runs(packed, preset, device):
+    for dataset in ("imagenet", "chestxray8"):
+        config = data_config(packed[dataset], dataset, augment=preset, device=device)
+        for split in ("train", "val"):
+            batch = next(iter(build_loader(config, split)))
+            images = batch["views"] if "views" in batch else [batch["image"]]
+            assert all(torch.isfinite(v).all() and v.shape[-2:] == (48, 48) for v in images)

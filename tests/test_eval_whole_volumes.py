@@ -69,3 +69,60 @@ def test_a_false_positive_on_a_slice_without_liver_counts(raw, packed):
         worse += reference < 1.0
     assert worse == len(predicted) > 0  # every test volume has slices without liver
     assert result["incomplete_cases"] == 0
+
+
+class FixedLogits(torch.nn.Module):
+    """A 'network' whose logits are a fixed smooth function of its input image."""
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        x = image[:, :1].float()
+        return torch.cat([-x, x, 0.5 * x * x - 0.3], dim=1)
+
+
+def test_evaluation_scores_upsampled_logits_against_the_stored_masks(tmp_path):
+    """End to end through the task's forward and ``evaluate``: each slice's logits are
+    brought to its stored grid, then argmax, then scored against the stored mask (Dice by
+    MONAI on the same arrays); never the mask resampled to the network's size."""
+    import dataclasses
+
+    import torch.nn.functional as F
+    from helpers import ROOT
+    from monai.metrics import DiceMetric
+    from test_data_loader import write_sized_shards
+
+    from xdtrain.config import load_config
+    from xdtrain.evaluate import evaluate, precision
+    from xdtrain.tasks import get_task
+
+    stored = write_sized_shards(tmp_path, [64, 52, 64, 40, 64, 58])
+    config = load_config(ROOT / "configs/demo/ft_lits.yaml")
+    data = DataConfig(
+        dataset="lits",
+        shards=str(tmp_path),
+        augment="segment",
+        image_size=32,
+        channels=1,
+        batch_size=4,
+        workers=1,
+        device="cpu",
+    )
+    config = dataclasses.replace(config, data=data)
+    task, model = get_task("lits"), FixedLogits()
+    loader = build_loader(data, "val")
+    amp = precision("off", torch.device("cpu"))
+    metrics = task.metrics(["background", "liver", "tumour"], config)
+    evaluate(model, loader, task, [], config, torch.device("cpu"), amp, metrics=metrics)
+    ours = metrics.details["regions"]["liver"]["dice_cases"]
+    checked = 0
+    for batch in build_loader(data, "val"):
+        logits = model(batch["image"])
+        for i, key in enumerate(batch["keys"]):
+            truth = stored[key]
+            pred = F.interpolate(logits[i : i + 1], size=truth.shape, mode="bilinear").argmax(1)
+            reference = DiceMetric(include_background=True, ignore_empty=False)(
+                torch.from_numpy(np.isin(pred[0].numpy(), (1, 2)))[None, None].float(),
+                torch.from_numpy(np.isin(truth, (1, 2)))[None, None].float(),
+            ).item()
+            assert abs(ours[int(batch["case"][i])] - reference) < 1e-6, key
+            checked += 1
+    assert checked == len(stored)

@@ -42,6 +42,9 @@ from xdtrain.models import export_encoder, get_model
 from xdtrain.optim import build_optimizer, build_scheduler
 from xdtrain.progress import make_progress
 from xdtrain.runlog import METRICS, RunLog, environment, plot_curves, read_metrics
+from xdtrain.shards.manifest import content_digest
+from xdtrain.shards.manifest import load as load_manifest
+from xdtrain.shards.tar import file_sha256
 from xdtrain.tasks import Task, get_task
 
 log = logging.getLogger("xdtrain.train")
@@ -226,7 +229,7 @@ class Trainer:
 
     # ---------------------------------------------------------------- checkpoints
 
-    def state(self, rngs: list) -> dict:
+    def state(self, rngs: list, loaders: list) -> dict:
         return {
             "model": self.raw_model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -239,14 +242,16 @@ class Trainer:
             "bad_samples": self.bad_samples,
             "best": json.dumps(self.best),
             "rng": rngs,  # one entry per rank
+            "data": loaders,  # one entry per rank: what its training loader must remember
             "config": json.dumps(config_to_dict(self.config)),
         }
 
     def save(self, name: str) -> None:
         """Every rank calls this (the RNG states of all ranks are gathered); rank 0 writes."""
         rngs = distributed.gather_objects(checkpoint.rng_state())
+        loaders = distributed.gather_objects(json.dumps(_loader_state(self.train_loader)))
         if self.world.main:
-            checkpoint.save(self.folder / name, self.state(rngs))
+            checkpoint.save(self.folder / name, self.state(rngs, loaders))
             if self.log is not None:
                 self.log.sync()
 
@@ -274,6 +279,16 @@ class Trainer:
         self.nonfinite, self.bad_samples = state["nonfinite"], state["bad_samples"]
         self.best = json.loads(state["best"])
         rngs = state["rng"]
+        loaders = [json.loads(text) for text in state.get("data", [])]
+        if hasattr(self.train_loader, "load_state_dict") and loaders:
+            if len(loaders) == self.world.size:
+                self.train_loader.load_state_dict(loaders[self.world.rank])
+            else:  # another number of ranks: every rank knows every bad sample
+                bad: dict[str, set] = {}
+                for part in loaders:
+                    for path, keys in part.get("bad", {}).items():
+                        bad.setdefault(path, set()).update(keys)
+                self.train_loader.load_state_dict({"bad": bad})
         if len(rngs) == self.world.size:
             checkpoint.set_rng_state(rngs[self.world.rank])
         else:  # resumed on another number of ranks: a fresh, rank-specific stream
@@ -308,6 +323,7 @@ class Trainer:
                 "encoder_weights": dataclasses.asdict(self.load_report)
                 if self.load_report
                 else None,
+                **inputs_identity(cfg, self.train_loader.shardset.folder),
             }
             atomic_write(self.folder / "env.json", json.dumps(env, indent=1) + "\n")
             self.log = RunLog(self.folder, self.global_step if self.resume else None)
@@ -489,6 +505,23 @@ class Trainer:
             self.log.close()
             plot_curves(self.folder, self.task.primary)
         return row
+
+
+def inputs_identity(config: Config, shards: Path) -> dict:
+    """What a run read, independently of paths and working directories, for xd-report:
+    the shard folder's content digest and the encoder file's absolute path and sha256."""
+    manifest = load_manifest(shards)
+    out = {"shards": {"folder": str(shards.resolve()), "content": content_digest(manifest)}}
+    weights = config.model.encoder_weights
+    if weights:
+        path = Path(weights).resolve()
+        out["encoder"] = {"path": str(path), "sha256": file_sha256(path)}
+    return out
+
+
+def _loader_state(loader) -> dict:
+    """A loader's resume state (the DALI loader's known bad samples), or nothing."""
+    return loader.state_dict() if hasattr(loader, "state_dict") else {}
 
 
 def _window() -> dict:

@@ -139,7 +139,8 @@ class _Batches(Dataset):
             except _BadSample as exc:
                 if loader.debug:
                     raise UserError(str(exc)) from None
-                log.warning("%s; replaced within its batch", exc)
+                what = "replaced within its batch" if loader.train else "left out of the scores"
+                log.warning("%s; %s", exc, what)
                 bad.append(j)
                 items.append(None)
         good = [item for item in items if item is not None]
@@ -149,8 +150,9 @@ class _Batches(Dataset):
                 f"{folder}: every sample of a batch failed to decode; "
                 f"run `xd-shard verify {folder}`"
             )
-        items = [item if item is not None else good[n % len(good)] for n, item in enumerate(items)]
-        return _collate(items, len(bad))
+        if loader.train:  # full batches: a good sample of the batch stands in
+            good = [item or good[n % len(good)] for n, item in enumerate(items)]
+        return _collate(good, len(bad))
 
     def _read(self, shard: int, position: int) -> dict:
         if shard not in self._refs:

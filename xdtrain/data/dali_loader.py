@@ -92,7 +92,6 @@ class DaliLoader:
         self._bad: dict[str, set[str]] = {}  # shard path -> keys of bad samples
         self._indexes = EpochIndexes(shardset, seed, rank, world_size, train)
         self._planned = None  # (epoch, bad samples known, future of the written indexes)
-        self._fallback = None
         self._helper: ThreadPoolExecutor | None = None
         self._next = None  # (epoch, future of (pipeline, reader args)) built ahead
 
@@ -107,9 +106,10 @@ class DaliLoader:
         return int(rng_for(self.seed, "data", self.rank, epoch).integers(2**31 - 1))
 
     def reader_args(self, epoch: int | None = None) -> dict:
-        """Reader arguments of ``epoch``: this rank's pieces as index files of their own."""
+        """Reader arguments of ``epoch``: this rank's pieces as index files of their own
+        (those planned ahead, or written now; always on the helper thread, one at a time)."""
         epoch = self.epoch if epoch is None else epoch
-        return self._reader(epoch, self._indexes.write(epoch, self._bad))
+        return self._reader(epoch, self._take_plan(epoch).result())
 
     def _reader(self, epoch: int, written: tuple[list[str], list[str]]) -> dict:
         paths, index_paths = written
@@ -129,13 +129,13 @@ class DaliLoader:
             if not primed:
                 pipe.schedule_run()  # fills the prefetch queue
             for step in range(self._len):
-                bad = 0
+                replaced: list[int] = []
                 try:
                     outputs = pipe.outputs()
                 except RuntimeError as exc:
-                    outputs, bad = self._recover(exc, reader, step)
+                    outputs, replaced = self._recover(exc, reader, step)
                 valid = min(self.batch_size, self.rank_samples - step * self.batch_size)
-                batch = self._batch(outputs, self.batch_size if self.train else valid, bad)
+                batch = self._batch(outputs, self.batch_size if self.train else valid, replaced)
                 if step < self._len - 1:
                     pipe.schedule_run()
                 else:
@@ -163,16 +163,21 @@ class DaliLoader:
         future = self._executor().submit(self._indexes.write, epoch, known)
         self._planned = (epoch, known, future)
 
-    def _prepare(self, epoch: int) -> None:
-        """Build the pipeline of ``epoch`` and start its reading on a helper thread, so an
-        epoch boundary costs no pipeline start-up (GPU decoder set-up, shuffle-buffer fill).
-        Index files planned before a bad sample turned up are written again."""
+    def _take_plan(self, epoch: int):
+        """The future of ``epoch``'s index files: the planned one unless it is for another
+        epoch or predates a bad sample found since, else a new one."""
         planned, self._planned = self._planned, None
         if planned is None or planned[0] != epoch or planned[1] != _known(self._bad):
             self._plan(epoch)
             planned, self._planned = self._planned, None
+        return planned[2]
+
+    def _prepare(self, epoch: int) -> None:
+        """Build the pipeline of ``epoch`` and start its reading on a helper thread, so an
+        epoch boundary costs no pipeline start-up (GPU decoder set-up, shuffle-buffer fill)."""
+        written = self._take_plan(epoch)
         reader = self._reader(epoch, ([], []))  # paths filled in by the helper
-        args = (self.graph, reader, planned[2], self.batch_size, self.threads, self.device_id)
+        args = (self.graph, reader, written, self.batch_size, self.threads, self.device_id)
         self._next = (epoch, self._executor().submit(_make_prepared, *args))
 
     def _pipeline(self, epoch: int):
@@ -200,7 +205,9 @@ class DaliLoader:
         feed_ndarray(tensor, out, cuda_stream=stream)
         return out
 
-    def _batch(self, outputs, valid: int, bad: int) -> dict:
+    def _batch(self, outputs, valid: int, replaced: list[int]) -> dict:
+        """The batch's first ``valid`` samples; in evaluation without the ``replaced`` ones
+        (a bad sample is left out of the scores, never counted twice through a stand-in)."""
         named = dict(zip(self.graph.outputs, outputs, strict=True))
         batch: dict = {}
         if self.graph.purpose == "simclr":
@@ -217,7 +224,10 @@ class DaliLoader:
         batch.update(labels(self.shardset.layout, raw))
         info = self._tensor(named["info"])[:valid].numpy()
         batch["keys"] = [key_of(row.tobytes())[1] for row in info]
-        batch["bad_samples"] = bad
+        batch["bad_samples"] = len(replaced)
+        if replaced and not self.train:
+            keep = [i for i in range(valid) if i not in set(replaced)]
+            batch = _select(batch, keep)
         return batch
 
     # ------------------------------------------------------------------ bad samples
@@ -239,11 +249,13 @@ class DaliLoader:
                 bad.append((path, key, problem))
         if not bad:
             raise RuntimeError(f"DALI failed on a batch whose samples all decode: {exc}") from exc
+        what = "replaced within its batch" if self.train else "left out of the scores"
         for path, key, problem in bad:
             if self.debug:
                 raise UserError(f"{path}: sample {key} {problem}; run `xd-shard verify` on it")
-            log.warning("%s: sample %s %s; replaced within its batch", path, key, problem)
-            self._bad.setdefault(path, set()).add(key)
+            log.warning("%s: sample %s %s; %s", path, key, problem, what)
+            if self.train:  # evaluation reads it again (and leaves it out again) next time
+                self._bad.setdefault(path, set()).add(key)
         bad_keys = {(p, k) for p, k, _ in bad}
         good = [i for i, info in enumerate(infos) if key_of(info) not in bad_keys]
         if not good:
@@ -252,8 +264,10 @@ class DaliLoader:
                 f"run `xd-shard verify {self.shardset.folder}`"
             )
         pick = [i if i in good else good[n % len(good)] for n, i in enumerate(range(len(infos)))]
+        replaced = [i for i in range(len(infos)) if i not in good]
         self.bad_samples += len(bad)
-        return self._run_fallback([samples[i] for i in pick], [infos[i] for i in pick]), len(bad)
+        rebuilt = self._run_fallback([samples[i] for i in pick], [infos[i] for i in pick], step)
+        return rebuilt, replaced
 
     def _replay(self, reader: dict, step: int) -> list[bytes]:
         """``source_info`` of batch ``step``: the same reader, seed and order, no decoding."""
@@ -282,19 +296,29 @@ class DaliLoader:
                 return f"{ext} does not decode"
         return None
 
-    def _run_fallback(self, samples, infos):
-        if self._fallback is None:
-            self._fallback = dali_pipelines.build(
-                self.graph,
-                batch_size=self.batch_size,
-                threads=self.threads,
-                seed=self.epoch_seed() + 2,
-                device_id=self.device_id,
-                reader=None,
-            )
+    def _run_fallback(self, samples, infos, step: int):
+        """The batch rebuilt through the same graph from ``samples``, by a pipeline seeded
+        from (seed, rank, epoch, step): a resumed run rebuilds it the same way."""
+        seed = int(rng_for(self.seed, "fallback", self.rank, self.epoch, step).integers(2**31))
+        pipe = dali_pipelines.build(
+            self.graph,
+            batch_size=self.batch_size,
+            threads=self.threads,
+            seed=seed,
+            device_id=self.device_id,
+            reader=None,
+        )
         for name, data in dali_pipelines.external_batch(self.graph, samples, infos).items():
-            self._fallback.feed_input(name, data)
-        return self._fallback.run()
+            pipe.feed_input(name, data)
+        return pipe.run()
+
+    def state_dict(self) -> dict:
+        """What a resumed run needs to read as this loader would: the bad samples it knows
+        (later epochs read around them)."""
+        return {"bad": {path: sorted(keys) for path, keys in self._bad.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._bad = {path: set(keys) for path, keys in state.get("bad", {}).items()}
 
     def close(self) -> None:
         self._next = None
@@ -332,6 +356,21 @@ def _make_pipeline(graph, reader, batch_size, threads, device_id, start):
 
 def _read_index(path: str, shardset: ShardSet) -> str:
     return Path(shardset.index_paths[shardset.paths.index(path)]).read_text()
+
+
+def _select(batch: dict, keep: list[int]) -> dict:
+    """``batch`` with only the samples at ``keep``."""
+    out: dict = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            out[key] = value[keep]
+        elif key == "views":
+            out[key] = [v[keep] for v in value]
+        elif key == "keys":
+            out[key] = [value[i] for i in keep]
+        else:
+            out[key] = value
+    return out
 
 
 def _known(bad: dict[str, set[str]]) -> dict[str, frozenset[str]]:

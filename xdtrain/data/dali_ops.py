@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math as pymath
 
+import numpy as np
 from nvidia.dali import fn, math, types
 
 from xdtrain.data.presets import Augment
@@ -95,6 +96,8 @@ def shared_window(aug: Augment):
     """A relative crop window ``(start, end)`` in (row, column) order, drawn per sample:
     random area share and aspect ratio, with probability ``crop_p`` (else the whole image).
     Feed it to the ``resize`` of the image and of the mask to keep them aligned."""
+    if aug.crop_p <= 0:  # the whole image: constants, no random nodes
+        return types.Constant(np.float32([0.0, 0.0])), types.Constant(np.float32([1.0, 1.0]))
     low, high = aug.crop_area
     area = gated(aug.crop_p, low, high, 1.0)
     log_ratio = gated(aug.crop_p, pymath.log(aug.crop_ratio[0]), pymath.log(aug.crop_ratio[1]), 0.0)

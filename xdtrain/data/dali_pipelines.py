@@ -68,7 +68,8 @@ def build(graph: Graph, *, batch_size, threads, seed, device_id=None, reader=Non
         num_threads=threads,
         device_id=dev,
         seed=seed,
-        prefetch_queue_depth=2,
+        # external_source inputs are fed one batch per run(): nothing to prefetch
+        prefetch_queue_depth=2 if reader is not None else 1,
         exec_dynamic=True,
     )
     p.build()
