@@ -387,6 +387,97 @@ def test_report_heatmap_and_curves_keep_every_row_apart(tmp_path, capsys):
     assert np.isnan(values[0, 1:]).all()
 
 
+def _pretraining(folder: Path, *settings: str) -> Path:
+    """A SimCLR run folder (config.yaml, encoder.pt) with ``settings``; its encoder path."""
+    config = load_config(ROOT / "configs" / "demo" / "pt_simclr_imagenet.yaml", list(settings))
+    folder.mkdir(parents=True)
+    save_config(config, folder / "config.yaml")
+    (folder / "encoder.pt").write_bytes(repr(settings).encode())
+    return folder / "encoder.pt"
+
+
+def test_report_splits_runs_whose_encoders_come_from_different_pretraining_runs(tmp_path, capsys):
+    """Two SimCLR runs (1 and 100 epochs) give encoders of one label, simclr-imagenet:
+    their finetuned runs are two rows, each compared with the same scratch row."""
+    root = tmp_path / "runs"
+    short = _pretraining(root / "pt_short", "train.epochs=1")
+    long = _pretraining(root / "pt_long", "train.epochs=100")
+    for seed in (0, 1):
+        _run(root / f"scratch{seed}", SCRATCH[seed], seed)
+        weights = [f"model.encoder_weights={short}"]
+        _run(root / f"short{seed}", PRE[seed], seed, settings=weights)
+        weights = [f"model.encoder_weights={long}"]
+        _run(root / f"long{seed}", OTHER[seed], seed, settings=weights)
+    rows, text, err = _report(root, capsys)
+    by_label = {(r["pretrain"], r["settings"]): r for r in rows}
+    assert set(by_label) == {
+        ("scratch", ""),
+        ("simclr-imagenet", "pretrain.train.epochs=1"),
+        ("simclr-imagenet", "pretrain.train.epochs=100"),
+    }
+    for label, values in (("1", PRE), ("100", OTHER)):
+        row = by_label[("simclr-imagenet", f"pretrain.train.epochs={label}")]
+        assert int(row["seeds"]) == 2 and int(row["runs"]) == 2
+        assert float(row["delta_vs_scratch"]) == pytest.approx(np.mean(values) - np.mean(SCRATCH))
+        assert float(row["p_welch"]) == pytest.approx(_welch(list(values), list(SCRATCH)))
+    assert "pretraining runs that differ in pretrain.train.epochs" in text
+    assert "pretrain.train.epochs" in err and "ran 2 times" not in text
+
+
+def _manifest(folder: Path, digest: str) -> Path:
+    """A LiTS shard folder's manifest whose test shard has the sha256 ``digest``."""
+    folder.mkdir(parents=True)
+    shard = {"name": "test-000000.tar", "samples": 5, "sha256": digest, "tier": None}
+    manifest = {
+        "format": "xdtrain-shards/1",
+        "dataset": "lits",
+        "options": {"slices": "liver"},
+        "fractions": {},
+        "splits": {"test": {"samples": 5, "shards": [shard]}},
+    }
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder
+
+
+def test_report_splits_runs_that_read_differently_packed_shards(tmp_path, capsys):
+    """Runs on two shard folders with other test shards are two rows; the same content
+    packed into another folder is the same data (the path does not define the run)."""
+    root = tmp_path / "runs"
+    one = _manifest(tmp_path / "one", "a" * 64)
+    copy = _manifest(tmp_path / "copy", "a" * 64)
+    other = _manifest(tmp_path / "other", "b" * 64)
+    for seed in (0, 1):
+        _run(root / f"scratch{seed}", SCRATCH[seed], seed, settings=[f"data.shards={one}"])
+        _run(root / f"scratchcopy{seed}", SCRATCH[seed], seed + 2, settings=[f"data.shards={copy}"])
+        _run(root / f"scratch_other{seed}", OTHER[seed], seed, settings=[f"data.shards={other}"])
+        pre = [f"data.shards={other}"]
+        _run(root / f"pre{seed}", PRE[seed], seed, "simclr-imagenet", settings=pre)
+    rows, text, _ = _report(root, capsys)
+    scratch = [r for r in rows if r["pretrain"] == "scratch"]
+    assert sorted(int(r["seeds"]) for r in scratch) == [2, 4]  # one and copy pooled
+    (pre,) = [r for r in rows if r["pretrain"] != "scratch"]
+    # compared with the scratch runs on the same shards only
+    assert float(pre["delta_vs_scratch"]) == pytest.approx(np.mean(PRE) - np.mean(OTHER))
+    assert pre["settings"].startswith("shards=") and "runs differ in shards" in text
+
+
+def test_report_finds_a_relative_encoder_path_from_anywhere(tmp_path, capsys, monkeypatch):
+    """A config's relative encoder path (relative to where training ran) still names the
+    pretraining when xd-report runs from another folder."""
+    project = tmp_path / "project"
+    _pretraining(project / "checkpoints" / "pt", "train.epochs=3")
+    relative = "checkpoints/pt/encoder.pt"
+    for seed in (0, 1):
+        _run(project / "checkpoints" / f"scratch{seed}", SCRATCH[seed], seed)
+        weights = [f"model.encoder_weights={relative}"]
+        _run(project / "checkpoints" / f"pre{seed}", PRE[seed], seed, settings=weights)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    rows, _, _ = _report(project / "checkpoints", capsys)
+    assert {r["pretrain"] for r in rows} == {"scratch", "simclr-imagenet"}
+
+
 # --------------------------------------------------------------------------- xd-queue
 
 

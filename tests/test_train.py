@@ -124,8 +124,19 @@ def test_finetuning_from_a_pretrained_encoder_records_what_it_loaded(packed, tmp
         "data.batch_size=8",
     ]
     assert main(args("ft_chestxray8.yaml", packed["chestxray8"], run, *extra)) == 0
-    loaded = json.loads((run / "env.json").read_text())["encoder_weights"]
+    env = json.loads((run / "env.json").read_text())
+    loaded = env["encoder_weights"]
     assert loaded["missing"] == [] and loaded["unexpected"] == [] and loaded["loaded"]
+    # what xd-report identifies the run's inputs by, whatever the working folder
+    from xdtrain.shards.manifest import content_digest
+    from xdtrain.shards.manifest import load as load_manifest
+    from xdtrain.shards.tar import file_sha256
+
+    assert env["encoder"] == {
+        "path": str((pre / "encoder.pt").resolve()),
+        "sha256": file_sha256(pre / "encoder.pt"),
+    }
+    assert env["shards"]["content"] == content_digest(load_manifest(packed["chestxray8"]))
     train = rows(run, "train")
     assert train[-1]["loss"] < train[0]["loss"]
     test = rows(run, "test")[0]

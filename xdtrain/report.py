@@ -4,10 +4,11 @@ Runs are grouped by what their configs say: task, training fraction, full finetu
 linear evaluation, and pretraining (``run.pretrain``, or else what ``model.encoder_weights``
 points to: the data set of the SimCLR run that wrote it, ``scratch`` when there is none).
 Within such a group, runs are pooled only when they agree on every setting that defines the
-experiment: every config key but those in :data:`NOT_DEFINING`, the number of processes
-(``world_size`` in ``env.json``) and, for ChestX-ray8, the number of findings averaged into
-the test AUROC (``auroc_classes``). Runs that differ are split into rows labelled with the
-differing settings, never averaged together.
+experiment: every config key but those in :data:`NOT_DEFINING`, the content of the shards
+they read (``shards``), the number of processes (``world_size`` in ``env.json``), the
+pretraining run their encoder came from (``pretrain.*``) and, for ChestX-ray8, the findings
+averaged into the test AUROC (``auroc_classes``, ``auroc_without``). Runs that differ are
+split into rows labelled with the differing settings, never averaged together.
 
 Each row is the test score of the final model (the task's primary metric), mean ± standard
 deviation over distinct seeds (runs that repeat a seed with the same settings are averaged
@@ -36,6 +37,9 @@ from xdtrain.config import config_to_dict, load_config
 from xdtrain.errors import UserError, run_cli
 from xdtrain.fileio import atomic_write
 from xdtrain.runlog import METRICS, read_metrics
+from xdtrain.shards.manifest import content_digest
+from xdtrain.shards.manifest import load as load_manifest
+from xdtrain.shards.tar import file_sha256
 from xdtrain.tasks import get_task
 from xdtrain.tasks.chestxray8 import FINDINGS
 
@@ -48,8 +52,9 @@ NOT_DEFINING = {
     "run.output_dir": "where the run folder lives",
     "run.debug": "anomaly checks and a loader in the main process; the same computation",
     "run.pretrain": "makes the pretraining label, already a grouping key",
-    "model.encoder_weights": "makes the pretraining label (a path), already a grouping key",
-    "data.shards": "a path: the same packed data set may live in any folder",
+    "model.encoder_weights": "a path: the encoder is identified by the pretraining run's "
+    "settings (pretrain.*) or the file's sha256 instead",
+    "data.shards": "a path: the data is identified by its content instead (shards)",
     "data.workers": "decoding threads: speed only",
     "data.device": "where the same decoding graph runs: speed only",
     "train.log_every": "how often train rows are logged",
@@ -61,6 +66,7 @@ NOT_DEFINING = {
 # Keys the rows are grouped by already (with the pretraining).
 GROUPING = ("task", "data.fraction", "model.frozen_encoder")
 WORLD_SIZE = "world_size"  # from env.json: processes, so global batch = batch_size x this
+SHARDS = "shards"  # the content digest of the shard folder read: what was packed, not where
 AUROC_CLASSES = "auroc_classes"  # from the test row: findings averaged into auroc_mean
 AUROC_WITHOUT = "auroc_without"  # the findings left out of it, when any
 
@@ -80,6 +86,7 @@ class Run:
     status: str  # "finished", "unfinished", "failed: …"
     curve: list[tuple[int, float]]
     settings: Settings = ()  # the defining settings (see NOT_DEFINING)
+    pretrain_settings: Settings = ()  # what defines the encoder it started from (pretrain.*)
     dropped: list[str] = field(default_factory=list)  # findings with no test AUROC
 
     @property
@@ -91,20 +98,81 @@ class Run:
 def pretrain_label(config, folder: Path) -> str:
     if config.run.pretrain:
         return config.run.pretrain
-    weights = config.model.encoder_weights
-    if not weights:
+    if not config.model.encoder_weights:
         return SCRATCH
-    source = Path(weights)
-    if not source.is_absolute() and not source.exists():
-        source = folder / weights
-    saved = source.parent / "config.yaml"
-    if saved.is_file():
+    source = encoder_file(config, folder)
+    saved = source.parent / "config.yaml" if source else None
+    if saved is not None and saved.is_file():
         try:
             pre = load_config(saved)
             return f"{pre.task}-{pre.data.dataset}"
         except UserError:
             pass
-    return source.stem
+    return Path(config.model.encoder_weights).stem
+
+
+def _env(folder: Path) -> dict:
+    """A run's ``env.json``, or ``{}`` when it is missing or unreadable."""
+    try:
+        env = json.loads((folder / "env.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return env if isinstance(env, dict) else {}
+
+
+def _find(path: str, folder: Path) -> Path | None:
+    """``path`` as a run's config wrote it: absolute, or relative to the folder training ran
+    in, which is the current one or one above the run folder (``checkpoints/...``)."""
+    candidate = Path(path)
+    if candidate.is_absolute():
+        return candidate if candidate.exists() else None
+    for base in (Path.cwd(), *folder.resolve().parents):
+        if (base / candidate).exists():
+            return base / candidate
+    return None
+
+
+def encoder_file(config, folder: Path) -> Path | None:
+    """The encoder weights a run loaded: the absolute path ``env.json`` recorded, else the
+    config's path found from the run folder; None when it cannot be found."""
+    recorded = (_env(folder).get("encoder") or {}).get("path")
+    if recorded and Path(recorded).exists():
+        return Path(recorded)
+    return _find(config.model.encoder_weights, folder)
+
+
+def shards_content(config, folder: Path) -> str:
+    """The content digest of the shards a run read (``env.json``, else their manifest)."""
+    recorded = (_env(folder).get("shards") or {}).get("content")
+    if recorded:
+        return recorded[:12]
+    found = _find(config.data.shards or f"shards/{config.data.dataset}", folder)
+    try:
+        return content_digest(load_manifest(found))[:12] if found else "unknown"
+    except (UserError, KeyError, TypeError):
+        return "unknown"
+
+
+def pretraining_settings(config, folder: Path) -> Settings:
+    """What defines the encoder a run started from, as ``pretrain.*`` settings: the defining
+    settings of the run that wrote it, else the weights file's sha256."""
+    if not config.model.encoder_weights:
+        return ()
+    source = encoder_file(config, folder)
+    saved = source.parent / "config.yaml" if source else None
+    if saved is not None and saved.is_file():
+        try:
+            pre = load_config(saved)
+        except UserError:
+            pre = None
+        if pre is not None:
+            settings = dict(defining_settings(pre, saved.parent, None))
+            settings["run.seed"] = str(pre.run.seed)  # another pretraining seed: another encoder
+            return tuple(sorted((f"pretrain.{k}", v) for k, v in settings.items()))
+    digest = (_env(folder).get("encoder") or {}).get("sha256")
+    if digest is None and source is not None:
+        digest = file_sha256(source)
+    return (("pretrain.weights", digest[:12] if digest else "unknown"),)
 
 
 def _text(value) -> str:
@@ -127,18 +195,20 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
 def world_size(folder: Path) -> int | None:
     """Processes the run trained with (``env.json``); None when it is missing or unreadable."""
     try:
-        return int(json.loads((folder / "env.json").read_text(encoding="utf-8"))[WORLD_SIZE])
-    except (OSError, ValueError, KeyError, TypeError):
+        return int(_env(folder)[WORLD_SIZE])
+    except (KeyError, TypeError, ValueError):
         return None
 
 
 def defining_settings(config, folder: Path, test_row: dict | None) -> Settings:
     """The settings that define a run's experiment: every config key but the grouping keys
-    and :data:`NOT_DEFINING`, ``world_size`` (``"unknown"`` without ``env.json``) and, when
-    its test row has one, ``auroc_classes`` and the findings left out of the mean
-    (``auroc_without``)."""
+    and :data:`NOT_DEFINING`; ``shards``, the content of the shard folder it read (not its
+    path); ``world_size`` (``"unknown"`` without ``env.json``); and, when its test row has
+    one, ``auroc_classes`` and the findings left out of the mean (``auroc_without``). The
+    encoder a run started from is defined apart (:func:`pretraining_settings`)."""
     flat = _flatten(config_to_dict(config))
     settings = {k: _text(v) for k, v in flat.items() if k not in NOT_DEFINING and k not in GROUPING}
+    settings[SHARDS] = shards_content(config, folder)
     size = world_size(folder)
     settings[WORLD_SIZE] = "unknown" if size is None else str(size)
     if test_row is not None and test_row.get(AUROC_CLASSES) is not None:
@@ -195,6 +265,7 @@ def read_run(folder: Path) -> Run | None:
         status=status,
         curve=curve,
         settings=defining_settings(config, folder, test),
+        pretrain_settings=pretraining_settings(config, folder),
         dropped=dropped_findings(test) if task.name == "chestxray8" else [],
     )
 
@@ -300,23 +371,34 @@ def _compare(row: dict, scratch: dict | None) -> None:
 
 
 def cells(runs: list[Run]) -> list[dict]:
-    """One row per (task, fraction, mode, pretraining, defining settings), with statistics
-    over distinct seeds; ``settings`` names the settings that vary within the (task,
-    fraction, mode) family, empty when none do. Δ and p are against the scratch row whose
+    """One row per (task, fraction, mode, pretraining, defining settings, encoder), with
+    statistics over distinct seeds; ``settings`` names the settings that vary within the
+    (task, fraction, mode) family, and the ``pretrain.*`` settings that vary between encoders
+    of one pretraining label; empty when none do. Δ and p are against the scratch row whose
     settings are the same, None when there is none."""
-    families: dict[tuple, dict[tuple[str, Settings], list[Run]]] = defaultdict(
+    families: dict[tuple, dict[tuple[str, Settings, Settings], list[Run]]] = defaultdict(
         lambda: defaultdict(list)
     )
     for run in runs:
         if run.status == "finished":
-            families[run.family][(run.pretrain, run.settings)].append(run)
+            families[run.family][(run.pretrain, run.settings, run.pretrain_settings)].append(run)
     out = []
     for family, groups in families.items():
-        keys = varying_keys([s for _, s in groups])
-        rows = [
-            _row(family, pretrain, settings, group, settings_label(settings, keys))
-            for (pretrain, settings), group in groups.items()
-        ]
+        keys = varying_keys([s for _, s, _ in groups])
+        encoders = encoder_keys(groups)
+        rows = []
+        for (pretrain, settings, encoder), group in groups.items():
+            label = ", ".join(
+                part
+                for part in (
+                    settings_label(settings, keys),
+                    settings_label(encoder, encoders[pretrain]),
+                )
+                if part
+            )
+            row = _row(family, pretrain, settings, group, label)
+            row["encoder_all"] = encoder
+            rows.append(row)
         scratch = {r["settings_all"]: r for r in rows if r["pretrain"] == SCRATCH}
         for row in rows:
             _compare(row, scratch.get(row["settings_all"]))
@@ -332,6 +414,14 @@ def cells(runs: list[Run]) -> list[dict]:
             r["pretrain"],
         ),
     )
+
+
+def encoder_keys(groups) -> dict[str, list[str]]:
+    """Per pretraining label, the ``pretrain.*`` settings in which its encoders differ."""
+    by_label: dict[str, set[Settings]] = defaultdict(set)
+    for pretrain, _, encoder in groups:
+        by_label[pretrain].add(encoder)
+    return {label: varying_keys(list(encoders)) for label, encoders in by_label.items()}
 
 
 def _where(row: dict) -> str:
@@ -355,6 +445,14 @@ def notes(rows: list[dict], runs: list[Run]) -> list[str]:
                 "rows by these settings, never averaged together"
             )
         out += _scratch_notes(family, keys)
+        for label, encoder in encoder_keys(
+            [(r["pretrain"], r["settings_all"], r["encoder_all"]) for r in family]
+        ).items():
+            if encoder:
+                out.append(
+                    f"{task} {fraction:g} {mode} {label}: the encoders come from pretraining "
+                    f"runs that differ in {', '.join(encoder)}; split into rows, never averaged"
+                )
     for row in rows:
         for seed, seed_runs in row["seed_runs"].items():
             if len(seed_runs) > 1:

@@ -8,6 +8,7 @@ complete; ``xd-shard verify`` re-checks the shards against it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import tarfile
 from collections import Counter
@@ -98,6 +99,22 @@ def build(packer, scan, state, fingerprint) -> dict:
         "notes": notes,
         "fingerprint": fingerprint,
     }
+
+
+def content_digest(manifest: dict) -> str:
+    """sha256 of what a shard folder holds, whatever its path: the data set, the packing
+    options, the fraction tiers and every shard's sha256 per split. Equal digests mean runs
+    read the same samples in the same splits."""
+    content = {
+        "dataset": manifest["dataset"],
+        "options": manifest.get("options", {}),
+        "fractions": manifest.get("fractions", {}),
+        "splits": {
+            name: [[s.get("sha256"), s.get("tier"), s["samples"]] for s in entry["shards"]]
+            for name, entry in manifest["splits"].items()
+        },
+    }
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
 def shards(manifest: dict, split: str, fraction: float = 1.0) -> list[str]:
