@@ -126,3 +126,31 @@ def test_evaluation_scores_upsampled_logits_against_the_stored_masks(tmp_path):
             assert abs(ours[int(batch["case"][i])] - reference) < 1e-6, key
             checked += 1
     assert checked == len(stored)
+
+
+def test_evaluating_part_of_volumes_says_so(packed, caplog):
+    """Scoring the training split (slices thinned by --slices) counts its incomplete cases
+    and warns that their scores are not whole-volume; the test split is complete."""
+    import dataclasses
+    import logging
+
+    from helpers import ROOT
+
+    from xdtrain.config import load_config
+    from xdtrain.evaluate import evaluate, precision
+    from xdtrain.tasks import get_task
+
+    config = load_config(ROOT / "configs/demo/ft_lits.yaml")
+    data = dataclasses.replace(
+        config.data, shards=str(packed["lits-nifti"]), image_size=32, workers=1, device="cpu"
+    )
+    config = dataclasses.replace(config, data=data)
+    task, cpu = get_task("lits"), torch.device("cpu")
+    amp = precision("off", cpu)
+    for split, expected in (("train", True), ("test", False)):
+        caplog.clear()
+        loader = build_loader(data, split, train=False)
+        with caplog.at_level(logging.WARNING, logger="xdtrain.evaluate"):
+            result = evaluate(FixedLogits(), loader, task, [], config, cpu, amp)
+        assert (result["incomplete_cases"] > 0) == expected
+        assert any("part of their volume" in r.getMessage() for r in caplog.records) == expected

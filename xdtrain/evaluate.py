@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -10,6 +11,8 @@ import torch
 
 from xdtrain import distributed
 from xdtrain.tasks import Task
+
+log = logging.getLogger("xdtrain.evaluate")
 
 
 @dataclass(frozen=True)
@@ -91,7 +94,22 @@ def evaluate(
     }
     result |= metrics.compute()
     result["samples"] = int(distributed.total(count, device))
+    incomplete = result.get("incomplete_cases")
+    if incomplete and getattr(loader, "shardset", None) is not None and _rank0():
+        log.warning(
+            "%s, %s split: %d case(s) scored on part of their volume (a slice missing or "
+            "left out after failing to decode); their per-case scores are not whole-volume",
+            loader.shardset.folder,
+            loader.shardset.split,
+            incomplete,
+        )
     return result
+
+
+def _rank0() -> bool:
+    import torch.distributed as dist
+
+    return not distributed.active() or dist.get_rank() == 0
 
 
 # --------------------------------------------------------------------------- xd-eval
