@@ -20,19 +20,24 @@ from xdtrain.shards import manifest as manifests
 from xdtrain.tasks.segmentation import RegionScores
 
 
-def test_a_false_positive_on_a_slice_without_liver_counts(raw, packed):
-    folder = packed["lits-nifti"]
-    cases = manifests.load(folder)["preprocessing"]["cases"]
-    config = DataConfig(
+def lits(folder, batch_size: int) -> DataConfig:
+    """LiTS data at 32 px, one thread, on the CPU."""
+    return DataConfig(
         dataset="lits",
         shards=str(folder),
         augment="segment",
         image_size=32,
         channels=1,
-        batch_size=5,
+        batch_size=batch_size,
         workers=1,
         device="cpu",
     )
+
+
+def test_a_false_positive_on_a_slice_without_liver_counts(raw, packed):
+    folder = packed["lits-nifti"]
+    cases = manifests.load(folder)["preprocessing"]["cases"]
+    config = lits(folder, 5)
     scores = RegionScores(LITS_REGIONS)
     predicted: dict[int, dict[int, np.ndarray]] = {}
     for batch in build_loader(config, "test"):
@@ -96,16 +101,7 @@ def test_evaluation_scores_upsampled_logits_against_the_stored_masks(tmp_path):
 
     stored = write_sized_shards(tmp_path, [64, 52, 64, 40, 64, 58])
     config = load_config(ROOT / "configs/demo/ft_lits.yaml")
-    data = DataConfig(
-        dataset="lits",
-        shards=str(tmp_path),
-        augment="segment",
-        image_size=32,
-        channels=1,
-        batch_size=4,
-        workers=1,
-        device="cpu",
-    )
+    data = lits(tmp_path, 4)
     config = dataclasses.replace(config, data=data)
     task, model = get_task("lits"), FixedLogits()
     loader = build_loader(data, "val")

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from xdtrain.data.batch import labels
 from xdtrain.data.dali_ops import GREY_MEAN, GREY_STD
-from xdtrain.data.order import rank_order
+from xdtrain.data.order import reader_pieces
 from xdtrain.data.presets import Augment
 from xdtrain.data.shardset import ShardSet, rank_range
 from xdtrain.errors import UserError
@@ -235,14 +235,7 @@ class AlbuLoader:
 
     def epoch_samples(self, epoch: int) -> list[tuple[int, int]]:
         """``(shard, position)`` of every sample this rank reads in ``epoch``, in order."""
-        pieces = rank_order(
-            list(self.shardset.counts),
-            seed=self.seed,
-            epoch=epoch,
-            train=self.train,
-            rank=self.rank,
-            world_size=self.world_size,
-        )
+        pieces = reader_pieces(self, epoch)
         samples = [(p.shard, i) for p in pieces for i in p.positions]
         if self.train:
             permutation = rng_for(self.seed, "albu-order", self.rank, epoch).permutation

@@ -34,7 +34,7 @@ from nvidia.dali.plugin.pytorch import feed_ndarray
 from xdtrain.data import dali_pipelines
 from xdtrain.data.batch import key_of, labels
 from xdtrain.data.dali_pipelines import Graph
-from xdtrain.data.order import rank_order
+from xdtrain.data.order import reader_pieces
 from xdtrain.data.shardset import ShardSet, rank_range
 from xdtrain.errors import UserError
 from xdtrain.rng import rng_for
@@ -393,14 +393,7 @@ class EpochIndexes:
 
     def write(self, epoch: int, bad) -> tuple[list[str], list[str]]:
         """``(tar paths, index paths)`` of ``epoch``, in reading order."""
-        pieces = rank_order(
-            list(self.shardset.counts),
-            seed=self.seed,
-            epoch=epoch,
-            train=self.train,
-            rank=self.rank,
-            world_size=self.world_size,
-        )
+        pieces = reader_pieces(self, epoch)
         if self.folder is None:
             self.folder = Path(tempfile.mkdtemp(prefix="xdtrain-idx-"))
         folder = self.folder / f"epoch{epoch}"

@@ -85,3 +85,16 @@ def rank_order(
     """Rank ``rank``'s pieces of ``epoch``: :func:`epoch_order` cut by :func:`rank_pieces`."""
     order = epoch_order(counts, seed=seed, epoch=epoch, train=train, world_size=world_size)
     return rank_pieces(order, rank, world_size)
+
+
+def reader_pieces(reader, epoch: int) -> list[Piece]:
+    """:func:`rank_order` of ``epoch`` for a loader (anything with ``shardset``, ``seed``,
+    ``train``, ``rank`` and ``world_size``)."""
+    return rank_order(
+        list(reader.shardset.counts),
+        seed=reader.seed,
+        epoch=epoch,
+        train=reader.train,
+        rank=reader.rank,
+        world_size=reader.world_size,
+    )
