@@ -95,22 +95,6 @@ class Run:
         return (self.task, self.fraction, self.mode)
 
 
-def pretrain_label(config, folder: Path) -> str:
-    if config.run.pretrain:
-        return config.run.pretrain
-    if not config.model.encoder_weights:
-        return SCRATCH
-    source = encoder_file(config, folder)
-    saved = source.parent / "config.yaml" if source else None
-    if saved is not None and saved.is_file():
-        try:
-            pre = load_config(saved)
-            return f"{pre.task}-{pre.data.dataset}"
-        except UserError:
-            pass
-    return Path(config.model.encoder_weights).stem
-
-
 def _env(folder: Path) -> dict:
     """A run's ``env.json``, or ``{}`` when it is missing or unreadable."""
     try:
@@ -132,47 +116,64 @@ def _find(path: str, folder: Path) -> Path | None:
     return None
 
 
-def encoder_file(config, folder: Path) -> Path | None:
-    """The encoder weights a run loaded: the absolute path ``env.json`` recorded, else the
-    config's path found from the run folder; None when it cannot be found."""
-    recorded = (_env(folder).get("encoder") or {}).get("path")
-    if recorded and Path(recorded).exists():
-        return Path(recorded)
-    return _find(config.model.encoder_weights, folder)
+class Inputs:
+    """What runs read, identified independently of paths: the shards by content, an encoder
+    by the pretraining run that wrote it (or its sha256). Each shard folder and encoder is
+    looked at once per report, however many runs read it."""
 
+    def __init__(self):
+        self._shards: dict[Path, str] = {}
+        self._encoders: dict[Path, tuple[str | None, Settings]] = {}
 
-def shards_content(config, folder: Path) -> str:
-    """The content digest of the shards a run read (``env.json``, else their manifest)."""
-    recorded = (_env(folder).get("shards") or {}).get("content")
-    if recorded:
-        return recorded[:12]
-    found = _find(config.data.shards or f"shards/{config.data.dataset}", folder)
-    try:
-        return content_digest(load_manifest(found))[:12] if found else "unknown"
-    except (UserError, KeyError, TypeError):
-        return "unknown"
+    def shards(self, config, folder: Path, env: dict) -> str:
+        """The content digest of the shards a run read (``env.json``, else their manifest)."""
+        recorded = (env.get("shards") or {}).get("content")
+        if recorded:
+            return recorded[:12]
+        found = _find(config.data.shards or f"shards/{config.data.dataset}", folder)
+        if found is None:
+            return "unknown"
+        if found not in self._shards:
+            try:
+                self._shards[found] = content_digest(load_manifest(found))[:12]
+            except (UserError, KeyError, TypeError):
+                self._shards[found] = "unknown"
+        return self._shards[found]
 
+    def pretraining(self, config, folder: Path, env: dict) -> tuple[str, Settings]:
+        """``(label, pretrain.* settings)`` of a run: ``run.pretrain`` or the data set of the
+        SimCLR run that wrote its encoder (``scratch`` without one); the defining settings of
+        that run, its seed included, else the weights file's sha256."""
+        weights = config.model.encoder_weights
+        if not weights:
+            return config.run.pretrain or SCRATCH, ()
+        recorded = env.get("encoder") or {}
+        source = Path(recorded["path"]) if recorded.get("path") else None
+        if source is None or not source.exists():
+            source = _find(weights, folder)
+        if source is None:
+            digest = recorded.get("sha256")
+            label, settings = None, (("pretrain.weights", digest[:12] if digest else "unknown"),)
+        else:
+            if source not in self._encoders:
+                self._encoders[source] = self._encoder(source, recorded.get("sha256"))
+            label, settings = self._encoders[source]
+        return config.run.pretrain or label or Path(weights).stem, settings
 
-def pretraining_settings(config, folder: Path) -> Settings:
-    """What defines the encoder a run started from, as ``pretrain.*`` settings: the defining
-    settings of the run that wrote it, else the weights file's sha256."""
-    if not config.model.encoder_weights:
-        return ()
-    source = encoder_file(config, folder)
-    saved = source.parent / "config.yaml" if source else None
-    if saved is not None and saved.is_file():
+    def _encoder(self, source: Path, digest: str | None) -> tuple[str | None, Settings]:
+        saved = source.parent / "config.yaml"
         try:
-            pre = load_config(saved)
+            pre = load_config(saved) if saved.is_file() else None
         except UserError:
             pre = None
-        if pre is not None:
-            settings = dict(defining_settings(pre, saved.parent, None))
-            settings["run.seed"] = str(pre.run.seed)  # another pretraining seed: another encoder
-            return tuple(sorted((f"pretrain.{k}", v) for k, v in settings.items()))
-    digest = (_env(folder).get("encoder") or {}).get("sha256")
-    if digest is None and source is not None:
-        digest = file_sha256(source)
-    return (("pretrain.weights", digest[:12] if digest else "unknown"),)
+        if pre is None:
+            digest = digest or file_sha256(source)
+            return None, (("pretrain.weights", digest[:12]),)
+        settings = dict(defining_settings(pre, saved.parent, None, self))
+        settings["run.seed"] = str(pre.run.seed)  # another pretraining seed: another encoder
+        return f"{pre.task}-{pre.data.dataset}", tuple(
+            sorted((f"pretrain.{k}", v) for k, v in settings.items())
+        )
 
 
 def _text(value) -> str:
@@ -192,24 +193,25 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
     return out
 
 
-def world_size(folder: Path) -> int | None:
-    """Processes the run trained with (``env.json``); None when it is missing or unreadable."""
+def world_size(env: dict) -> int | None:
+    """Processes a run trained with (its ``env.json``); None when it is not recorded."""
     try:
-        return int(_env(folder)[WORLD_SIZE])
+        return int(env[WORLD_SIZE])
     except (KeyError, TypeError, ValueError):
         return None
 
 
-def defining_settings(config, folder: Path, test_row: dict | None) -> Settings:
+def defining_settings(config, folder: Path, test_row: dict | None, inputs: Inputs) -> Settings:
     """The settings that define a run's experiment: every config key but the grouping keys
     and :data:`NOT_DEFINING`; ``shards``, the content of the shard folder it read (not its
     path); ``world_size`` (``"unknown"`` without ``env.json``); and, when its test row has
     one, ``auroc_classes`` and the findings left out of the mean (``auroc_without``). The
-    encoder a run started from is defined apart (:func:`pretraining_settings`)."""
+    encoder a run started from is defined apart (:meth:`Inputs.pretraining`)."""
+    env = _env(folder)
     flat = _flatten(config_to_dict(config))
     settings = {k: _text(v) for k, v in flat.items() if k not in NOT_DEFINING and k not in GROUPING}
-    settings[SHARDS] = shards_content(config, folder)
-    size = world_size(folder)
+    settings[SHARDS] = inputs.shards(config, folder, env)
+    size = world_size(env)
     settings[WORLD_SIZE] = "unknown" if size is None else str(size)
     if test_row is not None and test_row.get(AUROC_CLASSES) is not None:
         settings[AUROC_CLASSES] = str(test_row[AUROC_CLASSES])
@@ -229,7 +231,7 @@ def dropped_findings(test_row: dict | None) -> list[str]:
     return [k.removeprefix("auroc/") for k in names if test_row[k] is None]
 
 
-def read_run(folder: Path) -> Run | None:
+def read_run(folder: Path, inputs: Inputs | None = None) -> Run | None:
     """The record of one run folder, or None when it holds no finetuning config."""
     try:
         config = load_config(folder / "config.yaml")
@@ -253,10 +255,12 @@ def read_run(folder: Path) -> Run | None:
         for r in rows
         if r["kind"] == "val" and r.get(task.primary) is not None
     ]
+    inputs = inputs or Inputs()
+    pretrain, pretrain_settings = inputs.pretraining(config, folder, _env(folder))
     return Run(
         path=folder,
         task=task.name,
-        pretrain=pretrain_label(config, folder),
+        pretrain=pretrain,
         fraction=config.data.fraction,
         mode="linear" if config.model.frozen_encoder else "full",
         seed=config.run.seed,
@@ -264,21 +268,21 @@ def read_run(folder: Path) -> Run | None:
         value=value,
         status=status,
         curve=curve,
-        settings=defining_settings(config, folder, test),
-        pretrain_settings=pretraining_settings(config, folder),
+        settings=defining_settings(config, folder, test, inputs),
+        pretrain_settings=pretrain_settings,
         dropped=dropped_findings(test) if task.name == "chestxray8" else [],
     )
 
 
 def find_runs(roots: list[Path]) -> list[Run]:
-    runs = []
+    runs, inputs = [], Inputs()
     for root in roots:
         if not root.exists():
             raise UserError(f"{root}: no such folder")
         configs = [root / "config.yaml"] if (root / "config.yaml").is_file() else []
         configs += sorted(p for p in root.rglob("config.yaml") if p.parent != root)
         for config in configs:
-            run = read_run(config.parent)
+            run = read_run(config.parent, inputs)
             if run is not None:
                 runs.append(run)
     if not runs:
