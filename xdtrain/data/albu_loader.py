@@ -33,7 +33,6 @@ from xdtrain.data.presets import Augment
 from xdtrain.data.shardset import ShardSet, rank_range
 from xdtrain.errors import UserError
 from xdtrain.rng import rng_for
-from xdtrain.shards.tar import parse_index
 
 log = logging.getLogger("xdtrain.data")
 # OpenCV's INTER_NEAREST samples at floor(x * scale), half a pixel off the linear grid the
@@ -156,8 +155,7 @@ class _Batches(Dataset):
 
     def _read(self, shard: int, position: int) -> dict:
         if shard not in self._refs:
-            with open(self.loader.shardset.index_paths[shard]) as fh:
-                self._refs[shard] = parse_index(fh.read())
+            self._refs[shard] = self.loader.shardset.sample_refs(shard)
             self._files[shard] = open(self.loader.shardset.paths[shard], "rb")  # noqa: SIM115
         ref = self._refs[shard][position]
         sample: dict = ref.read(self._files[shard])

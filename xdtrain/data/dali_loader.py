@@ -38,7 +38,7 @@ from xdtrain.data.order import reader_pieces
 from xdtrain.data.shardset import ShardSet, rank_range
 from xdtrain.errors import UserError
 from xdtrain.rng import rng_for
-from xdtrain.shards.tar import INDEX_VERSION, parse_index
+from xdtrain.shards.tar import INDEX_VERSION
 
 log = logging.getLogger("xdtrain.data")
 
@@ -240,7 +240,8 @@ class DaliLoader:
         for info in infos:
             path, key = key_of(info)
             if path not in refs:
-                refs[path] = {r.key: r for r in parse_index(_read_index(path, self.shardset))}
+                shard = self.shardset.paths.index(path)
+                refs[path] = {r.key: r for r in self.shardset.sample_refs(shard)}
             with open(path, "rb") as fh:
                 sample = refs[path][key].read(fh)
             samples.append(sample)
@@ -352,10 +353,6 @@ def _make_pipeline(graph, reader, batch_size, threads, device_id, start):
     if start:
         pipe.schedule_run()
     return pipe, reader
-
-
-def _read_index(path: str, shardset: ShardSet) -> str:
-    return Path(shardset.index_paths[shardset.paths.index(path)]).read_text()
 
 
 def _select(batch: dict, keep: list[int]) -> dict:

@@ -79,22 +79,15 @@ def rank_pieces(order: list[Piece], rank: int, world_size: int) -> list[Piece]:
     return out
 
 
-def rank_order(
-    counts: list[int], *, seed: int, epoch: int, train: bool, rank: int, world_size: int
-) -> list[Piece]:
-    """Rank ``rank``'s pieces of ``epoch``: :func:`epoch_order` cut by :func:`rank_pieces`."""
-    order = epoch_order(counts, seed=seed, epoch=epoch, train=train, world_size=world_size)
-    return rank_pieces(order, rank, world_size)
-
-
 def reader_pieces(reader, epoch: int) -> list[Piece]:
-    """:func:`rank_order` of ``epoch`` for a loader (anything with ``shardset``, ``seed``,
-    ``train``, ``rank`` and ``world_size``)."""
-    return rank_order(
+    """Rank ``reader.rank``'s pieces of ``epoch``: :func:`epoch_order` cut by
+    :func:`rank_pieces`, for a loader (anything with ``shardset``, ``seed``, ``train``,
+    ``rank`` and ``world_size``)."""
+    order = epoch_order(
         list(reader.shardset.counts),
         seed=reader.seed,
         epoch=epoch,
         train=reader.train,
-        rank=reader.rank,
         world_size=reader.world_size,
     )
+    return rank_pieces(order, reader.rank, reader.world_size)

@@ -15,7 +15,7 @@ from xdtrain.errors import UserError
 from xdtrain.shards import PACKERS
 from xdtrain.shards import manifest as manifests
 from xdtrain.shards.base import Layout
-from xdtrain.shards.tar import index_path
+from xdtrain.shards.tar import SampleRef, index_path, parse_index
 
 # Each packer says how its samples are read (``xdtrain/shards/<name>.py``, ``layout``).
 LAYOUTS: dict[str, Layout] = {name: packer.layout for name, packer in PACKERS.items()}
@@ -40,6 +40,10 @@ class ShardSet:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    def sample_refs(self, shard: int) -> list[SampleRef]:
+        """Where each sample of shard number ``shard`` lies in its tar file, in order."""
+        return parse_index(Path(self.index_paths[shard]).read_text())
 
 
 def open_split(folder: str | Path, dataset: str, split: str, fraction: float = 1.0) -> ShardSet:
