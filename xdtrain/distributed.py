@@ -46,6 +46,11 @@ def active() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def is_main() -> bool:
+    """Whether this process is rank 0 (or the only one): the one that prints."""
+    return not active() or dist.get_rank() == 0
+
+
 def mean(value: float, device: torch.device) -> float:
     """``value`` averaged over ranks."""
     if not active():

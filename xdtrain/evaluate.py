@@ -95,7 +95,7 @@ def evaluate(
     result |= metrics.compute()
     result["samples"] = int(distributed.total(count, device))
     incomplete = result.get("incomplete_cases")
-    if incomplete and getattr(loader, "shardset", None) is not None and _rank0():
+    if incomplete and getattr(loader, "shardset", None) is not None and distributed.is_main():
         log.warning(
             "%s, %s split: %d case(s) scored on part of their volume (a slice missing or "
             "left out after failing to decode); their per-case scores are not whole-volume",
@@ -104,12 +104,6 @@ def evaluate(
             incomplete,
         )
     return result
-
-
-def _rank0() -> bool:
-    import torch.distributed as dist
-
-    return not distributed.active() or dist.get_rank() == 0
 
 
 # --------------------------------------------------------------------------- xd-eval

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import replace
 
 import torch
 from rich.console import Console
@@ -17,6 +18,7 @@ from rich.table import Table
 from xdtrain.config import add_config_arguments, load_config
 from xdtrain.data import PRESETS, build_loader
 from xdtrain.errors import run_cli
+from xdtrain.tasks import get_task
 
 
 def describe(value) -> tuple[str, str]:
@@ -41,9 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", default="train", choices=["train", "val", "test"])
     parser.add_argument("--batches", type=int, default=5, help="batches to time (default 5)")
     args = parser.parse_args(argv)
-    from xdtrain.train import resolve  # fills the task's default preset
-
-    cfg, _ = resolve(load_config(args.config, args.set))
+    cfg = load_config(args.config, args.set)
+    if not cfg.data.augment:  # the task's preset, as xd-train fills it in
+        cfg = replace(cfg, data=replace(cfg.data, augment=get_task(cfg.task).default_augment))
     loader = build_loader(cfg.data, args.split, seed=cfg.run.seed, debug=cfg.run.debug)
     count = min(args.batches, len(loader))
     it = iter(loader)
