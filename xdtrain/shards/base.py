@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Callable, Literal, Protocol
 
 import numpy as np
 from PIL import UnidentifiedImageError
@@ -179,6 +180,39 @@ def slices_option(args: argparse.Namespace, dataset: str, allowed: tuple[str, ..
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def walk(root: Path, match: Callable[[str], bool], *, dirs: bool = False) -> list[Path]:
+    """Every file (or, with ``dirs``, every folder) below ``root`` whose name ``match`` accepts,
+    sorted, following symbolic links to folders.
+
+    Releases of tens of gigabytes often sit on another disk, linked below ``--src``;
+    :meth:`pathlib.Path.rglob` (Python 3.11-3.12) does not descend into such links. Each real
+    folder is visited once (by device and inode), so a link back up the tree cannot loop.
+    """
+    found: list[Path] = []
+    seen: set[tuple[int, int]] = set()
+    for top, subdirs, files in os.walk(root, followlinks=True):
+        try:
+            stat = os.stat(top)
+        except OSError:
+            subdirs[:] = []
+            continue
+        if (stat.st_dev, stat.st_ino) in seen:
+            subdirs[:] = []  # reached again through a link: already walked
+            continue
+        seen.add((stat.st_dev, stat.st_ino))
+        subdirs.sort()
+        for name in subdirs if dirs else files:
+            if match(name):
+                found.append(Path(top) / name)
+    if dirs:  # a folder linked twice is one folder
+        unique = {}
+        for path in sorted(found):
+            stat = path.stat()
+            unique.setdefault((stat.st_dev, stat.st_ino), path)
+        found = list(unique.values())
+    return sorted(found)
 
 
 def slice_sample(

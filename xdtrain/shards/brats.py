@@ -36,6 +36,7 @@ from xdtrain.shards.base import (
     slice_sample,
     slices_option,
     thins,
+    walk,
 )
 
 name = "brats"
@@ -76,7 +77,7 @@ def split_ratios(ratios: dict[str, float], options: dict) -> dict[str, float]:
 
 def _grades(src: Path) -> dict[str, str]:
     grades = {}
-    for path in src.rglob("name_mapping.csv"):
+    for path in walk(src, lambda name: name == "name_mapping.csv"):
         with open(path, newline="") as fh:
             for row in csv.DictReader(fh):
                 case = row.get("BraTS_2020_subject_ID", "")
@@ -86,10 +87,7 @@ def _grades(src: Path) -> dict[str, str]:
 
 
 def scan(src: Path, options: dict) -> Scan:
-    folders = sorted(
-        (p for p in src.rglob("BraTS20_Training_*") if p.is_dir() and CASE.fullmatch(p.name)),
-        key=lambda p: p.name,
-    )
+    folders = sorted(walk(src, CASE.fullmatch, dirs=True), key=lambda p: p.name)
     if not folders:
         raise UserError(
             f"{src}: no BraTS20_Training_* case folders found; pass --src with "

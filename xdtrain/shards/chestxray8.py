@@ -33,6 +33,7 @@ from xdtrain.shards.base import (
     jpeg_quality,
     json_bytes,
     rel,
+    walk,
 )
 
 name = "chestxray8"
@@ -101,7 +102,12 @@ def scan(src: Path, options: dict) -> Scan:
         )
     table = tables[0]
     test, train_val = _read_list(src / "test_list.txt"), _read_list(src / "train_val_list.txt")
-    files = {p.name: p for p in src.glob("images*/**/*.png") if IMAGE.fullmatch(p.name)}
+    files = {
+        p.name: p
+        for top in walk(src, lambda name: name.startswith("images"), dirs=True)
+        if top.parent == src
+        for p in walk(top, IMAGE.fullmatch)
+    }
     if not files:
         raise UserError(f"{src}: no images_*/images/*.png files found; check --src")
     sources: list[Source] = []

@@ -45,6 +45,7 @@ from xdtrain.shards.base import (
     slice_sample,
     slices_option,
     thins,
+    walk,
 )
 
 name = "lits"
@@ -88,8 +89,8 @@ def split_ratios(ratios: dict[str, float], options: dict) -> dict[str, float]:
 
 
 def scan(src: Path, options: dict) -> Scan:
-    niftis = [p for p in src.rglob("*.nii*") if NIFTI.fullmatch(p.name)]
-    pngs = [p for p in src.rglob("*.png") if PNG.fullmatch(p.name)]
+    niftis = [Path(p) for p in walk(src, NIFTI.fullmatch)]
+    pngs = [Path(p) for p in walk(src, PNG.fullmatch)]
     release = options["release"]
     if release == "auto":
         if niftis and pngs:
