@@ -579,3 +579,33 @@ def test_grid_writes_loadable_configs_and_jobs(tmp_path):
     assert linear.run.pretrain == "simclr-imagenet"
     with pytest.raises(UserError, match="--tasks"):
         queue_main(["grid", "--tasks", "mnist", "--out", str(out)])
+
+
+def test_queue_reads_the_study_words_open_and_completed(tmp_path):
+    """Jobs.csv of the study says open/completed: a completed line never runs again, an open
+    one runs and is marked completed; an unknown word stops the queue before any job."""
+    ran = [tmp_path / f"out{n}" for n in range(4)]
+    commands = [f"xd-synth lits --out {folder} --count 1 --quiet" for folder in ran]
+    jobs = tmp_path / "Jobs.csv"
+    jobs.write_text(
+        "Command, Status\n"
+        f"{commands[0]},completed\n{commands[1]},open\n{commands[2]},Open\n{commands[3]},DONE\n"
+    )
+    assert queue_main([str(jobs)]) == 0
+    assert [folder.exists() for folder in ran] == [False, True, True, False]
+    assert [line.status for line in parse(jobs) if line.command] == [
+        "completed",
+        "completed",
+        "completed",
+        "done",
+    ]
+    for word in ("finished", "complete", "skip"):
+        jobs.write_text(f"command,status\n{commands[0]},{word}\n{commands[1]},open\n")
+        before = jobs.read_text()
+        with pytest.raises(UserError, match=f"line 2: unknown status '{word}'"):
+            queue_main([str(jobs)])
+        assert jobs.read_text() == before
+    # a file in xdtrain's own words keeps them
+    jobs.write_text(f"command,status\n{commands[3]},\n")
+    assert queue_main([str(jobs)]) == 0
+    assert [line.status for line in parse(jobs) if line.command] == ["done"]

@@ -4,10 +4,13 @@ The jobs file is CSV with a header ``command,status``, like the study's ``Jobs.c
 starting with ``#`` and blank lines are kept as they are. Only ``xd-*`` commands run, as
 argument lists, never through a shell; every command is checked before the first one
 starts. The file is rewritten atomically (temporary file, rename) whenever a status
-changes, so neither Ctrl-C nor SIGKILL can leave it half written. Statuses: empty (to do),
-``running: pid N`` (started; a job found running when the queue starts was interrupted: its
-process group is stopped if it outlived the queue, and it runs again, an ``xd-train`` job
-with ``--resume``), ``done``, ``failed: <log>``.
+changes, so neither Ctrl-C nor SIGKILL can leave it half written. Statuses: empty or
+``open`` (to do), ``running: pid N`` (started; a job found running when the queue starts was
+interrupted: its process group is stopped if it outlived the queue, and it runs again, an
+``xd-train`` job with ``--resume``), ``done`` or ``completed`` (finished: never rerun),
+``failed: <log>`` (runs again). The study's ``Jobs.csv`` says ``open``/``completed``; a file
+that uses those words gets ``completed`` written back, any other ``done``. Any other status
+stops the queue before a job starts: a misspelt word must not rerun a finished job.
 
 ``xd-queue grid …`` writes the configs and the jobs file of the study's grid.
 """
@@ -33,6 +36,8 @@ from xdtrain.errors import UserError, run_cli
 from xdtrain.fileio import atomic_write
 
 HEADER = "command,status"
+TO_DO = ("", "open")
+FINISHED = ("done", "completed")
 SHELL = re.compile(r"[;&|`$<>(){}*?!~\\\n]")
 
 
@@ -52,7 +57,7 @@ def parse(path: Path) -> list[Line]:
             f"{path}: no jobs file; write one (command,status) or use xd-queue grid"
         ) from None
     lines = text.splitlines()
-    if not lines or lines[0].strip() != HEADER:
+    if not lines or lines[0].replace(" ", "").lower() != HEADER:
         raise UserError(f"{path}: line 1 must be the header {HEADER!r}")
     out = [Line(lines[0])]
     for number, raw in enumerate(lines[1:], start=2):
@@ -67,8 +72,32 @@ def parse(path: Path) -> list[Line]:
             raise UserError(f"{path}: line {number}: expected command,status; quote commas")
         command = fields[0].strip()
         status = fields[1].strip() if len(fields) == 2 else ""
-        out.append(Line(raw, command, status, check_command(command, path, number)))
+        argv = check_command(command, path, number)
+        out.append(Line(raw, command, check_status(status, path, number), argv))
     return out
+
+
+def check_status(status: str, path: Path, number: int) -> str:
+    """``status`` as the queue reads it (the words in lower case); refuses unknown words."""
+    word = status.lower()
+    if word in TO_DO or word in FINISHED:
+        return word
+    if re.fullmatch(r"running: pid \d+", word) or word.startswith("failed"):
+        return status
+    raise UserError(
+        f"{path}: line {number}: unknown status {status!r}; write open (or leave it empty) to "
+        "run the job, completed or done to skip it"
+    )
+
+
+def finished(line: Line) -> bool:
+    return line.status in FINISHED
+
+
+def done_word(lines: list[Line]) -> str:
+    """``completed`` in a file that uses the study's words (open/completed), else ``done``."""
+    used = {line.status for line in lines if line.command is not None}
+    return "completed" if used & {"open", "completed"} else "done"
 
 
 def check_command(command: str, path: Path, number: int) -> list[str]:
@@ -112,7 +141,8 @@ def executable(name: str) -> str:
 
 def run_jobs(path: Path, gpus: list[str] | None, logs: Path) -> int:
     lines = parse(path)
-    todo = [line for line in lines if line.command is not None and line.status != "done"]
+    todo = [line for line in lines if line.command is not None and not finished(line)]
+    word = done_word(lines)
     for line in todo:
         executable(line.argv[0])
     logs.mkdir(parents=True, exist_ok=True)
@@ -154,7 +184,7 @@ def run_jobs(path: Path, gpus: list[str] | None, logs: Path) -> int:
                 line, _ = running.pop(proc)
                 number = lines.index(line)
                 if proc.returncode == 0:
-                    line.status = "done"
+                    line.status = word
                 else:
                     line.status = f"failed: {logs / f'job{number:04d}.log'}"
                     failed += 1
@@ -167,7 +197,7 @@ def run_jobs(path: Path, gpus: list[str] | None, logs: Path) -> int:
         for proc in running:
             proc.wait()
         raise  # statuses stay "running": the next xd-queue resumes them
-    done = sum(1 for line in lines if line.status == "done")
+    done = sum(1 for line in lines if finished(line))
     total = sum(1 for line in lines if line.command is not None)
     print(f"{path}: {done}/{total} done, {failed} failed")
     return 1 if failed else 0
