@@ -7,10 +7,16 @@ no-ops. NCCL on GPUs, Gloo on CPU.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+
+from xdtrain.errors import UserError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -93,6 +99,32 @@ def gather_objects(obj) -> list:
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def agree(step: Callable[[], T]) -> T:
+    """Run ``step`` on every rank; when it fails on any rank, fail on every rank.
+
+    A failure on one rank alone would leave the others waiting in their next collective
+    until the process group times out, or dying on a closed connection. Here every rank
+    learns of it at once: the lowest failing rank raises its own exception (one line for a
+    :class:`UserError`, a traceback for a bug) and every other rank raises a
+    :class:`UserError` marked ``quiet``, which :func:`xdtrain.errors.run_cli` does not print,
+    so the user reads the problem once. ``step`` must not itself run collectives.
+    """
+    error: BaseException | None = None
+    try:
+        result = step()
+    except Exception as exc:  # noqa: BLE001 - every kind must reach the other ranks
+        error = exc
+    failed = gather_objects(None if error is None else f"{type(error).__name__}: {error}")
+    first = next((rank for rank, text in enumerate(failed) if text is not None), None)
+    if first is None:
+        return result
+    if error is not None and (not active() or dist.get_rank() == first):
+        raise error
+    quiet = UserError(f"rank {first} failed: {failed[first]}")
+    quiet.quiet = True
+    raise quiet
 
 
 def barrier() -> None:

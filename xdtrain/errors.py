@@ -11,7 +11,20 @@ from collections.abc import Callable
 
 
 class UserError(Exception):
-    """An error the user can fix; its message names the file and what to do."""
+    """An error the user can fix; its message names the file and what to do.
+
+    ``quiet`` (set by :func:`xdtrain.distributed.agree`): another rank prints the message."""
+
+    quiet = False
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, with what the command that was interrupted needs to continue (its message);
+    ``quiet``: another rank says it."""
+
+    def __init__(self, advice: str, quiet: bool = False):
+        super().__init__(advice)
+        self.quiet = quiet
 
 
 def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
@@ -19,11 +32,13 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
     try:
         return int(main(argv) or 0)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        if not exc.quiet:
+            print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(
-            "interrupted: partial outputs were left under temporary names; rerun to resume",
-            file=sys.stderr,
+    except KeyboardInterrupt as exc:
+        advice = str(exc) or (
+            "partial outputs were left under temporary names; rerun the same command to resume"
         )
+        if not getattr(exc, "quiet", False):
+            print(f"interrupted: {advice}", file=sys.stderr)
         return 130

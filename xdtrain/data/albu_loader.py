@@ -17,7 +17,6 @@ with another worker count.
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any
 
 import albumentations as A
@@ -30,7 +29,7 @@ from xdtrain.data.batch import labels
 from xdtrain.data.dali_ops import GREY_MEAN, GREY_STD
 from xdtrain.data.order import reader_pieces
 from xdtrain.data.presets import Augment
-from xdtrain.data.shardset import ShardSet, rank_range
+from xdtrain.data.shardset import ShardSet, rank_batches
 from xdtrain.errors import UserError
 from xdtrain.rng import rng_for
 
@@ -208,22 +207,12 @@ class AlbuLoader:
         self.batch_size, self.workers, self.seed = batch_size, workers, seed
         self.rank, self.world_size, self.train, self.debug = rank, world_size, train, debug
         self.device = torch.device("cuda") if device == "gpu" else torch.device("cpu")
-        start, stop = rank_range(shardset.samples, rank, world_size)
-        self.rank_samples = stop - start
+        self.rank_samples, self._len = rank_batches(
+            shardset, batch_size, rank, world_size, train
+        )
         self.peak = 65535.0 if shardset.bits == 16 else 255.0
         self.epoch = 0
         self.bad_samples = 0
-        if train:
-            # every rank yields the batches of the smallest rank, all full
-            self._len = (shardset.samples // world_size) // batch_size
-        else:
-            self._len = math.ceil(self.rank_samples / batch_size)
-        if self._len == 0:
-            raise UserError(
-                f"{shardset.folder}: the {shardset.split} split has {shardset.samples} samples, "
-                f"fewer than one batch of {batch_size} per rank ({world_size} ranks); "
-                "lower data.batch_size"
-            )
 
     def __len__(self) -> int:
         return self._len
@@ -277,6 +266,9 @@ class AlbuLoader:
         }
 
     def __iter__(self):
+        if self._len == 0:  # an evaluation rank whose share of the split is empty
+            self.epoch += 1
+            return
         samples = self.epoch_samples(self.epoch)
         size = self.batch_size
         batches = [samples[i * size : (i + 1) * size] for i in range(self._len)]

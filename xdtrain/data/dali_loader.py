@@ -19,7 +19,6 @@ epochs' index files swap the bad samples for neighbours, so the cost is paid onc
 from __future__ import annotations
 
 import logging
-import math
 import shutil
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
@@ -35,7 +34,7 @@ from xdtrain.data import dali_pipelines
 from xdtrain.data.batch import key_of, labels
 from xdtrain.data.dali_pipelines import Graph
 from xdtrain.data.order import reader_pieces
-from xdtrain.data.shardset import ShardSet, rank_range
+from xdtrain.data.shardset import ShardSet, rank_batches
 from xdtrain.errors import UserError
 from xdtrain.rng import rng_for
 from xdtrain.shards.tar import INDEX_VERSION
@@ -74,19 +73,9 @@ class DaliLoader:
         self.rank, self.world_size, self.train, self.debug = rank, world_size, train, debug
         self.device_id = device_id
         self.device = torch.device("cuda", device_id) if graph.device == "gpu" else None
-        start, stop = rank_range(shardset.samples, rank, world_size)
-        self.rank_samples = stop - start
-        if train:
-            # every rank yields the batches of the smallest rank, all full
-            self._len = (shardset.samples // world_size) // batch_size
-        else:
-            self._len = math.ceil(self.rank_samples / batch_size)
-        if self._len == 0:
-            raise UserError(
-                f"{shardset.folder}: the {shardset.split} split has {shardset.samples} samples, "
-                f"fewer than one batch of {batch_size} per rank ({world_size} ranks); "
-                "lower data.batch_size"
-            )
+        self.rank_samples, self._len = rank_batches(
+            shardset, batch_size, rank, world_size, train
+        )
         self.epoch = 0
         self.bad_samples = 0  # replaced so far, over all epochs
         self._bad: dict[str, set[str]] = {}  # shard path -> keys of bad samples
@@ -123,6 +112,9 @@ class DaliLoader:
         }
 
     def __iter__(self):
+        if self._len == 0:  # an evaluation rank whose share of the split is empty
+            self.epoch += 1
+            return
         pipe, reader, primed = self._pipeline(self.epoch)
         self._plan(self.epoch + 1)  # the next epoch's index files, written meanwhile
         try:

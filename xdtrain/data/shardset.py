@@ -8,6 +8,7 @@ and the class names. :data:`LAYOUTS` says, per data set, which components a pipe
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,3 +113,31 @@ def _check_whole_volumes(folder: Path, manifest: dict, dataset: str, split: str)
 def rank_range(samples: int, rank: int, world_size: int) -> tuple[int, int]:
     """Samples ``[start, stop)`` that ``rank`` reads: DALI's ``shard_id``/``num_shards`` split."""
     return samples * rank // world_size, samples * (rank + 1) // world_size
+
+
+def rank_batches(shardset: ShardSet, batch_size: int, rank: int, world_size: int, train: bool):
+    """``(samples, batches)`` that ``rank`` reads of ``shardset`` in one epoch.
+
+    Training: every rank yields the full batches of the smallest rank (DDP steps in lockstep);
+    too few samples for one is a :class:`UserError` whose advice fits (a smaller batch, or
+    fewer ranks when one sample per rank is already too many). Evaluation: every sample once,
+    the last batch partial; a rank whose share is empty (a split smaller than the number of
+    ranks) reads no batch and still takes part in the metrics' reductions.
+    """
+    start, stop = rank_range(shardset.samples, rank, world_size)
+    if shardset.samples == 0:
+        raise UserError(f"{shardset.folder}: the {shardset.split} split holds no sample")
+    if not train:
+        return stop - start, math.ceil((stop - start) / batch_size)
+    per_rank = shardset.samples // world_size
+    if per_rank < batch_size:
+        advice = (
+            f"set data.batch_size={per_rank} or less"
+            if per_rank >= 1
+            else f"run on at most {shardset.samples} rank(s)"
+        )
+        raise UserError(
+            f"{shardset.folder}: the {shardset.split} split has {shardset.samples} samples, "
+            f"fewer than one batch of {batch_size} per rank ({world_size} ranks); {advice}"
+        )
+    return stop - start, per_rank // batch_size

@@ -1,0 +1,171 @@
+"""What ``xd-train`` checks before its first step: everything the run will read.
+
+A run must never train for hours and then fail on something it could have known at the
+start, nor "train" on a configuration that cannot learn. :func:`check_config` needs no file;
+:func:`check_inputs` reads only manifests and the encoder weights, never a sample. Every
+problem is a :class:`~xdtrain.errors.UserError` of one line naming the file or key and what
+to do.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+from xdtrain.data import check_channels, shard_folder
+from xdtrain.data.shardset import ShardSet, open_split
+from xdtrain.errors import UserError
+from xdtrain.shards import manifest as manifests
+
+log = logging.getLogger("xdtrain.preflight")
+SPLITS = ("train", "val", "test")
+NO_FINDING = "No Finding"
+STRIDE = 32  # the ResNet encoders' total stride  # ChestX-ray8's output that is no finding
+
+
+def check_config(config, task, world, source: str) -> None:
+    """Refuse settings that cannot learn, before any file is read.
+
+    SimCLR's NT-Xent contrasts each view with the other ``2N - 2`` views of its batch (Chen
+    et al. 2020, eq. 1): with one sample per rank and the local loss there is no negative,
+    the loss is exactly 0 and nothing is learned. ``world``: the ranks
+    (:class:`xdtrain.distributed.World`); ``source``: the config file, named in messages.
+    """
+    data, world_size = config.data, world.size
+    if config.train.sync_bn and world_size > 1 and world.device.type != "cuda":
+        # torch refuses it only when DDP wraps the model, with a raw ValueError
+        raise UserError(
+            f"{source}: train.sync_bn: SyncBatchNorm needs CUDA devices, but the "
+            f"{world_size} ranks run on CPU; set train.sync_bn: false on CPU "
+            "(--set train.sync_bn=false)"
+        )
+    if task.model_kind == "simclr" and data.batch_size < 2 and not config.loss.gather:
+        raise UserError(
+            f"data.batch_size {data.batch_size}: SimCLR needs at least 2 samples per rank (each "
+            "view's negatives are the other samples of its batch); set data.batch_size=2 or more"
+        )
+    if task.model_kind == "simclr" and data.batch_size * world_size < 2:
+        raise UserError(
+            "data.batch_size 1 on 1 rank: SimCLR needs at least 2 samples per step; "
+            "set data.batch_size=2 or more"
+        )
+    _check_batch_norm(config, world_size)
+
+
+def _check_batch_norm(config, world_size: int) -> None:
+    """Batch norm in training mode needs two values per channel: the ResNet's last stage
+    sees ``batch_size x (image_size / 32)^2`` of them per rank (all ranks with SyncBN)."""
+    data = config.data
+    if config.model.frozen_encoder:
+        return  # frozen batch-norm statistics
+    side = math.ceil(data.image_size / STRIDE)
+    ranks = world_size if config.train.sync_bn else 1
+    if data.batch_size * side * side * ranks >= 2:
+        return
+    raise UserError(
+        f"data.batch_size {data.batch_size} at data.image_size {data.image_size}: the encoder's "
+        f"last batch-norm layers would see one value per channel ({data.batch_size} sample x "
+        f"{side}x{side}), which batch norm cannot train on; set data.batch_size=2 or more, or "
+        f"data.image_size={2 * STRIDE} or more"
+    )
+
+
+def check_inputs(config, task, world_size: int) -> dict[str, ShardSet]:
+    """Open every split the run will read and check that the run can learn and be scored.
+
+    Returns the :class:`ShardSet` of ``train``, ``val`` and ``test`` (train at
+    ``data.fraction``). Raises :class:`UserError` for a missing split, shard or fraction
+    tier, channels the images lack, a training tier smaller than one batch per rank, a
+    training split without two classes (classification) or any foreground (segmentation), an
+    empty val or test split, and unreadable encoder weights.
+    """
+    data = config.data
+    folder = shard_folder(data)
+    splits = {}
+    for split in SPLITS:
+        shardset = open_split(
+            folder, data.dataset, split, data.fraction if split == "train" else 1.0
+        )
+        check_channels(data, shardset)
+        splits[split] = shardset
+    manifest = manifests.load(folder)
+    _check_train_size(splits["train"], data, task, world_size)
+    if task.model_kind != "simclr":
+        _check_labels(manifest, splits["train"], data)
+    for split in ("val", "test"):
+        if splits[split].samples == 0:
+            raise UserError(
+                f"{folder}/manifest.json: the {split} split holds no sample, so nothing can be "
+                "scored; repack with larger --splits shares or more data"
+            )
+    weights = config.model.encoder_weights
+    if weights:
+        from xdtrain.models.weights import read_state_dict
+
+        read_state_dict(weights)  # one-line errors for a missing or unreadable file
+    return splits
+
+
+def _check_train_size(train: ShardSet, data, task, world_size: int) -> None:
+    where = f"{train.folder}/manifest.json"
+    tier = f" at data.fraction {data.fraction:g}" if data.fraction < 1.0 else ""
+    if train.samples == 0:
+        advice = (
+            "pick a larger data.fraction"
+            if tier
+            else "`xd-shard info` lists what was skipped; repack with more data"
+        )
+        raise UserError(f"{where}: the training split holds no sample{tier}; {advice}")
+    per_rank = train.samples // world_size
+    if per_rank >= data.batch_size:
+        return
+    smallest = 2 if task.model_kind == "simclr" else 1
+    ranks = f"{world_size} ranks" if world_size > 1 else "1 rank"
+    if per_rank >= smallest:
+        advice = f"set data.batch_size={per_rank} or less"
+    else:
+        most = train.samples // smallest
+        advice = (
+            f"run on at most {most} rank(s) (torchrun --nproc_per_node)"
+            if most >= 1
+            else "pick a larger data.fraction or repack with more data"
+        )
+    raise UserError(
+        f"{where}: the training split holds {train.samples} sample(s){tier}, fewer than one "
+        f"batch of {data.batch_size} per rank on {ranks}; {advice}"
+    )
+
+
+def _check_labels(manifest: dict, train: ShardSet, data) -> None:
+    """The training split must hold something to learn: two classes, a positive finding,
+    or foreground. (Counts are per split; a fraction tier holds a stratified share of it.)"""
+    counts = manifest["splits"]["train"].get("classes", {})
+    where = f"{train.folder}/manifest.json"
+    kind = train.layout.kind
+    present = [name for name, n in counts.items() if n > 0]
+    if kind == "multiclass" and len(present) < 2:
+        raise UserError(
+            f"{where}: the training split holds {len(present)} class(es) "
+            f"({', '.join(present) or 'none'}); a classifier needs at least 2: repack with "
+            "more classes (--classes) or more data"
+        )
+    if kind == "multilabel":
+        outputs = [name for name in counts if name != NO_FINDING]
+        findings = [name for name in outputs if counts[name] > 0]
+        if not findings:
+            raise UserError(
+                f"{where}: no training film holds any finding; nothing can be learned: repack "
+                "with more data"
+            )
+        absent = [name for name in outputs if counts[name] == 0]
+        if absent:
+            log.warning(
+                "%s: no training film holds %s; those outputs cannot be learned",
+                where,
+                ", ".join(absent),
+            )
+    if kind == "segmentation" and not any(n > 0 for n in list(counts.values())[1:]):
+        raise UserError(
+            f"{where}: no training slice holds any foreground label; nothing can be "
+            "segmented: repack with volumes that hold the target"
+        )
