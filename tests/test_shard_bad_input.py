@@ -115,7 +115,9 @@ def test_brats_unreadable_mismatched_and_missing_volumes(raw, tmp_path):
     nib.save(cropped, tmp_path / "t2.nii.gz")
     shutil.move(tmp_path / "t2.nii.gz", two / f"{two.name}_t2.nii.gz")
     (three / f"{three.name}_flair.nii.gz").unlink()
-    with pytest.raises(UserError, match="no samples written; all 2 brats input"):
+    # Headers are read at scan time: every case is skipped before any is encoded, and the
+    # error names the first reason.
+    with pytest.raises(UserError, match=r"all 3 brats input\(s\) were skipped \(first: .*_001"):
         pack("brats", src, tmp_path / "out")
     # With good cases beside them, the run goes through and lists the bad ones.
     more = generate("brats", tmp_path / "more", count=6) / synth_brats.ROOT
@@ -136,7 +138,7 @@ def test_lits_missing_segmentation_and_corrupt_volume(raw, tmp_path):
     assert pack("lits", src, tmp_path / "out") == 0
     found = reasons(tmp_path / "out")
     assert found["volume-0.nii"] == "no matching segmentation file"
-    assert found["volume-1.nii"].startswith("unreadable NIfTI")
+    assert found["volume-1.nii"].startswith("unreadable volume NIfTI volume-1.nii")
 
 
 @pytest.mark.parametrize(

@@ -55,7 +55,8 @@ def test_imagenet_labels_follow_the_synset_mapping(raw, packed):
         label = wnids.index(wnid)
         assert parts["cls"] == str(label).encode()
         assert np.frombuffer(parts["label.i64"], "<i8").tolist() == [label]
-        assert set(parts) == {"jpg", "cls", "label.i64"}
+        assert set(parts) == {"jpg", "cls", "label.i64", "json"}
+        assert json.loads(parts["json"]) == {"file": f"{key}.JPEG", "wnid": wnids[label]}
 
 
 def test_imagenet_train_is_official_train_and_val_test_split_official_val(packed):

@@ -135,9 +135,12 @@ def test_rerun_of_a_finished_folder_and_other_arguments(raw, tmp_path):
     with pytest.raises(UserError, match="--force"):
         main([*args, "--seed", "5"])
     (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="notes.txt"):  # not xd-shard's: never touched
+        main([*args, "--seed", "5", "--force"])
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    (tmp_path / "notes.txt").unlink()
     assert main([*args, "--seed", "5", "--force"]) == 0
     assert manifest_mod.load(tmp_path)["seed"] == 5
-    assert (tmp_path / "notes.txt").read_text() == "mine"  # only xd-shard's own files replaced
 
 
 def test_a_shard_that_fails_to_close_stops_the_records_after_it(raw, tmp_path, monkeypatch):

@@ -8,16 +8,20 @@ everything else: splits, shuffling, shards, workers, resume and the manifest.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 from PIL import UnidentifiedImageError
 
 from xdtrain.errors import UserError
+from xdtrain.shards.tar import KEY_CHARACTERS
 
 
 @dataclass(slots=True)
@@ -132,6 +136,14 @@ def add_shared_arguments(group: argparse._ArgumentGroup) -> None:
         "or all (val and test always keep every slice)",
     )
     group.add_argument(
+        "--geometry",
+        choices=["check", "image"],
+        default="check",
+        help="BraTS, LiTS NIfTI: check (default) that a case's files agree in world space, or "
+        "image: give every file the affine of the case's image (for headers known to be "
+        "wrong on voxel-aligned files)",
+    )
+    group.add_argument(
         "--bits",
         type=int,
         choices=[8, 16],
@@ -177,6 +189,56 @@ def slices_option(args: argparse.Namespace, dataset: str, allowed: tuple[str, ..
         quoted = ", ".join(f"'{a}'" for a in allowed)
         raise UserError(f"--slices {slices}: {dataset} keeps {quoted} slices")
     return slices
+
+
+# --------------------------------------------------------------------------- sample keys
+
+_NOT_IN_KEY = re.compile(f"[^{KEY_CHARACTERS}]")
+
+
+def sample_key(stem: str) -> str:
+    """The sample key of an input whose file name, without its extension, is ``stem``.
+
+    A key becomes the start of tar member names, which webdataset splits at the first dot,
+    and a field of the DALI index, which is text split at spaces: every character outside
+    A-Z, a-z, 0-9, ``_`` and ``-`` (a space, a dot, a bracket, ``#``, a non-ASCII letter)
+    becomes ``_``, so ``n01440764_900 (1)`` gives ``n01440764_900__1_``. Deterministic. Two
+    names can give one key (:func:`claim_key` keeps keys unique); an empty stem gives an
+    empty key, which no shard accepts. Every packer that takes keys from names a user
+    controls derives them here, and keeps the original name in the sample's ``json``.
+    """
+    return _NOT_IN_KEY.sub("_", stem)
+
+
+def claim_key(key: str, original: str, taken: set[str]) -> str | None:
+    """A key that no other input of the scan holds, added to ``taken``; None if there is none.
+
+    ``key`` itself while it is free; else ``key``, ``_`` and the first 8 hex digits of the
+    sha256 of ``original`` (the input's path below ``--src``, unique per input). Callers
+    claim in a fixed order (names that need no change first, then the rest sorted by path),
+    so an input whose name is its key keeps it and the keys depend only on the inputs.
+    """
+    if not key:
+        return None
+    if key in taken:
+        key = f"{key}_{hashlib.sha256(original.encode()).hexdigest()[:8]}"
+        if key in taken:
+            return None
+    taken.add(key)
+    return key
+
+
+RENAMED_KEY = "its file name is no valid or free sample key; the sample's json holds the name"
+
+
+def key_note(relative: str, key: str) -> dict[str, str]:
+    """The manifest note of an input packed under a key that is not its file name's stem."""
+    return {"input": relative, "note": f"packed as sample {key}: {RENAMED_KEY}"}
+
+
+def renamed_keys(notes: list[dict]) -> int:
+    """How many of ``notes`` are :func:`key_note` notes."""
+    return sum(1 for note in notes if note["note"].endswith(RENAMED_KEY))
 
 
 # --------------------------------------------------------------------------- helpers

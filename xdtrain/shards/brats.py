@@ -8,6 +8,10 @@ Sample ``BraTS20_Training_001_075`` (case, slice index)::
     pos.i32    int32 [case index in the manifest's ``cases``, slice index, slices in case]
     json       {"case", "slice", "slices", "grade"}
 
+Every file is brought to the LPS voxel orientation from its affine, and a case is packed
+only when its five files agree in world space (or, with ``--geometry image``, every file
+takes the flair's affine); see :mod:`xdtrain.shards.nifti`.
+
 Intensities are clipped per volume and modality to robust percentiles of the brain voxels
 (0.5–99.5 by default) and scaled to the full 8- or 16-bit range; outside the brain stays 0.
 Training slices are kept when they hold brain (default), tumour, or always (``--slices``);
@@ -23,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from xdtrain.errors import UserError
+from xdtrain.shards import nifti
 from xdtrain.shards.base import (
     SLICE_SELECTION,
     Layout,
@@ -68,7 +73,12 @@ def options(args) -> dict:
     if not 0 <= lo < hi <= 100:
         raise UserError(f"--clip {args.clip}: percentiles lie between 0 and 100")
     slices = slices_option(args, "BraTS", ("brain", "tumor", "all"))
-    return {"slices": slices, "bits": args.bits or 8, "clip": [lo, hi]}
+    return {
+        "slices": slices,
+        "bits": args.bits or 8,
+        "clip": [lo, hi],
+        "geometry": args.geometry,
+    }
 
 
 def split_ratios(ratios: dict[str, float], options: dict) -> dict[str, float]:
@@ -87,6 +97,7 @@ def _grades(src: Path) -> dict[str, str]:
 
 
 def scan(src: Path, options: dict) -> Scan:
+    """Find the case folders, read and check every file's header (not its voxels)."""
     folders = sorted(walk(src, CASE.fullmatch, dirs=True), key=lambda p: p.name)
     if not folders:
         raise UserError(
@@ -94,42 +105,30 @@ def scan(src: Path, options: dict) -> Scan:
             "the folder holding MICCAI_BraTS2020_TrainingData"
         )
     grades = _grades(src)
-    sources, skipped, notes = [], [], []
+    sources, skipped, notes, original = [], [], [], {}
     for folder in folders:
-        case = folder.name
-        files = {p.name: p for p in folder.iterdir() if p.name.endswith((".nii", ".nii.gz"))}
-        paths, missing = {}, []
-        for modality in (*MODALITIES, "seg"):
-            found = [
-                files[n]
-                for n in (f"{case}_{modality}.nii.gz", f"{case}_{modality}.nii")
-                if n in files
-            ]
-            if found:
-                paths[modality] = found[0]
-            else:
-                missing.append(modality)
-        leftovers = sorted(set(files.values()) - set(paths.values()))
-        renamed = None
-        if "seg" in missing and len(leftovers) == 1:
-            # The release misnames one case's segmentation (W39_1998.09.19_Segm.nii).
-            paths["seg"] = renamed = leftovers[0]
-            missing.remove("seg")
-        if missing:
-            reason = f"missing {', '.join(missing)} NIfTI file(s)"
-            skipped.append({"input": rel(folder, src), "reason": reason})
+        case, where = folder.name, rel(folder, src)
+        try:
+            paths, renamed = _case_files(folder)
+            headers = nifti.read_case(paths, options["geometry"])
+        except SkipItem as exc:
+            skipped.append({"input": where, "reason": str(exc)})
             continue
         if renamed is not None:
             note = f"segmentation of {case} under a non-standard name; used"
             notes.append({"input": rel(renamed, src), "note": note})
+        notes += [{"input": where, "note": note} for note in headers.notes]
+        original[case] = headers.image.codes
         sources.append(
             Source(
                 key=case,
                 group=case,
                 stratum=grades.get(case, ""),
                 params={
-                    "input": rel(folder, src),
+                    "input": where,
                     "paths": {k: str(v) for k, v in paths.items()},
+                    "transforms": headers.transforms(),
+                    "reoriented": headers.reoriented,
                     "grade": grades.get(case, ""),
                 },
             )
@@ -144,33 +143,46 @@ def scan(src: Path, options: dict) -> Scan:
         "slice_selection": SLICE_SELECTION,
         "label_map": {str(k): v for k, v in LABEL_MAP.items()},
         "cases": [s.key for s in sources],
-        "slice_axis": "axial (NIfTI axis 2); PNG rows are NIfTI axis 1, columns axis 0",
+        "geometry": nifti.GEOMETRY[options["geometry"]],
+        "orientation": nifti.orientation_record(
+            original, sum(s.params["reoriented"] for s in sources)
+        ),
+        "slice_axis": "axial: LPS axis 2 (slice 0 most inferior); PNG rows are LPS axis 1 "
+        "(anterior at the top), columns LPS axis 0 (the patient's right on the left)",
     }
     return Scan(sources, CLASSES, skipped, notes, info)
 
 
-def _load(path: str, what: str) -> np.ndarray:
-    import nibabel as nib  # imported on use: packing ImageNet does not need it
-
-    try:
-        return np.asanyarray(nib.load(path).dataobj)
-    except Exception as exc:  # nibabel raises many types for damaged files
-        raise SkipItem(f"unreadable {what} NIfTI {Path(path).name} ({_why(exc, path)})") from None
-
-
-def _why(exc: Exception, path: str) -> str:
-    """An exception as a short reason, without the (already named) file's full path."""
-    return f"{type(exc).__name__}: {str(exc).replace(path, Path(path).name)[:80]}"
+def _case_files(folder: Path) -> tuple[dict[str, Path], Path | None]:
+    """``{modality or "seg": path}`` of one case folder (flair first), and the misnamed
+    segmentation if that is what was found. Raises :class:`SkipItem` if a file is missing."""
+    case = folder.name
+    files = {p.name: p for p in folder.iterdir() if p.name.endswith((".nii", ".nii.gz"))}
+    paths, missing = {}, []
+    for modality in (*MODALITIES, "seg"):
+        found = [
+            files[n] for n in (f"{case}_{modality}.nii.gz", f"{case}_{modality}.nii") if n in files
+        ]
+        if found:
+            paths[modality] = found[0]
+        else:
+            missing.append(modality)
+    leftovers = sorted(set(files.values()) - set(paths.values()))
+    renamed = None
+    if "seg" in missing and len(leftovers) == 1:
+        # The release misnames one case's segmentation (W39_1998.09.19_Segm.nii).
+        paths["seg"] = renamed = leftovers[0]
+        missing.remove("seg")
+    if missing:
+        raise SkipItem(f"missing {', '.join(missing)} NIfTI file(s)")
+    return paths, renamed
 
 
 def encode(source: Source, options: dict) -> list[Sample]:
-    paths = source.params["paths"]
-    volumes = {m: _load(paths[m], m) for m in MODALITIES}
-    seg = _load(paths["seg"], "seg")
-    shapes = {m: v.shape for m, v in volumes.items()} | {"seg": seg.shape}
-    if len(set(shapes.values())) != 1 or len(seg.shape) != 3:
-        listed = ", ".join(f"{m} {s}" for m, s in shapes.items())
-        raise SkipItem(f"volumes of different shapes ({listed})")
+    """One sample per kept axial slice of the case, in the LPS orientation."""
+    paths, transforms = source.params["paths"], source.params["transforms"]
+    volumes = {m: nifti.load_canonical(paths[m], transforms[m], m) for m in MODALITIES}
+    seg = nifti.load_canonical(paths["seg"], transforms["seg"], "seg")
     values = set(np.unique(seg).tolist())
     if not values <= set(LABEL_MAP):
         raise SkipItem(

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
-from rich.table import Table
 
 from xdtrain.errors import UserError, run_cli
 from xdtrain.progress import make_progress
@@ -53,7 +52,10 @@ def pack_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--strict", action="store_true", help="stop at the first bad input")
     parser.add_argument(
-        "--force", action="store_true", help="replace shards packed with other arguments"
+        "--force",
+        action="store_true",
+        help="replace xd-shard's own earlier output in --out (packed with other arguments, or "
+        "an unfinished run); files xd-shard did not write are never touched",
     )
     parser.add_argument(
         "--no-fsync",
@@ -99,25 +101,20 @@ def main(argv: list[str] | None = None) -> int:
             progress=progress,
         )
     if not args.quiet:
-        console = Console(stderr=True)
-        console.print(manifest_mod.info_table(manifest))
-        if manifest["skipped"]:
-            console.print(_skipped_table(manifest["skipped"]))
+        _print_summary(Console(stderr=True), manifest)
     print(out)
     return 0
 
 
-def _skipped_table(skipped: list[dict], limit: int = 10) -> Table:
-    table = Table(
-        title=f"skipped inputs ({len(skipped)}; all are in manifest.json)", title_justify="left"
-    )
-    table.add_column("input")
-    table.add_column("reason")
-    for item in skipped[:limit]:
-        table.add_row(item["input"], item["reason"])
-    if len(skipped) > limit:
-        table.add_row("…", f"{len(skipped) - limit} more")
-    return table
+def _print_summary(console: Console, manifest: dict) -> None:
+    """The splits, then the decisions, skipped inputs and notes (the first ten of each)."""
+    console.print(manifest_mod.info_table(manifest))
+    if manifest.get("decisions"):
+        console.print(manifest_mod.decisions_table(manifest))
+    if manifest["skipped"]:
+        console.print(manifest_mod.entries_table(manifest["skipped"], "skipped inputs", "reason"))
+    if manifest["notes"]:
+        console.print(manifest_mod.entries_table(manifest["notes"], "notes", "note"))
 
 
 def _folder_command(command: str, argv: list[str]) -> int:
@@ -126,10 +123,7 @@ def _folder_command(command: str, argv: list[str]) -> int:
     args = parser.parse_args(argv)
     folder = Path(args.folder)
     if command == "info":
-        manifest = manifest_mod.load(folder)
-        Console().print(manifest_mod.info_table(manifest))
-        if manifest["skipped"]:
-            Console().print(_skipped_table(manifest["skipped"]))
+        _print_summary(Console(), manifest_mod.load(folder))
         return 0
     checked, problems = manifest_mod.verify(folder)
     for problem in problems:

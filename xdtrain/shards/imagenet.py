@@ -9,14 +9,26 @@ Sample ``n01440764_10026``::
     jpg        the source JPEG, bytes unchanged (re-encoded RGB only where needed)
     cls        the class index as text (webdataset)
     label.i64  the class index as one little-endian int64 (DALI, ``dtypes=INT64``)
+    json       {"file": the image's file name, "wnid": its synset}
 
 The class names (``wnid names``) are the manifest's ``classes``, in label order.
+
+A file's extension is the part after its last dot (``.JPEG``, ``.jpg``, ``.jpeg``, in any
+case); the sample key is the rest, made a valid key by :func:`sample_key`
+(``n01440764_900 (1).JPEG`` -> ``n01440764_900__1_``, ``n01440764_10.copy.JPEG`` ->
+``n01440764_10_copy``) and unique by :func:`claim_key`. Renamed keys are noted, and the file
+name stays in the sample's ``json``. Val images are labelled through
+``LOC_val_solution.csv`` by their file name's stem, as it is on disk.
 
 JPEG bytes are copied unchanged after a header check (format, RGB, not truncated); CMYK,
 greyscale, and non-JPEG files named ``.JPEG`` are decoded, converted to RGB and re-encoded,
 and listed in the manifest's notes. ``--max-side N`` writes a resized copy instead;
 ``--check decode`` fully decodes every image to catch corruption inside the data too.
 ``--classes 100`` or ``10`` keeps every 10th or 100th synset (the study's ImageNet-100/10).
+
+Files outside class folders, folders inside them and other extensions are skipped with the
+reason. The manifest's ``decisions`` count the renamed keys, the synsets ``--classes`` left
+out and the kept synsets without training images.
 """
 
 from __future__ import annotations
@@ -37,9 +49,14 @@ from xdtrain.shards.base import (
     Scan,
     SkipItem,
     Source,
+    claim_key,
     int_bytes,
     jpeg_quality,
+    json_bytes,
+    key_note,
     rel,
+    renamed_keys,
+    sample_key,
 )
 
 name = "imagenet"
@@ -49,6 +66,7 @@ components = {
     "jpg": "RGB JPEG (source bytes unchanged unless converted or resized)",
     "cls": "class index as ASCII text",
     "label.i64": "class index as little-endian int64",
+    "json": "the image's file name and synset (wnid)",
 }
 layout = Layout("multiclass", "jpg", 3, "label.i64", "int64", 1)
 DATA = Path("ILSVRC/Data/CLS-LOC")
@@ -146,27 +164,104 @@ def _val_labels(src: Path) -> dict[str, str]:
 
 
 class ImageRef(NamedTuple):
-    """Where an image is and its label, shared by all images of a folder and class.
+    """Where an image is, its label and synset: one ref is shared by all images of a folder,
+    class and split whose file name is their key and ``suffix``.
 
-    ImageNet has 1.28 million images: a source must not carry its own path strings.
+    ImageNet has 1.28 million images: a source must not carry its own path strings. Only an
+    image whose key is not its file name's stem (see :func:`sample_key`) has its own ref,
+    holding ``name``.
     """
 
     folder: str
     relative_folder: str
     suffix: str
     label: int
+    wnid: str
+    name: str | None = None  # the file name, where it is not key + suffix
+
+    def filename(self, key: str) -> str:
+        return self.name or f"{key}{self.suffix}"
 
     def path(self, key: str) -> str:
-        return f"{self.folder}/{key}{self.suffix}"
+        return f"{self.folder}/{self.filename(key)}"
 
     def describe(self, key: str) -> str:
-        return f"{self.relative_folder}/{key}{self.suffix}"
+        return f"{self.relative_folder}/{self.filename(key)}"
 
 
-def _images(folder: Path) -> list[str]:
-    """File names in ``folder``, sorted (``os.scandir``: no stat call per file)."""
+def _entries(folder: Path) -> tuple[list[str], list[str]]:
+    """Names of the files and of everything else (folders) in ``folder``, each sorted
+    (``os.scandir``: no stat call per file)."""
+    files, others = [], []
     with os.scandir(folder) as entries:
-        return sorted(e.name for e in entries if e.is_file())
+        for entry in entries:
+            (files if entry.is_file() else others).append(entry.name)
+    return sorted(files), sorted(others)
+
+
+def _stem(filename: str) -> str | None:
+    """The name before the extension (the part after the last dot), or None if the extension
+    is not one of :data:`EXTENSIONS`: ``n01_10.copy.JPEG`` -> ``n01_10.copy``."""
+    stem, dot, extension = filename.rpartition(".")
+    return stem if dot and f".{extension.lower()}" in EXTENSIONS else None
+
+
+class _Images:
+    """The images a scan keeps, each with a unique sample key, and what it skipped or renamed.
+
+    Names that are valid keys claim them as they are met; the others (a space, more dots,
+    brackets, a key another image holds) are keyed after the walk, sorted by path, by
+    :func:`claim_key`, and noted.
+    """
+
+    def __init__(self, label_of: dict[str, int]):
+        self.label_of = label_of
+        self.sources: list[Source] = []
+        self.skipped: list[dict] = []
+        self.notes: list[dict] = []
+        self.taken: set[str] = set()
+        self.left_out = 0  # val images of synsets that --classes leaves out
+        self._later: list[tuple[str, str, str, str, str | None]] = []
+        self._refs: dict[tuple, ImageRef] = {}
+
+    def skip(self, relative: str, reason: str) -> None:
+        self.skipped.append({"input": relative, "reason": reason})
+
+    def add(self, folder: str, relative_folder: str, filename: str, wnid: str, split) -> bool:
+        """One file of a class folder (``split`` "train") or of the val folder (None);
+        whether it is kept."""
+        stem = _stem(filename)
+        if stem is None:
+            self.skip(f"{relative_folder}/{filename}", "not a .JPEG file")
+            return False
+        if wnid not in self.label_of:
+            self.left_out += 1  # a synset left out by --classes
+            return False
+        if sample_key(stem) != stem or not stem or stem in self.taken:
+            self._later.append((f"{relative_folder}/{filename}", folder, filename, wnid, split))
+            return True
+        self.taken.add(stem)
+        suffix = filename[len(stem) :]
+        ref = self._refs.get((folder, suffix, wnid, split))
+        if ref is None:  # shared by every image of a folder, class and split
+            ref = ImageRef(folder, relative_folder, suffix, self.label_of[wnid], wnid)
+            self._refs[(folder, suffix, wnid, split)] = ref
+        self.sources.append(Source(stem, stem, ref, split=split, stratum=wnid))
+        return True
+
+    def key_the_rest(self) -> None:
+        """Key the images whose names are no valid or free key, in order of their paths."""
+        for relative, folder, filename, wnid, split in sorted(self._later):
+            stem = _stem(filename)
+            key = claim_key(sample_key(stem), relative, self.taken)
+            if key is None:
+                self.skip(relative, "no sample key can be formed from this file name")
+                continue
+            relative_folder = relative.rpartition("/")[0]
+            ref = ImageRef(folder, relative_folder, "", self.label_of[wnid], wnid, filename)
+            self.sources.append(Source(key, key, ref, split=split, stratum=wnid))
+            self.notes.append(key_note(relative, key))
+        self._later.clear()
 
 
 def scan(src: Path, options: dict) -> Scan:
@@ -174,71 +269,101 @@ def scan(src: Path, options: dict) -> Scan:
     step = 1000 // options["classes"]
     kept = [(i, wnid, names) for i, (wnid, names) in enumerate(synsets) if i % step == 0]
     label_of = {wnid: new for new, (_, wnid, _) in enumerate(kept)}
-    all_wnids = {wnid for wnid, _ in synsets}
     train_dir, val_dir = src / DATA / "train", src / DATA / "val"
     for folder in (train_dir, val_dir):
         if not folder.is_dir():
             raise UserError(f"{folder}: not found; pass --src with the Kaggle ImageNet folder")
-    sources: list[Source] = []
-    skipped: list[dict] = []
-
-    def add(folder: Path, filename: str, wnid: str, split: str | None) -> None:
-        key, _, suffix = filename.partition(".")
-        if f".{suffix}".lower() not in EXTENSIONS:
-            relative = f"{folder_rel[folder]}/{filename}"
-            skipped.append({"input": relative, "reason": "not a .JPEG file"})
-            return
-        if wnid not in label_of:
-            return  # a synset left out by --classes
-        refs = folder_refs.setdefault((folder, suffix, wnid), {})
-        if split not in refs:  # shared by every image of a folder, class and split
-            refs[split] = ImageRef(str(folder), folder_rel[folder], f".{suffix}", label_of[wnid])
-        sources.append(Source(key, key, refs[split], split=split, stratum=wnid))
-
-    folder_refs: dict[tuple, dict] = {}
-    folder_rel: dict[Path, str] = {}
-    for folder in sorted(p for p in train_dir.iterdir() if p.is_dir()):
-        folder_rel[folder] = rel(folder, src)
-        if folder.name not in all_wnids:
-            skipped.append(
-                {
-                    "input": folder_rel[folder],
-                    "reason": "class folder not in LOC_synset_mapping.txt",
-                }
-            )
-            continue
-        if folder.name not in label_of:
-            continue
-        wnid = folder.name  # one string for the whole folder
-        for filename in _images(folder):
-            add(folder, filename, wnid, "train")
-    val_labels = _val_labels(src)
-    folder_rel[val_dir] = rel(val_dir, src)
-    seen = set()
-    for filename in _images(val_dir):
-        image_id = filename.split(".")[0]
-        seen.add(image_id)
-        wnid = val_labels.get(image_id)
-        relative = f"{folder_rel[val_dir]}/{filename}"
-        if wnid is None:
-            skipped.append({"input": relative, "reason": "no row in LOC_val_solution.csv"})
-        elif wnid not in all_wnids:
-            reason = f"label {wnid} not in LOC_synset_mapping.txt"
-            skipped.append({"input": relative, "reason": reason})
-        else:
-            add(val_dir, filename, wnid, None)
-    for image_id in sorted(set(val_labels) - seen):
-        skipped.append(
-            {"input": f"LOC_val_solution.csv:{image_id}", "reason": "listed but no image file"}
-        )
+    images = _Images(label_of)
+    trained = _scan_train(src, train_dir, images, {wnid for wnid, _ in synsets})
+    _scan_val(src, val_dir, images, {wnid for wnid, _ in synsets})
+    images.key_the_rest()
+    untrained = [wnid for wnid in label_of if wnid not in trained]
+    for wnid in untrained:
+        images.notes.append({"input": f"{rel(train_dir, src)}/{wnid}", "note": NO_TRAINING})
     classes = [f"{wnid} {names}" for _, wnid, names in kept]
     info = {
         "label_order": "LOC_synset_mapping.txt line order",
         "synset_step": step,
         "original_synset_index": [i for i, _, _ in kept],
         **options,
+        "decisions": _decisions(images, synsets, kept, step, untrained),
     }
-    return Scan(sources, classes, skipped, [], info)
+    return Scan(images.sources, classes, images.skipped, images.notes, info)
+
+
+NO_TRAINING = "synset without training images: the class is never trained on"
+
+
+def _scan_train(src: Path, train_dir: Path, images: _Images, all_wnids: set[str]) -> set[str]:
+    """Add the official train images, one folder per synset; return the synsets seen."""
+    trained = set()
+    files, folders = _entries(train_dir)
+    for name in files:
+        images.skip(f"{rel(train_dir, src)}/{name}", "not inside a class folder")
+    for name in folders:
+        folder = train_dir / name
+        relative_folder = rel(folder, src)
+        if name not in all_wnids:
+            images.skip(relative_folder, "class folder not in LOC_synset_mapping.txt")
+            continue
+        if name not in images.label_of:
+            continue  # a synset left out by --classes: counted in the decisions
+        files, others = _entries(folder)
+        for other in others:
+            images.skip(f"{relative_folder}/{other}", "a folder inside a class folder: not read")
+        kept = [images.add(str(folder), relative_folder, f, name, "train") for f in files]
+        if any(kept):
+            trained.add(name)
+    return trained
+
+
+def _scan_val(src: Path, val_dir: Path, images: _Images, all_wnids: set[str]) -> None:
+    """Add the official val images, labelled by LOC_val_solution.csv through their stems."""
+    val_labels = _val_labels(src)
+    relative_folder = rel(val_dir, src)
+    files, others = _entries(val_dir)
+    for other in others:
+        images.skip(f"{relative_folder}/{other}", "a folder inside the val folder: not read")
+    seen = set()
+    for filename in files:
+        relative = f"{relative_folder}/{filename}"
+        image_id = _stem(filename)
+        if image_id is None:
+            images.skip(relative, "not a .JPEG file")
+            continue
+        seen.add(image_id)
+        wnid = val_labels.get(image_id)
+        if wnid is None:
+            images.skip(relative, "no row in LOC_val_solution.csv")
+        elif wnid not in all_wnids:
+            images.skip(relative, f"label {wnid} not in LOC_synset_mapping.txt")
+        else:
+            images.add(str(val_dir), relative_folder, filename, wnid, None)
+    for image_id in sorted(set(val_labels) - seen):
+        images.skip(f"LOC_val_solution.csv:{image_id}", "listed but no image file")
+
+
+def _decisions(images: _Images, synsets: list, kept: list, step: int, untrained: list) -> list:
+    """What the scan decided that a user might not expect, counted for the manifest."""
+    left_out = f"1 synset in {step} kept; {images.left_out} val image(s) of the others not read"
+    return [
+        {
+            "decision": "sample keys renamed",
+            "count": renamed_keys(images.notes),
+            "detail": "file names that are no valid or free key; listed in notes, each "
+            "name kept in its sample's json",
+        },
+        {
+            "decision": "synsets left out by --classes",
+            "count": len(synsets) - len(kept),
+            "detail": left_out if step > 1 else "all synsets kept",
+        },
+        {
+            "decision": "synsets without training images",
+            "count": len(untrained),
+            "detail": "kept synsets that no training image shows; listed in notes",
+        },
+    ]
 
 
 def _read(path: str) -> bytes:
@@ -328,8 +453,29 @@ def encode(source: Source, options: dict) -> list[Sample]:
         elif options["max_side"] is not None and max(image.size) > options["max_side"]:
             data = _reencode(image, options)
     label = ref.label
-    parts = {"jpg": data, "cls": _CLS[label], "label.i64": _LABEL[label]}
+    parts = {
+        "jpg": data,
+        "cls": _CLS[label],
+        "label.i64": _LABEL[label],
+        "json": _meta(ref, source.key),
+    }
     return [Sample(source.key, parts, (label,), note)]
+
+
+def _meta(ref: ImageRef, key: str) -> bytes:
+    """The ``json`` component: the image's file name and synset.
+
+    What :func:`json_bytes` writes; built by formatting where the name is the key and a
+    JPEG extension (characters JSON writes as they are), as it is for nearly every image:
+    this runs once per image of the copy-through path.
+    """
+    if ref.name is None:
+        return b'{"file":"%s%s","wnid":"%s"}' % (
+            key.encode(),
+            ref.suffix.encode(),
+            ref.wnid.encode(),
+        )
+    return json_bytes({"file": ref.name, "wnid": ref.wnid})
 
 
 def _reencode(image: Image.Image, options: dict) -> bytes:

@@ -2,10 +2,14 @@
 
 * NIfTI release (``volume-N.nii``, ``segmentation-N.nii``): Hounsfield units windowed to
   ``--window`` (default -200,250) and scaled to 8 or 16 bit; volumes are read in slabs, so
-  memory stays bounded for the longest scans.
+  memory stays bounded for the longest scans. The release mixes voxel orientations (RAS and
+  LPS volumes, masks whose affine differs from their volume's): volume and mask are each
+  brought to LPS from their own affine and must then agree in world space (or, with
+  ``--geometry image``, the mask takes the volume's affine); see :mod:`xdtrain.shards.nifti`.
 * Kaggle PNG release (``volume-N_K.png``, ``segmentation-N_livermask_K.png``,
   ``segmentation-N_lesionmask_K.png``): already windowed 8-bit slices; the two masks are
-  merged, tumour winning over liver.
+  merged, tumour winning over liver. A CT slice stored in colour is reduced to one channel
+  and noted (lossless when its channels are equal).
 
 Sample ``volume-3_042`` (volume, slice index; at least three digits)::
 
@@ -31,6 +35,7 @@ import numpy as np
 from PIL import Image
 
 from xdtrain.errors import UserError
+from xdtrain.shards import nifti
 from xdtrain.shards.base import (
     DECODE_ERRORS,
     SLICE_SELECTION,
@@ -81,7 +86,13 @@ def add_arguments(group) -> None:
 def options(args) -> dict:
     lo, hi = float_pair(args.window, "--window", "-200,250")
     slices = slices_option(args, "LiTS", ("liver", "all"))
-    return {"release": args.release, "window": [lo, hi], "slices": slices, "bits": args.bits or 8}
+    return {
+        "release": args.release,
+        "window": [lo, hi],
+        "slices": slices,
+        "bits": args.bits or 8,
+        "geometry": args.geometry,
+    }
 
 
 def split_ratios(ratios: dict[str, float], options: dict) -> dict[str, float]:
@@ -89,6 +100,7 @@ def split_ratios(ratios: dict[str, float], options: dict) -> dict[str, float]:
 
 
 def scan(src: Path, options: dict) -> Scan:
+    """Find the release's files; for the NIfTI release, read and check every header."""
     niftis = [Path(p) for p in walk(src, NIFTI.fullmatch)]
     pngs = [Path(p) for p in walk(src, PNG.fullmatch)]
     release = options["release"]
@@ -98,7 +110,10 @@ def scan(src: Path, options: dict) -> Scan:
         release = "nifti" if niftis else "png" if pngs else None
     if release is None or not (niftis if release == "nifti" else pngs):
         raise UserError(f"{src}: no LiTS volume-N.nii or volume-N_K.png files found; check --src")
-    sources, skipped = (_scan_nifti if release == "nifti" else _scan_png)(src, niftis or pngs)
+    if release == "nifti":
+        sources, skipped, notes = _scan_nifti(src, niftis, options["geometry"])
+    else:
+        (sources, skipped), notes = _scan_png(src, pngs), []
     for index, source in enumerate(sources):
         source.params["case_index"] = index
         source.params["release"] = release
@@ -110,17 +125,29 @@ def scan(src: Path, options: dict) -> Scan:
         "slice_selection": SLICE_SELECTION,
         "mask": "liver 1, tumour 2 (tumour wins where the PNG masks overlap)",
         "cases": [s.key for s in sources],
-        "slice_axis": "axial (NIfTI axis 2); PNG rows are NIfTI axis 1, columns axis 0",
     }
-    return Scan(sources, CLASSES, skipped, [], info)
+    if release == "nifti":
+        original = {s.key: s.params["orientation"] for s in sources}
+        reoriented = sum(s.params["reoriented"] for s in sources)
+        info["geometry"] = nifti.GEOMETRY[options["geometry"]]
+        info["orientation"] = nifti.orientation_record(original, reoriented)
+        info["slice_axis"] = (
+            "axial: LPS axis 2 (slice 0 most inferior); PNG rows are LPS axis 1 (anterior at "
+            "the top), columns LPS axis 0 (the patient's right on the left)"
+        )
+    else:
+        info["slice_axis"] = "as stored in the PNGs"
+    return Scan(sources, CLASSES, skipped, notes, info)
 
 
-def _scan_nifti(src: Path, files: list[Path]):
+def _scan_nifti(src: Path, files: list[Path], geometry: str):
+    """(sources, skipped, notes) of the NIfTI release: volume/segmentation pairs whose headers
+    agree in world space (``geometry``: see :func:`xdtrain.shards.nifti.read_case`)."""
     found: dict[int, dict[str, Path]] = defaultdict(dict)
     for path in files:
         kind, number, _ = NIFTI.fullmatch(path.name).groups()
         found[int(number)][kind] = path
-    sources, skipped = [], []
+    sources, skipped, notes = [], [], []
     for number in sorted(found):
         pair = found[number]
         if set(pair) != {"volume", "segmentation"}:
@@ -128,19 +155,24 @@ def _scan_nifti(src: Path, files: list[Path]):
             lacking = "segmentation" if "volume" in pair else "volume"
             skipped.append({"input": rel(have, src), "reason": f"no matching {lacking} file"})
             continue
+        where = rel(pair["volume"], src)
+        try:
+            case = nifti.read_case({k: pair[k] for k in ("volume", "segmentation")}, geometry)
+        except SkipItem as exc:
+            skipped.append({"input": where, "reason": str(exc)})
+            continue
+        notes += [{"input": where, "note": note} for note in case.notes]
         key = f"volume-{number}"
-        sources.append(
-            Source(
-                key,
-                key,
-                {
-                    "input": rel(pair["volume"], src),
-                    "volume": str(pair["volume"]),
-                    "segmentation": str(pair["segmentation"]),
-                },
-            )
-        )
-    return sources, skipped
+        params = {
+            "input": where,
+            "volume": str(pair["volume"]),
+            "segmentation": str(pair["segmentation"]),
+            "transforms": case.transforms(),
+            "orientation": case.image.codes,
+            "reoriented": case.reoriented,
+        }
+        sources.append(Source(key, key, params))
+    return sources, skipped, notes
 
 
 def _scan_png(src: Path, files: list[Path]):
@@ -185,48 +217,47 @@ def encode(source: Source, options: dict) -> list[Sample]:
         planes = _png_planes(source)
     thin = options["slices"] == "liver" and thins(source)
     samples = []
-    for k, image, mask, depth in planes:
+    for k, image, mask, depth, note in planes:
         if not thin or mask.any():
-            samples.append(slice_sample(source, k, depth, image, mask, {}))
+            sample = slice_sample(source, k, depth, image, mask, {})
+            sample.note = note
+            samples.append(sample)
     return samples
 
 
 def _nifti_planes(source: Source, options: dict):
-    """Yield (k, image, mask, depth) per axial slice, reading the volumes slab by slab."""
-    import nibabel as nib  # imported on use: packing ImageNet does not need it
-
-    try:
-        volume = nib.load(source.params["volume"], keep_file_open=True)
-        seg = nib.load(source.params["segmentation"], keep_file_open=True)
-    except Exception as exc:  # nibabel raises many types for damaged files
-        raise SkipItem(f"unreadable NIfTI ({type(exc).__name__}: {str(exc)[:80]})") from None
-    if volume.shape != seg.shape or len(volume.shape) != 3:
-        raise SkipItem(f"volume {volume.shape} and segmentation {seg.shape} differ in shape")
+    """Yield (k, image, mask, depth, None) per axial slice in the LPS orientation (k = 0 most
+    inferior), reading volume and segmentation slab by slab."""
+    transforms = source.params["transforms"]
+    volume = nifti.open_image(source.params["volume"], "volume")
+    seg = nifti.open_image(source.params["segmentation"], "segmentation")
     lo, hi = options["window"]
-    depth = volume.shape[2]
-    for z0 in range(0, depth, SLAB):
-        z1 = min(depth, z0 + SLAB)
-        try:
-            hu = np.asarray(volume.dataobj[:, :, z0:z1], dtype=np.float32)
-            labels = np.asarray(seg.dataobj[:, :, z0:z1])
-        except Exception as exc:
-            raise SkipItem(
-                f"unreadable NIfTI data ({type(exc).__name__}: {str(exc)[:80]})"
-            ) from None
+    depth = nifti.canonical_depth(volume.shape, transforms["volume"])
+    slabs = zip(
+        nifti.canonical_slabs(volume, transforms["volume"], SLAB, "volume"),
+        nifti.canonical_slabs(seg, transforms["segmentation"], SLAB, "segmentation"),
+        strict=True,
+    )
+    for (k0, hu), (_, labels) in slabs:
         values = set(np.unique(labels).tolist())
         if not values <= {0, 1, 2}:
             raise SkipItem(f"segmentation holds labels {sorted(values - {0, 1, 2})} outside 0/1/2")
-        image = quantise((hu - lo) / (hi - lo), options["bits"])
+        image = quantise((hu.astype(np.float32) - lo) / (hi - lo), options["bits"])
         mask = labels.astype(np.uint8)
-        for i in range(z1 - z0):
-            yield z0 + i, image[:, :, i].T, mask[:, :, i].T, depth
+        for i in range(hu.shape[2]):
+            yield k0 + i, image[:, :, i].T, mask[:, :, i].T, depth, None
 
 
 def _png_planes(source: Source):
+    """Yield (k, image, mask, depth, note) per slice of the PNG release; ``note`` says how
+    a CT slice not stored as greyscale was reduced to one channel."""
     slices = source.params["slices"]
     depth = slices[-1][0] + 1
+    folder = Path(source.params["input"]).parent
     for k, ct_path, liver_path, lesion_path in slices:
-        ct, liver, lesion = (_read_png(p) for p in (ct_path, liver_path, lesion_path))
+        (ct, how), (liver, _), (lesion, _) = (
+            _read_png(p) for p in (ct_path, liver_path, lesion_path)
+        )
         if not (ct.shape == liver.shape == lesion.shape):
             raise SkipItem(
                 f"slice {k}: CT {ct.shape} and masks {liver.shape}, {lesion.shape} differ in size"
@@ -234,15 +265,33 @@ def _png_planes(source: Source):
         mask = np.zeros(ct.shape, np.uint8)
         mask[liver > 0] = 1
         mask[lesion > 0] = 2
-        yield k, ct, mask, depth
+        note = None if how is None else {"input": str(folder / Path(ct_path).name), "note": how}
+        yield k, ct, mask, depth, note
 
 
-def _read_png(path: str) -> np.ndarray:
+def _read_png(path: str) -> tuple[np.ndarray, str | None]:
+    """A PNG slice as H×W uint8 greyscale (Pillow's ``convert("L")``), and, unless it was
+    stored as 8-bit greyscale, how it was reduced. Raises :class:`SkipItem` if undecodable."""
     try:
         with Image.open(path) as image:
-            return np.asarray(image.convert("L"))
+            return np.asarray(image.convert("L")), _reduction(image)
     except DECODE_ERRORS as exc:
         raise SkipItem(f"{Path(path).name}: cannot decode image ({str(exc)[:60]})") from None
+
+
+def _reduction(image: Image.Image) -> str | None:
+    """How ``convert("L")`` reduces ``image`` to one channel, for the manifest's notes."""
+    if image.mode == "L":
+        return None
+    if image.mode not in ("RGB", "RGBA"):
+        return f"{image.mode} PNG converted to 8-bit greyscale"
+    rgb = np.asarray(image.convert("RGB"))
+    if (rgb == rgb[..., :1]).all():
+        return f"{image.mode} PNG with equal colour channels stored as one channel (lossless)"
+    return (
+        f"{image.mode} PNG with differing colour channels reduced to its luminance "
+        "(0.299 R + 0.587 G + 0.114 B)"
+    )
 
 
 def cpu_bound(options: dict) -> bool:

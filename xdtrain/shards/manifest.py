@@ -2,8 +2,11 @@
 
 It lists the source, the arguments, the preprocessing, the class names, per split the
 samples, patients (groups) and shards with their sha256, and every input that was skipped
-or converted, with the reason. It is written last, so its presence means the folder is
-complete; ``xd-shard verify`` re-checks the shards against it.
+or converted, with the reason. ``decisions`` counts what the packer decided that a user
+might not expect (``{"decision", "count", "detail"}``: keys renamed, films moved or left
+out, the table read), each one also in ``notes``, ``skipped`` or ``preprocessing``. It is
+written last, so its presence means the folder is complete; ``xd-shard verify`` re-checks
+the shards against it.
 """
 
 from __future__ import annotations
@@ -81,6 +84,7 @@ def build(packer, scan, state, fingerprint) -> dict:
             scan.classes[k]: entry["classes"].get(k, 0) for k in range(len(scan.classes))
         }
     ordered = {s: splits[s] for s in SPLITS if s in splits}
+    preprocessing = {k: v for k, v in scan.info.items() if k != "decisions"}
     return {
         "format": FORMAT,
         "dataset": packer.name,
@@ -93,10 +97,11 @@ def build(packer, scan, state, fingerprint) -> dict:
         "options": fingerprint["options"],
         "classes": scan.classes,
         "components": packer.components,
-        "preprocessing": scan.info,
+        "preprocessing": preprocessing,
         "splits": ordered,
         "skipped": skipped,
         "notes": notes,
+        "decisions": scan.info.get("decisions", []),
         "fingerprint": fingerprint,
     }
 
@@ -213,10 +218,38 @@ def info_table(manifest: dict) -> Table:
         counts = [entry["classes"].get(name, 0) for name in classes]
         row += [str(c) for c in counts] if show else [f"{min(counts)}–{max(counts)}"]
         table.add_row(*row)
-    skipped = len(manifest["skipped"])
-    table.caption = (
-        f"{len(classes)} classes; {skipped} input(s) skipped; "
-        f"{len(manifest['notes'])} note(s); fractions "
-        f"{', '.join(manifest['fractions']) or 'none'}"
+    table.caption = f"{len(classes)} classes; {counts_line(manifest)}; fractions " + (
+        ", ".join(manifest["fractions"]) or "none"
     )
+    return table
+
+
+def counts_line(manifest: dict) -> str:
+    """``3 input(s) skipped; 5 note(s); 2 decision(s)``."""
+    return (
+        f"{len(manifest['skipped'])} input(s) skipped; {len(manifest['notes'])} note(s); "
+        f"{len(manifest.get('decisions', []))} decision(s)"
+    )
+
+
+def decisions_table(manifest: dict) -> Table:
+    """What the packer decided that a user might not expect, with how often."""
+    table = Table(title="decisions (all are in manifest.json)", title_justify="left")
+    table.add_column("decision")
+    table.add_column("count", justify="right")
+    table.add_column("detail")
+    for entry in manifest.get("decisions", []):
+        table.add_row(entry["decision"], str(entry["count"]), entry["detail"])
+    return table
+
+
+def entries_table(entries: list[dict], kind: str, field: str, limit: int = 10) -> Table:
+    """The first ``limit`` skipped inputs (``field`` "reason") or notes ("note")."""
+    table = Table(title=f"{kind} ({len(entries)}; all are in manifest.json)", title_justify="left")
+    table.add_column("input")
+    table.add_column(field)
+    for item in entries[:limit]:
+        table.add_row(item["input"], item[field])
+    if len(entries) > limit:
+        table.add_row("…", f"{len(entries) - limit} more")
     return table

@@ -19,6 +19,15 @@ intact one; since encoding is deterministic, the result is byte-identical to an
 uninterrupted run. Volumes (BraTS, LiTS) are first encoded case by case into ``.spool/`` so
 that their slices can be shuffled across cases while memory stays bounded.
 
+Ownership: a run writes, replaces or deletes only what xd-shard recorded as its own: the
+shards a manifest or the state file lists (the state file, saved before the first shard,
+lists every group, and the one shard per group a killed run may have renamed into place
+before recording it is its own too), the manifest, the state file, the spool and temporary
+files of those names. Anything else in ``OUT`` stops the run before it touches anything;
+``--force`` replaces xd-shard's own earlier output and never other files. Sample keys are
+checked here too (:func:`_settle_keys`): a key no shard can hold skips its input, with the
+reason, instead of crashing the run.
+
 Durability: every shard, its index and the state file are flushed to disk (fsync) before
 the shard is recorded, so a finished folder survives a power cut. ``fsync=False``
 (``--no-fsync``) leaves write-back to the kernel, as ``tar`` does: a killed process still
@@ -33,6 +42,7 @@ import itertools
 import json
 import logging
 import multiprocessing
+import re
 import shutil
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
@@ -52,7 +62,7 @@ from xdtrain.shards import PACKERS
 from xdtrain.shards import manifest as manifest_mod
 from xdtrain.shards.base import Packer, Sample, Scan, SkipItem, Source
 from xdtrain.shards.splits import SPLITS, assign_splits, fraction_tier_indices, tier_name
-from xdtrain.shards.tar import ShardWriter, file_sha256, index_path, parse_index
+from xdtrain.shards.tar import ShardWriter, file_sha256, index_path, key_problem, parse_index
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +74,17 @@ SPOOL = ".spool"
 
 
 def _encode(dataset: str, options: dict, source: Source) -> tuple[list[Sample], str | None]:
-    """Encode one source in a worker; a malformed input comes back as a reason, not a crash."""
+    """Encode one source in a worker; a malformed input, or a sample key no shard can hold,
+    comes back as a reason, not a crash."""
     try:
-        return PACKERS[dataset].encode(source, options), None
+        samples = PACKERS[dataset].encode(source, options)
     except SkipItem as exc:
         return [], str(exc)
+    for sample in samples:
+        problem = key_problem(sample.key)
+        if problem is not None:
+            return [], problem
+    return samples, None
 
 
 def _apply(fn: Callable, batch: list) -> list:
@@ -101,13 +117,13 @@ def ordered_map(
 # --------------------------------------------------------------------------- state
 
 
-def _load_state(out: Path, fingerprint: dict) -> dict | None:
-    """The record of a killed run with the same inputs and arguments, if there is one."""
+def _load_state(out: Path) -> dict | None:
+    """The record of an unfinished run in ``out`` (with any inputs and arguments), if any."""
     try:
         state = json.loads((out / STATE).read_text())
     except (OSError, ValueError):
         return None
-    return state if state.get("fingerprint") == fingerprint else None
+    return state if isinstance(state, dict) and isinstance(state.get("groups"), dict) else None
 
 
 def _scan_digest(scan: Scan) -> str:
@@ -171,20 +187,123 @@ def _shard_problem(path: Path, shard: dict) -> str | None:
     return None
 
 
-def _clear_outputs(out: Path) -> None:
-    """Remove everything a previous xd-shard run wrote into ``out`` (and nothing else)."""
-    for path in out.iterdir():
-        name = path.name
-        temporary = name.startswith(".") and name.endswith(".tmp")
-        ours = (
-            name.endswith((".tar", ".idx")) or temporary or name in ("manifest.json", STATE, SPOOL)
+# --------------------------------------------------------------------------- the output folder
+
+# The temporary files xd-shard's writers leave when killed: ``.<name>.tmp`` (a shard being
+# written) and ``.<name>.<8 characters>.tmp`` (atomic_write), for its own kinds of names.
+_TEMPORARY = re.compile(
+    r"\.(?:(?:train-p\d{3}|val|test)-\d{6}\.(?:tar|idx)|manifest\.json|\.xd-shard-state\.json)"
+    r"(?:\.[a-z0-9_]{8})?\.tmp"
+)
+
+
+def _own_files(manifest: dict | None, state: dict | None, groups: Iterable[str]) -> set[str]:
+    """The names in ``--out`` that xd-shard recorded as its own.
+
+    The state file's name; a manifest, its shards and their indexes; the spool, the recorded
+    shards and, per group of the state (and ``groups``), the one shard after them, renamed
+    into place by a killed run just before it could be recorded. Temporary files are told by
+    their names (:data:`_TEMPORARY`).
+    """
+    own = {STATE}
+    if manifest is not None:
+        own |= {manifest_mod.NAME, SPOOL}  # the spool outlives the manifest by a moment
+        for entry in manifest.get("splits", {}).values():
+            own |= {name for shard in entry["shards"] for name in _shard_files(shard["name"])}
+    if state is not None:
+        own.add(SPOOL)
+        recorded = {name: record["shards"] for name, record in state["groups"].items()}
+        for group in {*recorded, *groups}:
+            shards = recorded.get(group, [])
+            own |= {name for shard in shards for name in _shard_files(shard["name"])}
+            own |= _shard_files(f"{group}-{len(shards):06d}.tar")
+    return own
+
+
+def _shard_files(name: str) -> set[str]:
+    """A shard and its index."""
+    return {name, index_path(name).name}
+
+
+def _refuse_foreign(out: Path, own: set[str]) -> None:
+    """Stop, touching nothing, if ``out`` holds anything xd-shard did not record as its own."""
+    foreign = sorted(
+        path.name
+        for path in out.iterdir()
+        if path.name not in own and not _TEMPORARY.fullmatch(path.name)
+    )
+    if foreign:
+        more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
+        raise UserError(
+            f"{out / foreign[0]}{more}: not written by xd-shard, which replaces only its own "
+            "files; choose an empty --out or move these files out of it"
         )
-        if not ours:
-            continue
-        if path.is_dir():
+
+
+def _clear_outputs(out: Path, own: set[str]) -> None:
+    """Remove what an earlier xd-shard run wrote into ``out``: the names in ``own``."""
+    for name in sorted(own):
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         else:
+            path.unlink(missing_ok=True)
+
+
+def _remove_temporaries(out: Path) -> None:
+    """The temporary files of a killed run: xd-shard's kinds in ``out``, all in the spool."""
+    for path in out.iterdir():
+        if _TEMPORARY.fullmatch(path.name):
             path.unlink()
+    for path in (out / SPOOL).glob(".*.tmp"):
+        path.unlink()
+
+
+def _earlier_manifest(out: Path, fingerprint: dict, force: bool) -> dict | None:
+    """The manifest of a finished run in ``out`` (created if missing), if any; one of other
+    inputs or arguments needs ``force``."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: not a folder; choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    done = manifest_mod.load(out, missing_ok=True)
+    if done is not None and not force and done.get("fingerprint") != fingerprint:
+        raise UserError(
+            f"{out} already holds shards packed from other inputs or with other arguments; "
+            "pass --force to replace them or choose another --out"
+        )
+    return done
+
+
+def _earlier_state(out: Path, fingerprint: dict, force: bool) -> dict | None:
+    """The state file of an unfinished run in ``out``, if any; one of other inputs or
+    arguments is resumed by its own command, or replaced with ``force``."""
+    state = _load_state(out)
+    if state is not None and not force and state.get("fingerprint") != fingerprint:
+        raise UserError(
+            f"{out} holds an unfinished xd-shard run with other inputs or arguments; rerun "
+            "its command to finish it, pass --force to replace it, or choose another --out"
+        )
+    return state
+
+
+def _prepare_out(out: Path, done, state, fresh: dict, resume: bool, fsync: bool) -> dict:
+    """Make ``out`` ready to write into; return the state to continue from.
+
+    Nothing is touched while ``out`` holds anything not recorded as xd-shard's own. To
+    ``resume``, the recorded shards of ``state`` are checked; otherwise the earlier run's
+    files are removed and the ``fresh`` state, listing the groups to write, is saved before
+    any shard, so the folder of a killed run always names what is its own.
+    """
+    own = _own_files(done, state, fresh["groups"] if resume else ())
+    _refuse_foreign(out, own)
+    if resume:
+        _check_recorded(out, state, fsync)
+    else:
+        _clear_outputs(out, own)
+        state = fresh
+        _save_state(out, state, fsync)
+    _remove_temporaries(out)
+    return state
 
 
 # --------------------------------------------------------------------------- main entry
@@ -213,6 +332,7 @@ def pack(
             "data set (xd-synth writes a small one)"
         )
     scan = packer.scan(src, options)
+    _settle_keys(scan)
     if strict and scan.skipped:
         first = scan.skipped[0]
         raise UserError(
@@ -220,6 +340,12 @@ def pack(
             f"{len(scan.skipped)} input(s) would be skipped)"
         )
     if not scan.sources:
+        if scan.skipped:  # the reason shared by all of them, not "check --src"
+            first = scan.skipped[0]
+            raise UserError(
+                f"{src}: all {len(scan.skipped)} {packer.name} input(s) were skipped (first: "
+                f"{first['input']}: {first['reason']})"
+            )
         raise UserError(f"{src}: no usable {packer.name} inputs found; check --src")
     fingerprint = {
         "dataset": packer.name,
@@ -232,26 +358,16 @@ def pack(
         "options": options,
         "tool": __version__,
     }
-    out.mkdir(parents=True, exist_ok=True)
-    done = manifest_mod.load(out, missing_ok=True)
+    done = _earlier_manifest(out, fingerprint, force)
     if done is not None and not force:
-        if done.get("fingerprint") == fingerprint:
-            return done
-        raise UserError(
-            f"{out} already holds shards packed from other inputs or with other arguments; "
-            "pass --force to replace them or choose another --out"
-        )
-    state = _load_state(out, fingerprint)
-    if force or state is None:  # a fresh run: drop whatever an older run left
-        _clear_outputs(out)
-        state = {"fingerprint": fingerprint, "groups": {}}
-    else:
-        _check_recorded(out, state, fsync)
-    for folder in (out, out / SPOOL):  # temporary files of a killed run
-        for stale in folder.glob(".*.tmp"):
-            stale.unlink()
-
+        return done  # packed from the same inputs with the same arguments: nothing to do
+    state = _earlier_state(out, fingerprint, force)
     plan = plan_groups(packer, scan, ratios=ratios, fractions=fractions, seed=seed, options=options)
+    fresh = {"fingerprint": fingerprint, "groups": {}}
+    for group_name, _ in plan:
+        fresh["groups"][group_name] = {"shards": [], "done": False}
+    resume = state is not None and not force  # _earlier_state refused one of another run
+    state = _prepare_out(out, done, state, fresh, resume, fsync)
 
     # Workers start from a fresh server process, not a fork of this one: they must not
     # inherit (and, through reference counting, copy) the scan of a million-image data set.
@@ -293,6 +409,33 @@ def pack(
     (out / STATE).unlink(missing_ok=True)
     shutil.rmtree(out / SPOOL, ignore_errors=True)
     return manifest
+
+
+def _settle_keys(scan: Scan) -> None:
+    """Skip, with the reason and before any work, every source whose key no shard can hold or
+    another source already holds (the packers derive valid, unique keys; this is the
+    driver's guard, so that a key is never a crash in the middle of a run)."""
+    taken: set[str] = set()
+    bad: dict[int, str] = {}
+    for i, source in enumerate(scan.sources):
+        problem = key_problem(source.key)
+        if problem is None and source.key in taken:
+            problem = f"sample key {source.key} is another input's too"
+        if problem is None:
+            taken.add(source.key)
+        else:
+            bad[i] = problem
+    if not bad:
+        return
+    for i, problem in bad.items():
+        scan.skipped.append({"input": scan.sources[i].describe(), "reason": problem})
+    scan.sources = [s for i, s in enumerate(scan.sources) if i not in bad]
+
+
+def _decide(scan: Scan, decision: str, count: int, detail: str) -> None:
+    """Count a decision of the run in the manifest's ``decisions``."""
+    entry = {"decision": decision, "count": count, "detail": detail}
+    scan.info.setdefault("decisions", []).append(entry)
 
 
 def plan_groups(
@@ -342,9 +485,17 @@ def _assign_splits(packer, scan: Scan, ratios, seed, options) -> None:
             free.setdefault(source.group, source.stratum)
             weights[source.group] += 1
     assigned = assign_splits(free, packer.split_ratios(ratios, options), seed, dict(weights))
+    moved = 0
     for source in scan.sources:
-        if source.split is None:
-            source.split = fixed.get(source.group) or assigned[source.group]
+        if source.split is None and source.group in fixed:
+            source.split = fixed[source.group]
+            note = f"moved to {source.split}: patient {source.group} has inputs fixed there"
+            scan.notes.append({"input": source.describe(), "note": note})
+            moved += 1
+        elif source.split is None:
+            source.split = assigned[source.group]
+    if moved:
+        _decide(scan, "inputs moved to their patient's fixed split", moved, "listed in notes")
 
 
 def _assign_tiers(scan: Scan, fractions: tuple[float, ...], seed: int) -> None:

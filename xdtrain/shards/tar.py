@@ -1,16 +1,17 @@
 """Writing one WebDataset shard: a GNU tar file plus the DALI index that describes it.
 
-A sample is a key without dots and its components (``key.jpg``, ``key.cls``, ...), written as
-consecutive tar members. Members are GNU-format, 512-byte aligned, with fixed owner, mode and
-time, so the same samples always give the same bytes. The shard is written under a hidden
-temporary name and renamed only once complete, together with its index, so a reader never
-sees half a shard.
+A sample is a key (ASCII letters, digits, ``_`` and ``-``: see :func:`key_problem`) and its
+components (``key.jpg``, ``key.cls``, ...), written as consecutive tar members. Members are
+GNU-format, 512-byte aligned, with fixed owner, mode and time, so the same samples always
+give the same bytes. The shard is written under a hidden temporary name and renamed only once
+complete, together with its index, so a reader never sees half a shard.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import tarfile
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -26,6 +27,9 @@ INDEX_VERSION = "v1.2"  # the format wds2idx writes and fn.readers.webdataset re
 # writes that large can take several times longer on virtual machines, see benchmarks.md).
 CHUNK = 1 << 20
 _ZEROS = bytes(BLOCK)
+# What a sample key may hold (a regular-expression character class): see key_problem.
+KEY_CHARACTERS = "A-Za-z0-9_-"
+_KEY = re.compile(f"[{KEY_CHARACTERS}]+")
 
 
 @dataclass
@@ -82,9 +86,26 @@ def member_header(name: str, size: int) -> bytes:
     )
 
 
+def key_problem(key: str) -> str | None:
+    """Why ``key`` cannot be a sample key, or None.
+
+    webdataset takes a member's key as its name up to the first dot (slashes would make it
+    a folder), and a DALI index is text split at spaces: a key is one or more of
+    :data:`KEY_CHARACTERS` and nothing else. Packers derive keys from file names with
+    :func:`xdtrain.shards.base.sample_key`, which only ever gives such keys.
+    """
+    if not key:
+        return "empty sample key"
+    if not _KEY.fullmatch(key):
+        return f"sample key {key!r} holds characters other than A-Z, a-z, 0-9, _ and -"
+    return None
+
+
 def check_key(key: str) -> None:
-    if not key or "." in key or "/" in key or " " in key:
-        raise ValueError(f"sample key {key!r} must be non-empty, without dots, slashes or spaces")
+    """Refuse a key that :func:`key_problem` finds fault with (the writer's own guard)."""
+    problem = key_problem(key)
+    if problem is not None:
+        raise ValueError(problem)
 
 
 class ShardWriter:
