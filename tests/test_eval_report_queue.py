@@ -70,7 +70,7 @@ def test_eval_classification_plots(packed, tmp_path):
     run = tmp_path / "cx8"
     assert train_main(tiny("ft_chestxray8.yaml", packed["chestxray8"], run)) == 0
     assert eval_main([str(run), "--split", "val", "--checkpoint", "last"]) == 0
-    assert (run / "roc_val.png").exists() and (run / "eval_val.json").exists()
+    assert (run / "roc_val_last.png").exists() and (run / "eval_val_last.json").exists()
     im = tmp_path / "im"
     assert train_main(tiny("ft_imagenet.yaml", packed["imagenet"], im)) == 0
     assert eval_main([str(im), "--batch-size", "3"]) == 0

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from xdtrain import fileio
-from xdtrain.errors import UserError, run_cli
+from xdtrain.errors import Interrupted, UserError, run_cli
 from xdtrain.progress import make_progress
 from xdtrain.synth import generate
 
@@ -45,7 +45,19 @@ def test_run_cli_turns_errors_into_exit_codes(capsys):
     assert run_cli(fails, []) == 2
     assert capsys.readouterr().err == "error: data.yaml: something is off; do this\n"
     assert run_cli(interrupted, []) == 130
-    assert "rerun to resume" in capsys.readouterr().err
+    assert "rerun the same command to resume" in capsys.readouterr().err
+
+    def told(argv):  # a command that knows what continues it says so
+        raise Interrupted("run/: rerun with --resume")
+
+    assert run_cli(told, []) == 130
+    assert capsys.readouterr().err == "interrupted: run/: rerun with --resume\n"
+
+    def quiet(argv):  # another rank says it
+        raise Interrupted("run/: rerun with --resume", quiet=True)
+
+    assert run_cli(quiet, []) == 130
+    assert capsys.readouterr().err == ""
     assert run_cli(lambda argv: None, []) == 0
     assert run_cli(lambda argv: 3, []) == 3
 

@@ -230,16 +230,20 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run_resumably(packed, tmp_pa
     )
     with pytest.raises(UserError, match="3 non-finite losses in a row") as info:
         main(base)
-    assert "--resume" in str(info.value) and "\n" not in str(info.value)
+    message = str(info.value)
+    assert "\n" not in message
     train = rows(run, "train")
     assert train[1]["nonfinite_skipped"] == 1 and math.isfinite(train[2]["loss"])
-    # stopped in epoch 2, resumable from the checkpoint of epoch 1
-    assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 1
     assert not (run / "final.pt").exists()
+    # the advice is followed as written: the flags it names, the learning rate it proposes
+    advice = re.search(r"rerun with (--force --set optim\.lr=(\S+)) \(or (--set \S+)\)", message)
+    assert advice, message
+    assert float(advice.group(2)) == pytest.approx(load_config(base[0]).optim.lr / 10, rel=1e-2)
     monkeypatch.setitem(tasks.TASKS, "lits", task)
-    assert main([*base, "--resume"]) == 0
-    assert len(rows(run, "test")) == 1 and (run / "final.pt").exists()
-    assert [r["epoch"] for r in rows(run, "val")] == [1, 2, 3]
+    for flags in (advice.group(1), advice.group(3) + " --force"):
+        assert main([*base, *flags.split()]) == 0
+        assert len(rows(run, "test")) == 1 and (run / "final.pt").exists()
+        assert [r["epoch"] for r in rows(run, "val")] == [1, 2, 3]
 
 
 def test_a_config_typo_fails_before_any_data_is_read(tmp_path):
@@ -374,7 +378,7 @@ def test_torchrun_with_two_cpu_processes(packed, tmp_path, config, data, extra):
 
 def test_sync_bn_on_cpu_ranks_is_refused_in_one_line_before_any_data_is_read(tmp_path):
     """SyncBatchNorm needs CUDA: two CPU ranks under torchrun refuse ``train.sync_bn: true``
-    at start, each with the one-line message (shards that do not exist are never opened)."""
+    at start with one line from one rank (shards that do not exist are never opened)."""
     run, logs = tmp_path / "ddp", tmp_path / "logs"
     done = torchrun2(
         str(ROOT / "configs/demo/ft_lits.yaml"),
@@ -395,8 +399,8 @@ def test_sync_bn_on_cpu_ranks_is_refused_in_one_line_before_any_data_is_read(tmp
     errs = {p.parent.name: p.read_text() for p in logs.rglob("stderr.log")}
     outs = [p.read_text() for p in logs.rglob("stdout.log")]
     assert sorted(errs) == ["0", "1"] and outs == ["", ""], (errs, outs)
-    said = [text for text in errs.values() if text]  # torchrun may stop the second at once
-    assert said and all(text == said[0] for text in said), errs
+    said = [text for text in errs.values() if text]
+    assert len(said) == 1, errs  # every rank refuses; one says why
     assert said[0].count("\n") == 1 and "Traceback" not in said[0], said[0]  # one line
     line = said[0].rstrip("\n")
     assert line.startswith(f"error: {ROOT / 'configs/demo/ft_lits.yaml'}: train.sync_bn: ")

@@ -146,6 +146,7 @@ class _Collector:
 
 
 def _plots(collector, metrics, classes, folder: Path, split: str) -> list[str]:
+    """Plots named ``<kind>_<split>.png`` (``split`` carries a checkpoint suffix)."""
     import numpy as np
 
     from xdtrain import plots
@@ -181,12 +182,13 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from xdtrain import checkpoint
+    from xdtrain import checkpoint, provenance
     from xdtrain.config import load_config
     from xdtrain.data import build_loader
     from xdtrain.errors import UserError
     from xdtrain.fileio import atomic_write
     from xdtrain.models import get_model
+    from xdtrain.shards.tar import file_sha256
     from xdtrain.train import resolve
 
     parser = argparse.ArgumentParser(
@@ -197,7 +199,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", default="final", help="final, last, or a path")
     parser.add_argument("--batch-size", type=int, help="default: the run's data.batch_size")
     parser.add_argument("--device", choices=["auto", "cpu", "gpu"], help="default: the run's")
+    parser.add_argument(
+        "--shards", help="shard folder (default: the run's data.shards, stored absolute)"
+    )
     parser.add_argument("--overlays", type=int, default=6, help="segmentation samples to draw")
+    parser.add_argument(
+        "--force", action="store_true", help="replace scores written for another checkpoint"
+    )
     args = parser.parse_args(argv)
     folder = Path(args.run)
     if not (folder / "config.yaml").is_file():
@@ -208,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         data = replace(data, batch_size=args.batch_size)
     if args.device:
         data = replace(data, device=args.device)
+    if args.shards:  # moved since the run: the same content elsewhere
+        data = replace(data, shards=str(Path(args.shards).resolve()))
     config = replace(config, data=data)
     path = {"final": folder / "final.pt", "last": folder / "last.pt"}.get(
         args.checkpoint, Path(args.checkpoint)
@@ -220,6 +230,13 @@ def main(argv: list[str] | None = None) -> int:
         else:
             hint = " (--checkpoint takes final, last or the path of a checkpoint file)"
         raise UserError(f"{path}: no checkpoint{hint}")
+    name = output_name(args.split, args.checkpoint, path)
+    out = folder / f"eval_{name}.json"
+    digest = file_sha256(path)
+    _check_overwrite(out, digest, args.force)
+    changed = provenance.encoder_changed(provenance.read_env(folder))
+    if changed:
+        log.warning("%s: %s", folder, changed)
     state = checkpoint.load(path)
     world = distributed.init(data.device)
     loader = build_loader(data, args.split, seed=config.run.seed, train=False)
@@ -246,15 +263,17 @@ def main(argv: list[str] | None = None) -> int:
     result = evaluate(
         model, loader, task, classes, config, world.device, amp, collect=collector, metrics=metrics
     )
-    written = _plots(collector, metrics, classes, folder, args.split)
+    written = _plots(collector, metrics, classes, folder, name)
     report = {
-        "run": str(folder),
+        "run": str(folder.resolve()),
         "split": args.split,
-        "checkpoint": str(path),
+        "checkpoint": str(path.resolve()),
+        "checkpoint_sha256": digest,
         "metrics": result,
         "plots": written,
     }
-    out = folder / f"eval_{args.split}.json"
+    if changed:
+        report["encoder_changed"] = changed
     atomic_write(out, json.dumps(report, indent=1, default=_json_value) + "\n")
     table = Table(title=f"{folder.name}: {args.split} ({path.name})")
     table.add_column("metric")
@@ -264,6 +283,33 @@ def main(argv: list[str] | None = None) -> int:
     Console().print(table)
     print(f"wrote {out}" + "".join(f"\nwrote {p}" for p in written))
     return 0
+
+
+def output_name(split: str, choice: str, path: Path) -> str:
+    """``test`` for the final model, ``test_last`` for ``last.pt``, ``test_<stem>`` for any
+    other checkpoint file: scores of different checkpoints never share a file."""
+    if choice == "final":
+        return split
+    return f"{split}_{'last' if choice == 'last' else path.stem}"
+
+
+def _check_overwrite(out: Path, digest: str, force: bool) -> None:
+    """Refuse to replace scores of another checkpoint (another sha256) unless ``force``."""
+    import json
+
+    from xdtrain.errors import UserError
+
+    if force or not out.exists():
+        return
+    try:
+        before = json.loads(out.read_text()).get("checkpoint_sha256")
+    except (OSError, ValueError, AttributeError):
+        before = None
+    if before != digest:
+        raise UserError(
+            f"{out}: holds the scores of another checkpoint (its file has changed since); "
+            "pass --force to replace them, or move the file away to keep them"
+        )
 
 
 def _json_value(value):

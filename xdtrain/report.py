@@ -36,6 +36,7 @@ import numpy as np
 from xdtrain.config import config_to_dict, load_config
 from xdtrain.errors import UserError, run_cli
 from xdtrain.fileio import atomic_write
+from xdtrain.provenance import KEPT, encoder_changed, find_by_sha, read_env
 from xdtrain.runlog import METRICS, read_metrics
 from xdtrain.shards.manifest import content_digest
 from xdtrain.shards.manifest import load as load_manifest
@@ -88,20 +89,12 @@ class Run:
     settings: Settings = ()  # the defining settings (see NOT_DEFINING)
     pretrain_settings: Settings = ()  # what defines the encoder it started from (pretrain.*)
     dropped: list[str] = field(default_factory=list)  # findings with no test AUROC
+    encoder_note: str | None = None  # the encoder file it read has changed since
 
     @property
     def family(self) -> tuple[str, float, str]:
         """(task, fraction, mode): the runs whose rows are compared with each other."""
         return (self.task, self.fraction, self.mode)
-
-
-def _env(folder: Path) -> dict:
-    """A run's ``env.json``, or ``{}`` when it is missing or unreadable."""
-    try:
-        env = json.loads((folder / "env.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return env if isinstance(env, dict) else {}
 
 
 def _find(path: str, folder: Path) -> Path | None:
@@ -124,6 +117,7 @@ class Inputs:
     def __init__(self):
         self._shards: dict[Path, str] = {}
         self._encoders: dict[Path, tuple[str | None, Settings]] = {}
+        self._sha256: dict[Path, str] = {}
 
     def shards(self, config, folder: Path, env: dict) -> str:
         """The content digest of the shards a run read (``env.json``, else their manifest)."""
@@ -148,17 +142,27 @@ class Inputs:
         if not weights:
             return config.run.pretrain or SCRATCH, ()
         recorded = env.get("encoder") or {}
+        digest = recorded.get("sha256")
         source = Path(recorded["path"]) if recorded.get("path") else None
         if source is None or not source.exists():
             source = _find(weights, folder)
+        if source is not None and digest and self.sha256(source) != digest:
+            # changed since the run read it (its pretraining trained longer, or a copy over
+            # it): the bytes it read are identified by their sha256, where they are kept
+            source = find_by_sha(source.parent, digest)
         if source is None:
-            digest = recorded.get("sha256")
             label, settings = None, (("pretrain.weights", digest[:12] if digest else "unknown"),)
         else:
             if source not in self._encoders:
-                self._encoders[source] = self._encoder(source, recorded.get("sha256"))
+                self._encoders[source] = self._encoder(source, digest)
             label, settings = self._encoders[source]
         return config.run.pretrain or label or Path(weights).stem, settings
+
+    def sha256(self, path: Path) -> str:
+        """A file's sha256, computed once per report."""
+        if path not in self._sha256:
+            self._sha256[path] = file_sha256(path)
+        return self._sha256[path]
 
     def _encoder(self, source: Path, digest: str | None) -> tuple[str | None, Settings]:
         saved = source.parent / "config.yaml"
@@ -207,7 +211,7 @@ def defining_settings(config, folder: Path, test_row: dict | None, inputs: Input
     path); ``world_size`` (``"unknown"`` without ``env.json``); and, when its test row has
     one, ``auroc_classes`` and the findings left out of the mean (``auroc_without``). The
     encoder a run started from is defined apart (:meth:`Inputs.pretraining`)."""
-    env = _env(folder)
+    env = read_env(folder)
     flat = _flatten(config_to_dict(config))
     settings = {k: _text(v) for k, v in flat.items() if k not in NOT_DEFINING and k not in GROUPING}
     settings[SHARDS] = inputs.shards(config, folder, env)
@@ -256,7 +260,7 @@ def read_run(folder: Path, inputs: Inputs | None = None) -> Run | None:
         if r["kind"] == "val" and r.get(task.primary) is not None
     ]
     inputs = inputs or Inputs()
-    pretrain, pretrain_settings = inputs.pretraining(config, folder, _env(folder))
+    pretrain, pretrain_settings = inputs.pretraining(config, folder, read_env(folder))
     return Run(
         path=folder,
         task=task.name,
@@ -271,6 +275,7 @@ def read_run(folder: Path, inputs: Inputs | None = None) -> Run | None:
         settings=defining_settings(config, folder, test, inputs),
         pretrain_settings=pretrain_settings,
         dropped=dropped_findings(test) if task.name == "chestxray8" else [],
+        encoder_note=encoder_changed(read_env(folder)),
     )
 
 
@@ -280,7 +285,11 @@ def find_runs(roots: list[Path]) -> list[Run]:
         if not root.exists():
             raise UserError(f"{root}: no such folder")
         configs = [root / "config.yaml"] if (root / "config.yaml").is_file() else []
-        configs += sorted(p for p in root.rglob("config.yaml") if p.parent != root)
+        configs += sorted(
+            p
+            for p in root.rglob("config.yaml")
+            if p.parent != root and not p.parent.name.startswith(KEPT)
+        )  # a run trained longer keeps its earlier finish in finished_epoch<N>/: not a run
         for config in configs:
             run = read_run(config.parent, inputs)
             if run is not None:
@@ -437,7 +446,11 @@ def _where(row: dict) -> str:
 def notes(rows: list[dict], runs: list[Run]) -> list[str]:
     """What the table cannot show: split families, repeated seeds, rows without a matching
     scratch, findings left out of a mean AUROC. One line each."""
-    out = []
+    out = [
+        f"{run.path.name}: {run.encoder_note}; it is identified by the sha256 it read"
+        for run in runs
+        if run.encoder_note
+    ]
     families = defaultdict(list)
     for row in rows:
         families[(row["task"], row["fraction"], row["mode"])].append(row)

@@ -25,7 +25,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from xdtrain import checkpoint, distributed
+from xdtrain import checkpoint, distributed, preflight, provenance
 from xdtrain.config import (
     Config,
     add_config_arguments,
@@ -34,17 +34,13 @@ from xdtrain.config import (
     load_config,
     save_config,
 )
-from xdtrain.data import build_loader
-from xdtrain.errors import UserError, run_cli
+from xdtrain.data import build_loader, shard_folder
+from xdtrain.errors import Interrupted, UserError, run_cli
 from xdtrain.evaluate import evaluate, precision, to_device
-from xdtrain.fileio import atomic_write
 from xdtrain.models import export_encoder, get_model
 from xdtrain.optim import build_optimizer, build_scheduler
 from xdtrain.progress import make_progress
 from xdtrain.runlog import METRICS, RunLog, environment, plot_curves, read_metrics
-from xdtrain.shards.manifest import content_digest
-from xdtrain.shards.manifest import load as load_manifest
-from xdtrain.shards.tar import file_sha256
 from xdtrain.tasks import Task, get_task
 
 log = logging.getLogger("xdtrain.train")
@@ -95,7 +91,26 @@ def resolve(config: Config) -> tuple[Config, Task]:
         config = dataclasses.replace(
             config, data=dataclasses.replace(data, augment=task.default_augment)
         )
-    return config, task
+    return absolute_paths(config), task
+
+
+def absolute_paths(config: Config) -> Config:
+    """``config`` with the shard folder and encoder weights as absolute paths.
+
+    Relative paths are resolved against the working directory once, when the run starts, and
+    stored resolved in the run's ``config.yaml``: ``xd-eval``, ``xd-report`` and a resume then
+    read the same files from any directory. An empty ``data.shards`` is ``shards/<dataset>``.
+    """
+    data, model = config.data, config.model
+    shards = Path(shard_folder(data)).expanduser().resolve()
+    weights = model.encoder_weights
+    if weights:
+        weights = str(Path(weights).expanduser().resolve())
+    return dataclasses.replace(
+        config,
+        data=dataclasses.replace(data, shards=str(shards)),
+        model=dataclasses.replace(model, encoder_weights=weights),
+    )
 
 
 def run_folder(config: Config, config_path: str, run_dir: str | None) -> Path:
@@ -120,7 +135,7 @@ def prepare_folder(folder: Path, config: Config, resume: bool, force: bool) -> b
         )
     saved_path = folder / "config.yaml"
     if saved_path.exists():
-        saved = load_config(saved_path)
+        saved = absolute_paths(load_config(saved_path))
         changed = _differences(config_to_dict(saved), config_to_dict(config))
         changed = [c for c in changed if c not in RESUMABLE_CHANGES]
         if changed:
@@ -144,7 +159,8 @@ def _differences(a: dict, b: dict, prefix=()) -> list[tuple[str, ...]]:
 
 
 def clear_folder(folder: Path) -> None:
-    for name in OWN_FILES:
+    """Remove what xd-train wrote in ``folder`` (``--force``), and nothing else."""
+    for name in OWN_FILES + tuple(p.name for p in folder.glob(f"{provenance.KEPT}*")):
         path = folder / name
         if path.is_dir():
             shutil.rmtree(path)
@@ -176,17 +192,18 @@ class Trainer:
         seed_everything(config.run.seed + world.rank, train.deterministic)
         if config.run.debug:
             torch.autograd.set_detect_anomaly(True)
-        data = config.data
-        common = dict(rank=world.rank, world_size=world.size, seed=config.run.seed)
-        self.train_loader = build_loader(data, "train", debug=config.run.debug, **common)
-        self.val_loader = build_loader(data, "val", debug=config.run.debug, **common)
+        # everything the run reads, checked before the first step, and on every rank: a
+        # problem on one rank stops all of them with one line
+        distributed.agree(lambda: preflight.check_inputs(config, task, world.size))
+        loaders = distributed.agree(self._loaders)
+        self.train_loader, self.val_loader, self.test_loader = loaders
         self.classes = list(self.train_loader.shardset.classes)
         self.steps_per_epoch = len(self.train_loader)
         if train.limit_batches:
             self.steps_per_epoch = min(self.steps_per_epoch, train.limit_batches)
         self.amp = precision(train.amp, world.device)
-        self.model = self._model()
-        global_batch = data.batch_size * world.size
+        self.model = self._wrap(distributed.agree(self._model))
+        global_batch = config.data.batch_size * world.size
         self.optimizer = build_optimizer(self.raw_model, config.optim, global_batch)
         self.scheduler = build_scheduler(
             self.optimizer, config.schedule, self.steps_per_epoch, train.epochs
@@ -200,7 +217,18 @@ class Trainer:
         self.best: dict | None = None
         self.log: RunLog | None = None
 
+    def _loaders(self) -> tuple:
+        """The train, val and test loaders of this rank (the test split is opened now, so a
+        problem with it stops the run before training, not after)."""
+        data, world = self.config.data, self.world
+        common = dict(
+            rank=world.rank, world_size=world.size, seed=self.config.run.seed,
+            debug=self.config.run.debug,
+        )  # fmt: skip
+        return tuple(build_loader(data, split, **common) for split in preflight.SPLITS)
+
     def _model(self) -> torch.nn.Module:
+        """The network on this rank's device, encoder weights loaded (no collective)."""
         cfg, world = self.config, self.world
         num_classes = cfg.model.num_classes or (None if cfg.task == "simclr" else len(self.classes))
         model = get_model(
@@ -217,6 +245,11 @@ class Trainer:
         if cfg.train.channels_last:
             model.to(memory_format=torch.channels_last)
         self.raw_model = model
+        return model
+
+    def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        """SyncBatchNorm, DDP (which broadcasts rank 0's parameters) and compilation."""
+        cfg, world = self.config, self.world
         if world.size > 1:
             if cfg.train.sync_bn:
                 model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -303,14 +336,21 @@ class Trainer:
         cfg, world = self.config, self.world
         last = self.folder / "last.pt"
         if self.resume and last.exists():
-            self.restore(last)
+            distributed.agree(lambda: self.restore(last))
             finished = [r for r in read_metrics(self.folder / METRICS) if r["kind"] == "test"]
             if self.epoch >= cfg.train.epochs and finished:
                 if world.main:
                     self.console.print(f"{self.folder}: finished already; nothing to do")
                 return finished[-1]
+        identity = distributed.agree(self._inputs)
         if world.main:
             self.folder.mkdir(parents=True, exist_ok=True)
+            if self.resume and (self.folder / "final.pt").exists():  # trained longer
+                kept = provenance.keep_finished(self.folder, self.epoch)
+                self.console.print(
+                    f"{self.folder}: finished at epoch {self.epoch} before; its final.pt, "
+                    f"encoder.pt and evaluations are kept in {kept.name}/"
+                )
             save_config(cfg, self.folder / "config.yaml")
             devices = (
                 [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
@@ -319,13 +359,12 @@ class Trainer:
             )
             env = environment(world.size, devices) | {
                 "precision": self.amp.name,
-                "resumed_at_step": self.global_step if self.resume else None,
                 "encoder_weights": dataclasses.asdict(self.load_report)
                 if self.load_report
                 else None,
-                **inputs_identity(cfg, self.train_loader.shardset.folder),
+                **identity,
             }
-            atomic_write(self.folder / "env.json", json.dumps(env, indent=1) + "\n")
+            provenance.write_env(self.folder, env, self.global_step if self.resume else None)
             self.log = RunLog(self.folder, self.global_step if self.resume else None)
         distributed.barrier()
         progress = make_progress(self.console, enabled=world.main and sys.stderr.isatty())
@@ -339,6 +378,19 @@ class Trainer:
                 if world.main:
                     plot_curves(self.folder, self.task.primary)
         return self.finish()
+
+    def _inputs(self) -> dict | None:
+        """Rank 0: the sha256 of what the run reads (:mod:`xdtrain.provenance`); a resume
+        whose inputs changed since the run started is refused."""
+        if not self.world.main:
+            return None
+        cfg = self.config
+        identity = provenance.inputs_identity(
+            self.train_loader.shardset.folder, cfg.model.encoder_weights
+        )
+        if self.resume:
+            provenance.check_resume(self.folder, identity)
+        return identity
 
     def train_epoch(self, progress) -> None:
         cfg, world, train = self.config, self.world, self.config.train
@@ -415,10 +467,13 @@ class Trainer:
         if self.nonfinite_in_row >= limit:
             if self.log is not None:
                 self.log.sync()
+            # --resume refuses another learning rate or clipping: the run starts over
+            lower = self.config.optim.lr / 10
             raise NonFiniteStop(
                 f"{self.folder}: {limit} non-finite losses in a row at epoch {self.epoch + 1} "
-                f"step {self.step_in_epoch + 1}; stopped. Lower optim.lr or set train.grad_clip, "
-                "then rerun with --resume (it continues from last.pt)"
+                f"step {self.step_in_epoch + 1}; stopped. Start it over with a lower learning "
+                f"rate or gradient clipping: rerun with --force --set optim.lr={lower:.3g} "
+                "(or --set train.grad_clip=1.0)"
             )
 
     def log_train(self, window: dict) -> None:
@@ -485,16 +540,14 @@ class Trainer:
         self.save_final()
         if world.main:
             export_encoder(self.raw_model, self.folder / "encoder.pt")
-        test_loader = build_loader(
-            self.config.data,
-            "test",
-            rank=world.rank,
-            world_size=world.size,
-            seed=self.config.run.seed,
-            debug=self.config.run.debug,
-        )
         result = evaluate(
-            self.model, test_loader, self.task, self.classes, self.config, world.device, self.amp
+            self.model,
+            self.test_loader,
+            self.task,
+            self.classes,
+            self.config,
+            world.device,
+            self.amp,
         )
         row = {"kind": "test", "epoch": self.epoch, "step": self.global_step, **result}
         row["checkpoint"] = "final.pt"
@@ -505,18 +558,6 @@ class Trainer:
             self.log.close()
             plot_curves(self.folder, self.task.primary)
         return row
-
-
-def inputs_identity(config: Config, shards: Path) -> dict:
-    """What a run read, independently of paths and working directories, for xd-report:
-    the shard folder's content digest and the encoder file's absolute path and sha256."""
-    manifest = load_manifest(shards)
-    out = {"shards": {"folder": str(shards.resolve()), "content": content_digest(manifest)}}
-    weights = config.model.encoder_weights
-    if weights:
-        path = Path(weights).resolve()
-        out["encoder"] = {"path": str(path), "sha256": file_sha256(path)}
-    return out
 
 
 def _loader_state(loader) -> dict:
@@ -551,18 +592,13 @@ def main(argv: list[str] | None = None) -> int:
     resume = prepare_folder(folder, config, args.resume, args.force)
     world = distributed.init(config.data.device)
     try:
-        if config.train.sync_bn and world.size > 1 and world.device.type != "cuda":
-            # torch refuses it only when DDP wraps the model, after the loaders are built,
-            # with a raw ValueError; every rank refuses here, before any data is read
-            raise UserError(
-                f"{args.config}: train.sync_bn: SyncBatchNorm needs CUDA devices, but the "
-                f"{world.size} ranks run on CPU; set train.sync_bn: false on CPU "
-                "(--set train.sync_bn=false)"
-            )
+        distributed.agree(lambda: preflight.check_config(config, task, world, args.config))
         distributed.barrier()  # every rank has looked at the folder before rank 0 changes it
         if world.main and args.force:
             clear_folder(folder)
         row = Trainer(config, task, world, folder, resume).fit()
+    except KeyboardInterrupt:
+        raise Interrupted(resume_advice(folder), quiet=not world.main) from None
     finally:
         distributed.shutdown()
     if world.main:
@@ -575,6 +611,17 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
     return 0
+
+
+def resume_advice(folder: Path) -> str:
+    """What continues an interrupted run: ``--resume``, from ``last.pt`` when there is one."""
+    last = folder / "last.pt"
+    if last.exists():
+        return f"{folder}: rerun the same command with --resume; it continues from {last.name}"
+    return (
+        f"{folder}: no checkpoint was written yet; rerun the same command with --resume (it "
+        "starts from the first step)"
+    )
 
 
 def entry() -> None:

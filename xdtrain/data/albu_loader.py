@@ -207,9 +207,7 @@ class AlbuLoader:
         self.batch_size, self.workers, self.seed = batch_size, workers, seed
         self.rank, self.world_size, self.train, self.debug = rank, world_size, train, debug
         self.device = torch.device("cuda") if device == "gpu" else torch.device("cpu")
-        self.rank_samples, self._len = rank_batches(
-            shardset, batch_size, rank, world_size, train
-        )
+        self.rank_samples, self._len = rank_batches(shardset, batch_size, rank, world_size, train)
         self.peak = 65535.0 if shardset.bits == 16 else 255.0
         self.epoch = 0
         self.bad_samples = 0

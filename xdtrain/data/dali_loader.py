@@ -73,9 +73,7 @@ class DaliLoader:
         self.rank, self.world_size, self.train, self.debug = rank, world_size, train, debug
         self.device_id = device_id
         self.device = torch.device("cuda", device_id) if graph.device == "gpu" else None
-        self.rank_samples, self._len = rank_batches(
-            shardset, batch_size, rank, world_size, train
-        )
+        self.rank_samples, self._len = rank_batches(shardset, batch_size, rank, world_size, train)
         self.epoch = 0
         self.bad_samples = 0  # replaced so far, over all epochs
         self._bad: dict[str, set[str]] = {}  # shard path -> keys of bad samples
