@@ -32,3 +32,21 @@ def demo_args(config: str, shards: Path, run: Path, *settings: str) -> list[str]
     for setting in (f"data.shards={shards}", "data.image_size=32", "data.workers=1", *settings):
         argv += ["--set", setting]
     return argv
+
+
+def fail_at_close(monkeypatch, shards_before_failure: int) -> list[str]:
+    """Make the shard writer fail (EIO) when it closes shard number ``shards_before_failure``,
+    as a full or failing disk would: the run stops with that many shards recorded. Returns
+    the list the names of the shards closed before are added to."""
+    from xdtrain.shards import tar
+
+    real_close, closed = tar.ShardWriter.close, []
+
+    def failing_close(self):
+        if len(closed) == shards_before_failure:
+            raise OSError(5, "Input/output error")
+        closed.append(self.path.name)
+        return real_close(self)
+
+    monkeypatch.setattr(tar.ShardWriter, "close", failing_close)
+    return closed

@@ -17,6 +17,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
+from helpers import fail_at_close
 
 from xdtrain.errors import run_cli
 from xdtrain.shards import PACKERS, base, imagenet, pack, tar
@@ -470,18 +471,6 @@ def test_force_replaces_only_what_xd_shard_recorded(synthetic, tmp_path, capsys)
     assert old - listed and not (old - listed) & names  # the earlier run's extra shards went
 
 
-def _fail_at_close(monkeypatch, shards_before_failure: int) -> None:
-    real_close, closed = tar.ShardWriter.close, []
-
-    def failing_close(self):
-        if len(closed) == shards_before_failure:
-            raise OSError(5, "Input/output error")
-        closed.append(self.path.name)
-        return real_close(self)
-
-    monkeypatch.setattr(tar.ShardWriter, "close", failing_close)
-
-
 @pytest.mark.parametrize("shards_before_failure", [0, 3])
 def test_an_interrupted_run_names_its_own_files_and_resumes(
     synthetic, tmp_path, monkeypatch, capsys, shards_before_failure
@@ -490,7 +479,7 @@ def test_an_interrupted_run_names_its_own_files_and_resumes(
     args = ("--shard-size", "20KB")
     assert run("imagenet", src, tmp_path / "whole", *args) == 0
     out = tmp_path / "out"
-    _fail_at_close(monkeypatch, shards_before_failure)
+    fail_at_close(monkeypatch, shards_before_failure)
     with pytest.raises(OSError):
         run("imagenet", src, out, *args)
     monkeypatch.undo()
@@ -510,7 +499,7 @@ def test_an_interrupted_run_names_its_own_files_and_resumes(
 def test_an_unfinished_run_of_other_arguments_needs_force(synthetic, tmp_path, monkeypatch, capsys):
     src = synthetic / "imagenet"
     out = tmp_path / "out"
-    _fail_at_close(monkeypatch, 2)
+    fail_at_close(monkeypatch, 2)
     with pytest.raises(OSError):
         run("imagenet", src, out, "--shard-size", "20KB")
     monkeypatch.undo()

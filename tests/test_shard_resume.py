@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import fail_at_close
 
 from xdtrain.errors import UserError
 from xdtrain.shards import manifest as manifest_mod
@@ -179,15 +180,8 @@ def _interrupted(raw, out: Path, monkeypatch, shards_before_failure: int, *extra
     """Pack ImageNet into ``out`` until the close of a shard fails; the recorded shards."""
     from xdtrain.shards import tar
 
-    real_close, closed = tar.ShardWriter.close, []
-
-    def failing_close(self):
-        if len(closed) == shards_before_failure:
-            raise OSError(5, "Input/output error")
-        closed.append(self.path.name)
-        return real_close(self)
-
-    monkeypatch.setattr(tar.ShardWriter, "close", failing_close)
+    real_close = tar.ShardWriter.close
+    closed = fail_at_close(monkeypatch, shards_before_failure)
     with pytest.raises(OSError):
         main(imagenet_args(raw) + ["--out", str(out), *extra])
     monkeypatch.setattr(tar.ShardWriter, "close", real_close)

@@ -1,3 +1,3 @@
 """xdtrain: SimCLR pretraining and finetuning across domain boundaries, fed by DALI."""
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
