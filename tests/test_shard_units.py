@@ -31,6 +31,7 @@ from xdtrain.shards.tar import (
     check_key,
     index_path,
     member_header,
+    parse_index,
     read_samples,
 )
 
@@ -79,6 +80,31 @@ def test_shard_is_gnu_tar_aligned_indexed_and_reproducible(tmp_path):
         for member in tar:
             assert member.mtime == 0 and member.uid == 0 and member.mode == 0o644
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.idx", "a.tar", "b.idx", "b.tar"]
+
+
+def test_long_member_names_keep_the_index_and_the_size_right(tmp_path):
+    """A member name of 100 bytes or more takes tarfile's GNU long-name header (1,536 bytes,
+    not 512): the index offsets, the shard's size and its sha256 follow what was written."""
+    path = tmp_path / "long.tar"
+    keys = ["short", "k" * 91, "m" * 150, "after"]  # 91 + ".label.i64": 101 bytes
+    writer = ShardWriter(path)
+    for n, key in enumerate(keys):
+        writer.add(key, {"jpg": bytes([n]) * (300 + n), "label.i64": bytes(8)})
+    info = writer.close()
+    data = path.read_bytes()
+    assert info.bytes == len(data) and info.sha256 == hashlib.sha256(data).hexdigest()
+    with tarfile.open(path) as tar:
+        members = {m.name: (m.offset_data, m.size) for m in tar}
+    for ref in parse_index(index_path(path).read_text()):
+        for ext, offset, size in ref.parts:
+            assert members[f"{ref.key}.{ext}"] == (offset, size)
+            assert data[offset : offset + size] == tar_bytes(ref.key, ext, keys)
+    assert index_path(path).read_text() == index_from_tar(path)
+
+
+def tar_bytes(key: str, ext: str, keys: list[str]) -> bytes:
+    n = keys.index(key)
+    return bytes([n]) * (300 + n) if ext == "jpg" else bytes(8)
 
 
 def test_abort_and_unfinished_shards_leave_nothing_that_looks_complete(tmp_path):

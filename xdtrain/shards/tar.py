@@ -174,9 +174,10 @@ class ShardWriter:
             name = f"{key}.{ext}"
             size = len(data)
             pad = -size % BLOCK
-            members.append((ext, offset + BLOCK, size, name))
-            parts += (member_header(name, size), data, _ZEROS[:pad])
-            offset += BLOCK + size + pad
+            header = member_header(name, size)  # 512 bytes, more for a name of 100 or more
+            members.append((ext, offset + len(header), size, name))
+            parts += (header, data, _ZEROS[:pad])
+            offset += len(header) + size + pad
         self._offset = offset
         self._samples.append(members)
         if offset - self._written >= CHUNK:
