@@ -127,6 +127,18 @@ def agree(step: Callable[[], T]) -> T:
     raise quiet
 
 
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Rank 0's buffers (batch-norm running statistics) on every rank.
+
+    DDP sends rank 0's buffers to the others at the start of each training forward, and each
+    rank then updates its own from its local batch: after the last step they differ. The
+    model that is saved (``final.pt``, rank 0's) is the one every rank must score with.
+    """
+    if active():
+        for buffer in module.buffers():
+            dist.broadcast(buffer.data, src=0)
+
+
 def barrier() -> None:
     if active():
         dist.barrier()

@@ -472,8 +472,8 @@ class Trainer:
             raise NonFiniteStop(
                 f"{self.folder}: {limit} non-finite losses in a row at epoch {self.epoch + 1} "
                 f"step {self.step_in_epoch + 1}; stopped. Start it over with a lower learning "
-                f"rate or gradient clipping: rerun with --force --set optim.lr={lower:.3g} "
-                "(or --set train.grad_clip=1.0)"
+                f"rate or gradient clipping: rerun without --resume, with --force --set "
+                f"optim.lr={lower:.3g} (or --set train.grad_clip=1.0)"
             )
 
     def log_train(self, window: dict) -> None:
@@ -497,6 +497,7 @@ class Trainer:
             self.log.write(row)
 
     def validate(self) -> None:
+        distributed.broadcast_buffers(self.raw_model)  # every rank scores rank 0's model
         result = evaluate(
             self.model,
             self.val_loader,
@@ -537,6 +538,7 @@ class Trainer:
 
     def finish(self) -> dict:
         world = self.world
+        distributed.broadcast_buffers(self.raw_model)  # the model saved is the one scored
         self.save_final()
         if world.main:
             export_encoder(self.raw_model, self.folder / "encoder.pt")
@@ -598,7 +600,7 @@ def main(argv: list[str] | None = None) -> int:
             clear_folder(folder)
         row = Trainer(config, task, world, folder, resume).fit()
     except KeyboardInterrupt:
-        raise Interrupted(resume_advice(folder), quiet=not world.main) from None
+        raise Interrupted(resume_advice(folder, args.force), quiet=not world.main) from None
     finally:
         distributed.shutdown()
     if world.main:
@@ -613,13 +615,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def resume_advice(folder: Path) -> str:
-    """What continues an interrupted run: ``--resume``, from ``last.pt`` when there is one."""
+def resume_advice(folder: Path, forced: bool) -> str:
+    """What continues an interrupted run: ``--resume`` (in place of ``--force``, which would
+    start it over), from ``last.pt`` when there is one."""
+    flag = "--resume in place of --force" if forced else "--resume"
     last = folder / "last.pt"
     if last.exists():
-        return f"{folder}: rerun the same command with --resume; it continues from {last.name}"
+        return f"{folder}: rerun the same command with {flag}; it continues from {last.name}"
     return (
-        f"{folder}: no checkpoint was written yet; rerun the same command with --resume (it "
+        f"{folder}: no checkpoint was written yet; rerun the same command with {flag} (it "
         "starts from the first step)"
     )
 
