@@ -16,6 +16,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
+import torchvision
 from helpers import ROOT, demo_args
 
 from xdtrain.errors import UserError
@@ -97,20 +99,18 @@ def test_a_training_split_without_foreground_is_refused(tmp_path):
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
-def test_a_classification_split_with_one_class_is_refused(packed, tmp_path):
-    """ImageNet shards whose training split holds one class (its other classes' images
-    all went elsewhere): a classifier cannot learn from it."""
+def test_a_classification_tier_with_one_class_is_refused(raw, tmp_path):
+    """ImageNet packed with a 1 % tier: one image, so one class. The whole split has every
+    class, the tier does not; its per-shard counts in the manifest say so."""
     shards = tmp_path / "imagenet"
-    shutil.copytree(packed["imagenet"], shards)
-    manifest = json.loads((shards / "manifest.json").read_text())
-    counts = manifest["splits"]["train"]["classes"]
-    first = next(iter(counts))
-    manifest["splits"]["train"]["classes"] = {
-        k: (v if k == first else 0) for k, v in counts.items()
-    }
-    (shards / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(UserError, match=r"holds 1 class\(es\).*at least 2"):
-        main(demo_args("ft_imagenet.yaml", shards, tmp_path / "run", "data.batch_size=2"))
+    argv = ["--dataset", "imagenet", "--src", str(raw / "imagenet"), "--out", str(shards)]
+    assert shard_main([*argv, "--quiet", "--workers", "1", "--fractions", "0.01"]) == 0
+    run = tmp_path / "run"
+    base = demo_args("ft_imagenet.yaml", shards, run, "data.batch_size=1", "data.image_size=64")
+    with pytest.raises(UserError, match=r"at data.fraction 0.01 holds 1 class\(es\)") as info:
+        main([*base, "--set", "data.fraction=0.01"])
+    assert "pick a larger data.fraction" in str(info.value)
+    assert main([*base, "--set", "train.epochs=1", "--set", "train.limit_batches=1"]) == 0
 
 
 # --------------------------------------------------------------------------- preflight
@@ -120,15 +120,22 @@ def test_every_split_and_the_fraction_tier_are_checked_before_the_first_step(pac
     """A damaged test split stops the run at start (it used to train, then fail at the end);
     so does a training tier without samples and an unreadable encoder file."""
     shards = tmp_path / "lits"
-    shutil.copytree(packed["lits"], shards)
-    manifest = json.loads((shards / "manifest.json").read_text())
-    test_shard = manifest["splits"]["test"]["shards"][0]["name"]
-    (shards / test_shard).with_suffix(".idx").unlink()
+    manifest = json.loads((packed["lits"] / "manifest.json").read_text())
+    test_shard = manifest["splits"]["test"]["shards"][-1]["name"]
     run = tmp_path / "run"
     base = demo_args("ft_lits.yaml", shards, run, "data.batch_size=2", "train.epochs=1")
-    with pytest.raises(UserError, match=re.escape(test_shard) + ".*xd-shard verify"):
-        main(base)
-    assert not (run / "metrics.jsonl").exists()  # not a single step
+    damages = {
+        "its .idx deleted": lambda tar: tar.with_suffix(".idx").unlink(),
+        "cut short": lambda tar: os.truncate(tar, tar.stat().st_size - 1024),
+        "its .idx replaced": lambda tar: tar.with_suffix(".idx").write_text("garbage\n"),
+    }
+    for damage in damages.values():
+        shutil.rmtree(shards, ignore_errors=True)
+        shutil.copytree(packed["lits"], shards)
+        damage(shards / test_shard)
+        with pytest.raises(UserError, match=re.escape(test_shard) + ".*xd-shard verify"):
+            main(base)
+        assert not (run / "metrics.jsonl").exists()  # not a single step
     shutil.rmtree(shards)
     shutil.copytree(packed["lits"], shards)
     # a tier whose volumes held no kept slice: no shard of its own
@@ -141,6 +148,11 @@ def test_every_split_and_the_fraction_tier_are_checked_before_the_first_step(pac
     bad = tmp_path / "encoder.pt"
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(UserError, match="not a readable weights file"):
+        main([*base, "--set", f"model.encoder_weights={bad}"])
+    diverged = {k: v.clone() for k, v in torchvision.models.resnet18().state_dict().items()}
+    diverged["layer1.0.conv1.weight"][0, 0, 0, 0] = float("nan")
+    torch.save(diverged, bad)
+    with pytest.raises(UserError, match=r"1 tensor\(s\) hold NaN .*layer1.0.conv1.weight"):
         main([*base, "--set", f"model.encoder_weights={bad}"])
     assert not (run / "metrics.jsonl").exists()
 
@@ -202,7 +214,7 @@ def test_the_advice_after_ctrl_c_and_for_an_unfinished_run_works(packed, tmp_pat
     argv = demo_args("ft_lits.yaml", packed["lits"], run, "data.batch_size=2", "train.epochs=2")
     argv += ["--set", "train.checkpoint_minutes=1e-9"]  # last.pt after every step
     command = [sys.executable, "-m", "xdtrain.train", *argv]
-    proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([*command, "--force"], stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not rows(run, "train"):
         time.sleep(0.05)
@@ -210,7 +222,8 @@ def test_the_advice_after_ctrl_c_and_for_an_unfinished_run_works(packed, tmp_pat
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
     line = err.strip().splitlines()[-1]
-    assert line.startswith("interrupted:") and "rerun the same command with --resume" in line
+    assert line.startswith("interrupted:")
+    assert "rerun the same command with --resume in place of --force" in line, line
     # xd-eval on the unfinished run: its advice names --checkpoint last
     with pytest.raises(UserError, match="try --checkpoint last"):
         eval_main([str(run)])

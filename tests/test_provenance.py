@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -91,6 +92,16 @@ def test_a_finished_pretraining_trained_longer_keeps_the_encoder_others_read(
     assert eval_main([str(ft), "--force"]) == 0
     assert any("has changed since" in r.getMessage() for r in caplog.records)
     assert "finished_epoch1" in json.loads((ft / "eval_test.json").read_text())["encoder_changed"]
+    # resuming the finetuning from its changed encoder is refused with a way that works
+    ft_longer = [*argv, "--set", weights, "--resume", "--set", "train.epochs=2"]
+    with pytest.raises(UserError, match="copy .*finished_epoch1/encoder.pt back to") as info:
+        main(ft_longer)
+    kept_copy, target = re.search(r"copy (\S+) back to (\S+);", str(info.value)).groups()
+    longer = pre / "encoder.pt"
+    saved = longer.read_bytes()
+    shutil.copy(kept_copy, target)
+    assert main(ft_longer) == 0
+    longer.write_bytes(saved)  # the longer pretraining's encoder again
     table, markdown = report(runs, tmp_path / "report", capsys)
     (row,) = table
     assert row["pretrain"] == "simclr-imagenet" and row["runs"] == "1"

@@ -178,6 +178,7 @@ def _plots(collector, metrics, classes, folder: Path, split: str) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     import argparse
     import json
+    import os
 
     from rich.console import Console
     from rich.table import Table
@@ -207,6 +208,10 @@ def main(argv: list[str] | None = None) -> int:
         "--force", action="store_true", help="replace scores written for another checkpoint"
     )
     args = parser.parse_args(argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        refused = UserError("xd-eval scores a run in one process; run it without torchrun")
+        refused.quiet = os.environ.get("RANK", "0") != "0"  # rank 0 says it
+        raise refused
     folder = Path(args.run)
     if not (folder / "config.yaml").is_file():
         raise UserError(f"{folder}: no config.yaml; pass a run folder written by xd-train")

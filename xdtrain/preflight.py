@@ -102,7 +102,13 @@ def check_inputs(config, task, world_size: int) -> dict[str, ShardSet]:
     if weights:
         from xdtrain.models.weights import read_state_dict
 
-        read_state_dict(weights)  # one-line errors for a missing or unreadable file
+        state = read_state_dict(weights)  # one-line errors for a missing or unreadable file
+        broken = [k for k, v in state.items() if v.is_floating_point() and not v.isfinite().all()]
+        if broken:
+            raise UserError(
+                f"{weights}: {len(broken)} tensor(s) hold NaN or infinite values (first: "
+                f"{broken[0]}); the run that wrote them diverged: pass other weights"
+            )
     return splits
 
 
@@ -122,7 +128,9 @@ def _check_train_size(train: ShardSet, data, task, world_size: int) -> None:
     smallest = 2 if task.model_kind == "simclr" else 1
     ranks = f"{world_size} ranks" if world_size > 1 else "1 rank"
     if per_rank >= smallest:
-        advice = f"set data.batch_size={per_rank} or less"
+        advice = f"set data.batch_size={per_rank} or less" + (
+            ", or pick a larger data.fraction" if tier else ""
+        )
     else:
         most = train.samples // smallest
         advice = (
@@ -136,26 +144,45 @@ def _check_train_size(train: ShardSet, data, task, world_size: int) -> None:
     )
 
 
+def tier_classes(manifest: dict, fraction: float) -> dict[str, int]:
+    """Samples per class in the training shards of ``fraction`` (class name -> count); the
+    whole split's counts for manifests that do not count per shard (xdtrain 0.2 and older)."""
+    entry = manifest["splits"]["train"]
+    names = manifest["classes"]
+    kept = set(manifests.shards(manifest, "train", fraction))
+    shards = [s for s in entry["shards"] if s["name"] in kept]
+    if any("classes" not in s for s in shards):
+        return dict(entry.get("classes", {}))
+    counts = dict.fromkeys(names, 0)
+    for shard in shards:
+        for index, n in shard["classes"].items():
+            counts[names[int(index)]] += n
+    return counts
+
+
 def _check_labels(manifest: dict, train: ShardSet, data) -> None:
-    """The training split must hold something to learn: two classes, a positive finding,
-    or foreground. (Counts are per split; a fraction tier holds a stratified share of it.)"""
-    counts = manifest["splits"]["train"].get("classes", {})
+    """The training tier must hold something to learn: two classes, a positive finding, or
+    foreground."""
+    counts = tier_classes(manifest, data.fraction)
     where = f"{train.folder}/manifest.json"
     kind = train.layout.kind
     present = [name for name, n in counts.items() if n > 0]
+    tier = f" at data.fraction {data.fraction:g}" if data.fraction < 1.0 else ""
     if kind == "multiclass" and len(present) < 2:
         raise UserError(
-            f"{where}: the training split holds {len(present)} class(es) "
-            f"({', '.join(present) or 'none'}); a classifier needs at least 2: repack with "
-            "more classes (--classes) or more data"
+            f"{where}: the training split{tier} holds {len(present)} class(es) "
+            f"({', '.join(present) or 'none'}); a classifier needs at least 2: "
+            + ("pick a larger data.fraction or " if tier else "")
+            + "repack with more classes (--classes) or more data"
         )
     if kind == "multilabel":
         outputs = [name for name in counts if name != NO_FINDING]
         findings = [name for name in outputs if counts[name] > 0]
         if not findings:
             raise UserError(
-                f"{where}: no training film holds any finding; nothing can be learned: repack "
-                "with more data"
+                f"{where}: no training film{tier} holds any finding; nothing can be learned: "
+                + ("pick a larger data.fraction or " if tier else "")
+                + "repack with more data"
             )
         absent = [name for name in outputs if counts[name] == 0]
         if absent:
@@ -166,6 +193,8 @@ def _check_labels(manifest: dict, train: ShardSet, data) -> None:
             )
     if kind == "segmentation" and not any(n > 0 for n in list(counts.values())[1:]):
         raise UserError(
-            f"{where}: no training slice holds any foreground label; nothing can be "
-            "segmented: repack with volumes that hold the target"
+            f"{where}: no training slice{tier} holds any foreground label; nothing can be "
+            "segmented: "
+            + ("pick a larger data.fraction or " if tier else "")
+            + "repack with volumes that hold the target"
         )

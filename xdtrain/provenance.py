@@ -64,10 +64,12 @@ def check_resume(folder: Path, identity: dict) -> None:
             where = (identity.get(what) or recorded[what]).get("folder") or recorded[what].get(
                 "path"
             )
+            kept = find_by_sha(Path(where).parent, before) if what == "encoder" else None
+            restore = f"copy {kept} back to {where}" if kept else "restore them"
             raise UserError(
                 f"{folder}/{ENV}: the {what} this run started from changed since ({where}: "
-                f"{before[:12]} then, {str(now)[:12]} now); resuming would mix them. Restore "
-                "them, or start over with --force"
+                f"{before[:12]} then, {str(now)[:12]} now); resuming would mix them. To "
+                f"resume, {restore}; or start over with --force"
             )
 
 

@@ -73,11 +73,13 @@ def open_split(folder: str | Path, dataset: str, split: str, fraction: float = 1
             )
     _check_whole_volumes(folder, manifest, dataset, split)
     names = manifests.shards(manifest, split, fraction)
-    counts = {s["name"]: s["samples"] for s in manifest["splits"][split]["shards"]}
+    recorded = {s["name"]: s for s in manifest["splits"][split]["shards"]}
+    counts = {name: entry["samples"] for name, entry in recorded.items()}
     paths = tuple(str(folder / name) for name in names)
-    for path in paths:
-        if not Path(path).is_file() or not index_path(path).is_file():
-            raise UserError(f"{path}: shard or its .idx is missing; run `xd-shard verify {folder}`")
+    for name, path in zip(names, paths, strict=True):
+        problem = _shard_problem(Path(path), recorded[name])
+        if problem:
+            raise UserError(f"{path}: {problem}; run `xd-shard verify {folder}`")
     layout = LAYOUTS[dataset]
     options = manifest.get("options", {})
     image_ext = layout.image if layout.image != "codec" else options.get("codec", "jpg")
@@ -94,6 +96,23 @@ def open_split(folder: str | Path, dataset: str, split: str, fraction: float = 1
         image_ext=image_ext,
         bits=int(options.get("bits", 8)),
     )
+
+
+def _shard_problem(path: Path, recorded: dict) -> str | None:
+    """What is wrong with a shard that a stat and its index's first line can tell: missing
+    files, a size other than the manifest's (cut short, or replaced), an index whose header
+    counts other samples. (Damage of the same size needs ``xd-shard verify``'s sha256.)"""
+    try:
+        size = path.stat().st_size
+        with open(index_path(path), "rb") as fh:
+            header = fh.readline(64).split()
+    except OSError:
+        return "shard or its .idx is missing or unreadable"
+    if "bytes" in recorded and size != recorded["bytes"]:
+        return f"{size} bytes, not the {recorded['bytes']} the manifest records (cut short?)"
+    if len(header) != 2 or header[1] != str(recorded["samples"]).encode():
+        return f"its .idx does not index the {recorded['samples']} samples the manifest records"
+    return None
 
 
 def _check_whole_volumes(folder: Path, manifest: dict, dataset: str, split: str) -> None:

@@ -68,7 +68,8 @@ def build(packer, scan, state, fingerprint) -> dict:
             entry["count"] += shard["group_count"]
             entry["classes"].update({int(k): v for k, v in shard["classes"].items()})
             entry["shards"].append(
-                {k: shard[k] for k in ("name", "samples", "bytes", "sha256")} | {"tier": tier}
+                {k: shard[k] for k in ("name", "samples", "bytes", "sha256")}
+                | {"tier": tier, "classes": shard["classes"]}  # class index -> samples
             )
             skipped.extend(shard["skipped"])
             notes.extend(shard["notes"])
