@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 import signal
@@ -609,3 +610,15 @@ def test_queue_reads_the_study_words_open_and_completed(tmp_path):
     jobs.write_text(f"command,status\n{commands[3]},\n")
     assert queue_main([str(jobs)]) == 0
     assert [line.status for line in parse(jobs) if line.command] == ["done"]
+
+
+def test_queue_keeps_a_spreadsheet_jobs_file_as_it_was_written(tmp_path):
+    """Excel's "CSV UTF-8" starts with a byte-order mark and ends lines in CRLF: read, and
+    written back with both."""
+    out = tmp_path / "out"
+    jobs = tmp_path / "Jobs.csv"
+    text = f"command,status\r\nxd-synth lits --out {out} --count 1 --quiet,open\r\n"
+    jobs.write_bytes(codecs.BOM_UTF8 + text.encode())
+    assert queue_main([str(jobs)]) == 0
+    assert out.is_dir()
+    assert jobs.read_bytes() == codecs.BOM_UTF8 + text.replace(",open", ",completed").encode()

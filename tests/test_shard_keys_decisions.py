@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 import shutil
 from collections import defaultdict
 from pathlib import Path
@@ -509,3 +510,19 @@ def test_an_unfinished_run_of_other_arguments_needs_force(synthetic, tmp_path, m
     assert run("imagenet", src, out, "--shard-size", "40KB", "--force") == 0
     assert not list(out.glob(".*.tmp")) and not (out / pack.STATE).exists()
     assert run_cli(main, ["verify", str(out)]) == 0
+
+
+def test_file_names_that_are_not_utf8_get_keys_too(synthetic, tmp_path):
+    """Latin-1 names (caf\\xe9, caf\\xe8: one key after replacing) pack under two keys, no
+    traceback; the second gets the suffix of its path's bytes."""
+    src = tmp_path / "imagenet"
+    shutil.copytree(synthetic / "imagenet", src)
+    folder = src / "ILSVRC" / "Data" / "CLS-LOC" / "train" / WNID
+    image = next(folder.iterdir()).read_bytes()
+    for name in (b"caf\xe9.JPEG", b"caf\xe8.JPEG"):
+        with open(os.path.join(os.fsencode(folder), name), "wb") as fh:
+            fh.write(image)
+    out = tmp_path / "out"
+    assert run("imagenet", src, out) == 0
+    keys = [k for k in samples(out) if k.startswith("caf_")]
+    assert len(keys) == 2 and "caf_" in keys and all(tar.key_problem(k) is None for k in keys)

@@ -470,3 +470,26 @@ def test_lits_release_png_beside_nifti_files(tmp_path):
     manifest = pack("lits", tmp_path / "src", tmp_path / "out", "--release", "png")
     assert manifest["preprocessing"]["release"] == "png"
     assert set(samples(tmp_path / "out")) == set(expected)
+
+
+def test_a_mask_whose_sform_and_qform_disagree_is_packed_by_its_sform_and_noted(tmp_path):
+    """Both header transforms set, in other orientations: viewers differ on which they trust.
+    The sform places the voxels (nibabel's rule) and the manifest says what was chosen."""
+    hu, labels = ct_anatomy()
+    src = tmp_path / "src"
+    src.mkdir()
+    for n in range(3):
+        save(src / f"volume-{n}.nii", hu, lps_affine())
+        mask = nib.Nifti1Image(labels, lps_affine())
+        if n == 1:  # the qform says RAS: mirrored in x and y against the sform
+            _, ras = stored(labels, lps_affine(), (0, 1))
+            mask.set_qform(ras, code=1)
+            mask.set_sform(lps_affine(), code=1)
+        nib.save(mask, src / f"segmentation-{n}.nii")
+    manifest = pack("lits", src, tmp_path / "out")
+    noted = [n for n in manifest["notes"] if "header transforms disagree" in n["note"]]
+    assert len(noted) == 1 and "segmentation-1.nii" in noted[0]["note"]
+    assert "sform LPS, qform RAS" in noted[0]["note"]
+    found = samples(tmp_path / "out")
+    masks = [decode_png(s["mask.png"]) for s in slices_of(found, "volume-1")]
+    assert all(np.array_equal(m, labels[:, :, k].T) for k, m in enumerate(masks))

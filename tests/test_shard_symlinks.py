@@ -65,6 +65,8 @@ def test_walk_visits_each_real_folder_once(tmp_path):
     (tmp_path / "link").symlink_to(tmp_path / "real", target_is_directory=True)  # twice
     (tmp_path / "real" / "sub" / "up").symlink_to(tmp_path, target_is_directory=True)  # loop
     (tmp_path / "dangling").symlink_to(tmp_path / "nowhere", target_is_directory=True)
+    (tmp_path / "real" / "sub" / "root").symlink_to("/", target_is_directory=True)
+    (tmp_path.parent / "outside.nii").write_text("")  # reached only through a link upwards
     files = walk(tmp_path, lambda name: name.endswith(".nii"))
     assert sorted(p.name for p in files) == ["x.nii", "y.nii"]
     assert len({os.path.realpath(p) for p in files}) == 2

@@ -18,6 +18,7 @@ stops the queue before a job starts: a misspelt word must not rerun a finished j
 from __future__ import annotations
 
 import argparse
+import codecs
 import contextlib
 import csv
 import io
@@ -51,7 +52,7 @@ class Line:
 
 def parse(path: Path) -> list[Line]:
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # spreadsheets write a byte-order mark
     except FileNotFoundError:
         raise UserError(
             f"{path}: no jobs file; write one (command,status) or use xd-queue grid"
@@ -116,7 +117,8 @@ def check_command(command: str, path: Path, number: int) -> list[str]:
     return argv
 
 
-def render(lines: list[Line]) -> str:
+def render(lines: list[Line], newline: str = "\n") -> str:
+    """The jobs file's text, each line ending in ``newline``."""
     out = []
     for line in lines:
         if line.command is None:
@@ -125,7 +127,16 @@ def render(lines: list[Line]) -> str:
         buffer = io.StringIO()
         csv.writer(buffer, lineterminator="").writerow([line.command, line.status])
         out.append(buffer.getvalue())
-    return "\n".join(out) + "\n"
+    return newline.join(out) + newline
+
+
+def writer(path: Path):
+    """A function that writes ``lines`` back to ``path`` as it was written: with its
+    byte-order mark and line endings (CRLF from Windows spreadsheets), atomically."""
+    raw = path.read_bytes()
+    mark = "\ufeff" if raw.startswith(codecs.BOM_UTF8) else ""
+    newline = "\r\n" if b"\r\n" in raw else "\n"
+    return lambda lines: atomic_write(path, mark + render(lines, newline))
 
 
 def executable(name: str) -> str:
@@ -141,6 +152,7 @@ def executable(name: str) -> str:
 
 def run_jobs(path: Path, gpus: list[str] | None, logs: Path) -> int:
     lines = parse(path)
+    save = writer(path)
     todo = [line for line in lines if line.command is not None and not finished(line)]
     word = done_word(lines)
     for line in todo:
@@ -177,7 +189,7 @@ def run_jobs(path: Path, gpus: list[str] | None, logs: Path) -> int:
                         preexec_fn=_die_with_parent,
                     )
                 line.status = f"running: pid {proc.pid}"
-                atomic_write(path, render(lines))
+                save(lines)
                 running[proc] = (line, slot)
                 print(f"started: {line.command}" + (f" (GPU {slot})" if slot else ""), flush=True)
             for proc in [p for p in running if p.poll() is not None]:
@@ -188,7 +200,7 @@ def run_jobs(path: Path, gpus: list[str] | None, logs: Path) -> int:
                 else:
                     line.status = f"failed: {logs / f'job{number:04d}.log'}"
                     failed += 1
-                atomic_write(path, render(lines))
+                save(lines)
                 print(f"{line.status.split(':')[0]}: {line.command}", flush=True)
             time.sleep(0.2)
     except KeyboardInterrupt:

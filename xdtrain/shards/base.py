@@ -221,7 +221,8 @@ def claim_key(key: str, original: str, taken: set[str]) -> str | None:
     if not key:
         return None
     if key in taken:
-        key = f"{key}_{hashlib.sha256(original.encode()).hexdigest()[:8]}"
+        digest = hashlib.sha256(original.encode("utf-8", "surrogateescape")).hexdigest()
+        key = f"{key}_{digest[:8]}"  # (surrogateescape: file names that are not UTF-8)
         if key in taken:
             return None
     taken.add(key)
@@ -250,11 +251,15 @@ def walk(root: Path, match: Callable[[str], bool], *, dirs: bool = False) -> lis
 
     Releases of tens of gigabytes often sit on another disk, linked below ``--src``;
     :meth:`pathlib.Path.rglob` (Python 3.11-3.12) does not descend into such links. Each real
-    folder is visited once (by device and inode), so a link back up the tree cannot loop.
+    folder is visited once (by device and inode), so a link back up the tree cannot loop,
+    and a link to ``root`` or a folder above it is not followed: nothing outside is read.
     """
     found: list[Path] = []
     seen: set[tuple[int, int]] = set()
+    inside = os.path.realpath(root)
     for top, subdirs, files in os.walk(root, followlinks=True):
+        # a link to ``root`` or a folder above it would walk outside --src
+        subdirs[:] = [d for d in subdirs if not _above(os.path.join(top, d), inside)]
         try:
             stat = os.stat(top)
         except OSError:
@@ -275,6 +280,14 @@ def walk(root: Path, match: Callable[[str], bool], *, dirs: bool = False) -> lis
             unique.setdefault((stat.st_dev, stat.st_ino), path)
         found = list(unique.values())
     return sorted(found)
+
+
+def _above(path: str, inside: str) -> bool:
+    """Whether ``path`` is a link to the folder ``inside`` or to one of its ancestors."""
+    if not os.path.islink(path):
+        return False
+    target = os.path.realpath(path)
+    return inside == target or inside.startswith(target.rstrip(os.sep) + os.sep)
 
 
 def slice_sample(

@@ -61,6 +61,7 @@ class Geometry:
     name: str  # the file name, for messages
     shape: tuple[int, int, int]
     affine: np.ndarray
+    forms: str | None = None  # its sform and qform in other orientations: "sform RAS, qform LPS"
 
     @property
     def degenerate(self) -> bool:
@@ -176,7 +177,25 @@ def read_geometry(path: str | Path, label: str) -> Geometry:
         raise SkipItem(
             f"{name} is {len(shape)}-D {tuple(image.shape)}: one 3-D volume per file expected"
         )
-    return Geometry(label, name, shape, np.asarray(image.affine, dtype=np.float64))
+    disagreeing = _forms_disagree(image.header)
+    return Geometry(label, name, shape, np.asarray(image.affine, dtype=np.float64), disagreeing)
+
+
+def _forms_disagree(header) -> str | None:
+    """Both of a NIfTI header's transforms set (codes > 0) and in other orientations: which
+    one a reader trusts decides the anatomy's side. nibabel (and so xd-shard) takes the sform;
+    a viewer or converter that takes the qform shows the file mirrored or transposed."""
+    from nibabel.orientations import aff2axcodes
+
+    try:
+        sform, s_code = header.get_sform(coded=True)
+        qform, q_code = header.get_qform(coded=True)
+    except AttributeError:  # not a NIfTI-1/2 header
+        return None
+    if not s_code or not q_code:
+        return None
+    s_codes, q_codes = "".join(aff2axcodes(sform)), "".join(aff2axcodes(qform))
+    return None if s_codes == q_codes else f"sform {s_codes}, qform {q_codes}"
 
 
 def squeezed(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -245,6 +264,12 @@ def _note_orientations(case: Case) -> None:
             f"files stored in different orientations ({stored}); each brought to "
             f"{CANONICAL} by its own affine"
         )
+    for g in case.files.values():
+        if g.forms:
+            case.notes.append(
+                f"{g.name}: header transforms disagree ({g.forms}); the sform was used, as "
+                "nibabel does (a viewer that reads the qform shows it otherwise)"
+            )
     oblique = max(g.obliquity for g in case.files.values())
     if oblique > OBLIQUE_DEGREES:
         case.notes.append(
