@@ -14,6 +14,7 @@ from helpers import demo_args
 
 from xdtrain.errors import UserError
 from xdtrain.evaluate import main as eval_main
+from xdtrain.provenance import encoder_changed
 from xdtrain.report import main as report_main
 from xdtrain.runlog import read_metrics
 from xdtrain.shards.tar import file_sha256
@@ -101,6 +102,8 @@ def test_a_finished_pretraining_trained_longer_keeps_the_encoder_others_read(
     saved = longer.read_bytes()
     shutil.copy(kept_copy, target)
     assert main(ft_longer) == 0
+    longer.unlink()  # gone (being trained longer again): the copy is still named
+    assert "is gone; the bytes it read are kept in" in encoder_changed(env(ft))
     longer.write_bytes(saved)  # the longer pretraining's encoder again
     table, markdown = report(runs, tmp_path / "report", capsys)
     (row,) = table

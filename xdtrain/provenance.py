@@ -92,13 +92,13 @@ def encoder_changed(env: dict) -> str | None:
     if not path or not digest:
         return None
     file = Path(path)
+    if file.is_file() and file_sha256(file) == digest:
+        return None
+    found = find_by_sha(file.parent, digest) if file.parent.is_dir() else None
+    kept = f"; the bytes it read are kept in {found}" if found else ""
     if not file.is_file():
-        return f"the encoder it read, {path}, is gone"
-    if file_sha256(file) != digest:
-        found = find_by_sha(file.parent, digest)
-        kept = f"; the bytes it read are kept in {found}" if found else ""
-        return f"the encoder it read, {path}, has changed since (sha256 {digest[:12]}){kept}"
-    return None
+        return f"the encoder it read, {path}, is gone{kept}"
+    return f"the encoder it read, {path}, has changed since (sha256 {digest[:12]}){kept}"
 
 
 def find_by_sha(run: Path, digest: str) -> Path | None:
