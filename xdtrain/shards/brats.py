@@ -10,7 +10,7 @@ Sample ``BraTS20_Training_001_075`` (case, slice index)::
 
 Every file is brought to the LPS voxel orientation from its affine, and a case is packed
 only when its five files agree in world space (or, with ``--geometry image``, every file
-takes the flair's affine); see :mod:`xdtrain.shards.nifti`.
+takes the flair's affine); see :mod:`xdtrain.shards.orientation`.
 
 Intensities are clipped per volume and modality to robust percentiles of the brain voxels
 (0.5–99.5 by default) and scaled to the full 8- or 16-bit range; outside the brain stays 0.
@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from xdtrain.errors import UserError
-from xdtrain.shards import nifti
+from xdtrain.shards import orientation
 from xdtrain.shards.base import (
     SLICE_SELECTION,
     Layout,
@@ -110,7 +110,7 @@ def scan(src: Path, options: dict) -> Scan:
         case, where = folder.name, rel(folder, src)
         try:
             paths, renamed = _case_files(folder)
-            headers = nifti.read_case(paths, options["geometry"])
+            headers = orientation.read_case(paths, options["geometry"])
         except SkipItem as exc:
             skipped.append({"input": where, "reason": str(exc)})
             continue
@@ -143,8 +143,8 @@ def scan(src: Path, options: dict) -> Scan:
         "slice_selection": SLICE_SELECTION,
         "label_map": {str(k): v for k, v in LABEL_MAP.items()},
         "cases": [s.key for s in sources],
-        "geometry": nifti.GEOMETRY[options["geometry"]],
-        "orientation": nifti.orientation_record(
+        "geometry": orientation.GEOMETRY[options["geometry"]],
+        "orientation": orientation.orientation_record(
             original, sum(s.params["reoriented"] for s in sources)
         ),
         "slice_axis": "axial: LPS axis 2 (slice 0 most inferior); PNG rows are LPS axis 1 "
@@ -181,8 +181,8 @@ def _case_files(folder: Path) -> tuple[dict[str, Path], Path | None]:
 def encode(source: Source, options: dict) -> list[Sample]:
     """One sample per kept axial slice of the case, in the LPS orientation."""
     paths, transforms = source.params["paths"], source.params["transforms"]
-    volumes = {m: nifti.load_canonical(paths[m], transforms[m], m) for m in MODALITIES}
-    seg = nifti.load_canonical(paths["seg"], transforms["seg"], "seg")
+    volumes = {m: orientation.load_canonical(paths[m], transforms[m], m) for m in MODALITIES}
+    seg = orientation.load_canonical(paths["seg"], transforms["seg"], "seg")
     values = set(np.unique(seg).tolist())
     if not values <= set(LABEL_MAP):
         raise SkipItem(

@@ -5,7 +5,7 @@
   memory stays bounded for the longest scans. The release mixes voxel orientations (RAS and
   LPS volumes, masks whose affine differs from their volume's): volume and mask are each
   brought to LPS from their own affine and must then agree in world space (or, with
-  ``--geometry image``, the mask takes the volume's affine); see :mod:`xdtrain.shards.nifti`.
+  ``--geometry image``, the mask takes the volume's affine); see :mod:`xdtrain.shards.orientation`.
 * Kaggle PNG release (``volume-N_K.png``, ``segmentation-N_livermask_K.png``,
   ``segmentation-N_lesionmask_K.png``): already windowed 8-bit slices; the two masks are
   merged, tumour winning over liver. A CT slice stored in colour is reduced to one channel
@@ -35,7 +35,7 @@ import numpy as np
 from PIL import Image
 
 from xdtrain.errors import UserError
-from xdtrain.shards import nifti
+from xdtrain.shards import orientation
 from xdtrain.shards.base import (
     DECODE_ERRORS,
     SLICE_SELECTION,
@@ -129,8 +129,8 @@ def scan(src: Path, options: dict) -> Scan:
     if release == "nifti":
         original = {s.key: s.params["orientation"] for s in sources}
         reoriented = sum(s.params["reoriented"] for s in sources)
-        info["geometry"] = nifti.GEOMETRY[options["geometry"]]
-        info["orientation"] = nifti.orientation_record(original, reoriented)
+        info["geometry"] = orientation.GEOMETRY[options["geometry"]]
+        info["orientation"] = orientation.orientation_record(original, reoriented)
         info["slice_axis"] = (
             "axial: LPS axis 2 (slice 0 most inferior); PNG rows are LPS axis 1 (anterior at "
             "the top), columns LPS axis 0 (the patient's right on the left)"
@@ -142,7 +142,7 @@ def scan(src: Path, options: dict) -> Scan:
 
 def _scan_nifti(src: Path, files: list[Path], geometry: str):
     """(sources, skipped, notes) of the NIfTI release: volume/segmentation pairs whose headers
-    agree in world space (``geometry``: see :func:`xdtrain.shards.nifti.read_case`)."""
+    agree in world space (``geometry``: see :func:`xdtrain.shards.orientation.read_case`)."""
     found: dict[int, dict[str, Path]] = defaultdict(dict)
     for path in files:
         kind, number, _ = NIFTI.fullmatch(path.name).groups()
@@ -157,7 +157,7 @@ def _scan_nifti(src: Path, files: list[Path], geometry: str):
             continue
         where = rel(pair["volume"], src)
         try:
-            case = nifti.read_case({k: pair[k] for k in ("volume", "segmentation")}, geometry)
+            case = orientation.read_case({k: pair[k] for k in ("volume", "segmentation")}, geometry)
         except SkipItem as exc:
             skipped.append({"input": where, "reason": str(exc)})
             continue
@@ -229,13 +229,13 @@ def _nifti_planes(source: Source, options: dict):
     """Yield (k, image, mask, depth, None) per axial slice in the LPS orientation (k = 0 most
     inferior), reading volume and segmentation slab by slab."""
     transforms = source.params["transforms"]
-    volume = nifti.open_image(source.params["volume"], "volume")
-    seg = nifti.open_image(source.params["segmentation"], "segmentation")
+    volume = orientation.open_image(source.params["volume"], "volume")
+    seg = orientation.open_image(source.params["segmentation"], "segmentation")
     lo, hi = options["window"]
-    depth = nifti.canonical_depth(volume.shape, transforms["volume"])
+    depth = orientation.canonical_depth(volume.shape, transforms["volume"])
     slabs = zip(
-        nifti.canonical_slabs(volume, transforms["volume"], SLAB, "volume"),
-        nifti.canonical_slabs(seg, transforms["segmentation"], SLAB, "segmentation"),
+        orientation.canonical_slabs(volume, transforms["volume"], SLAB, "volume"),
+        orientation.canonical_slabs(seg, transforms["segmentation"], SLAB, "segmentation"),
         strict=True,
     )
     for (k0, hu), (_, labels) in slabs:

@@ -1,4 +1,6 @@
-"""NIfTI volumes as the volumetric packers (BraTS, LiTS) read them: one orientation, checked.
+"""Voxel orientation and geometry of NIfTI volumes, as every volumetric packer reads them.
+
+The BraTS and LiTS packers read every file through here: one orientation, checked.
 
 Releases store their volumes in different voxel orientations (LiTS holds RAS and LPS
 volumes, and masks whose affine differs from their volume's), so slicing the stored arrays
