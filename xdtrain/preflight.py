@@ -13,7 +13,7 @@ import logging
 import math
 
 from xdtrain.data import check_channels, shard_folder
-from xdtrain.data.shardset import ShardSet, open_split
+from xdtrain.data.shardset import ShardSet, batch_advice, open_split
 from xdtrain.errors import UserError
 from xdtrain.shards import manifest as manifests
 
@@ -127,17 +127,9 @@ def _check_train_size(train: ShardSet, data, task, world_size: int) -> None:
         return
     smallest = 2 if task.model_kind == "simclr" else 1
     ranks = f"{world_size} ranks" if world_size > 1 else "1 rank"
-    if per_rank >= smallest:
-        advice = f"set data.batch_size={per_rank} or less" + (
-            ", or pick a larger data.fraction" if tier else ""
-        )
-    else:
-        most = train.samples // smallest
-        advice = (
-            f"run on at most {most} rank(s) (torchrun --nproc_per_node)"
-            if most >= 1
-            else "pick a larger data.fraction or repack with more data"
-        )
+    advice = batch_advice(train.samples, world_size, smallest)
+    if tier:
+        advice += ", or pick a larger data.fraction"
     raise UserError(
         f"{where}: the training split holds {train.samples} sample(s){tier}, fewer than one "
         f"batch of {data.batch_size} per rank on {ranks}; {advice}"

@@ -150,13 +150,21 @@ def rank_batches(shardset: ShardSet, batch_size: int, rank: int, world_size: int
         return stop - start, math.ceil((stop - start) / batch_size)
     per_rank = shardset.samples // world_size
     if per_rank < batch_size:
-        advice = (
-            f"set data.batch_size={per_rank} or less"
-            if per_rank >= 1
-            else f"run on at most {shardset.samples} rank(s)"
-        )
+        advice = batch_advice(shardset.samples, world_size)
         raise UserError(
             f"{shardset.folder}: the {shardset.split} split has {shardset.samples} samples, "
             f"fewer than one batch of {batch_size} per rank ({world_size} ranks); {advice}"
         )
     return stop - start, per_rank // batch_size
+
+
+def batch_advice(samples: int, world_size: int, smallest: int = 1) -> str:
+    """What fits ``samples`` training samples into one full batch per rank: a smaller
+    ``data.batch_size`` (at least ``smallest``, e.g. 2 for SimCLR), else fewer ranks."""
+    per_rank = samples // world_size
+    if per_rank >= smallest:
+        return f"set data.batch_size={per_rank} or less"
+    most = samples // smallest
+    if most >= 1:
+        return f"run on at most {most} rank(s) (torchrun --nproc_per_node)"
+    return "repack with more data"
