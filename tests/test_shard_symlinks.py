@@ -49,7 +49,10 @@ def test_every_packer_follows_links_below_src(raw, tmp_path, dataset):
         shutil.copytree(raw / folder, linked, dirs_exist_ok=True)
         shutil.move(linked / moved, store / moved)
         (linked / moved).symlink_to(store / moved, target_is_directory=True)
-    (store / "loop").symlink_to(tmp_path, target_is_directory=True)  # back up the tree
+    # inside the linked release: a link back to itself (read once) and one up to --src
+    inner = store / (moved or "release")
+    (inner / "loop").symlink_to(inner, target_is_directory=True)
+    (inner / "up").symlink_to(linked, target_is_directory=True)
     a = _pack(plain, tmp_path / "a", dataset)
     b = _pack(linked, tmp_path / "b", dataset)
     assert a["splits"] and _shards(a) == _shards(b)
