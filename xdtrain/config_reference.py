@@ -47,8 +47,8 @@ def _type(annotation: str) -> str:
 def _task_choices() -> str:
     from xdtrain.tasks import TASKS  # imports torch: only when the reference is written
 
-    pretraining = [f"`{n}`" for n, t in TASKS.items() if t.dataset is None]
-    finetuning = [f"`{n}`" for n, t in TASKS.items() if t.dataset is not None]
+    pretraining = [f"`{n}`" for n, t in TASKS.items() if t.model_kind == "simclr"]
+    finetuning = [f"`{n}`" for n, t in TASKS.items() if t.model_kind != "simclr"]
     return f"{' or '.join(pretraining)} pretraining or a finetuning task: {', '.join(finetuning)}"
 
 

@@ -85,10 +85,16 @@ def total(value: float, device: torch.device) -> float:
 
 
 def sum_tensor(values: torch.Tensor) -> torch.Tensor:
-    """A copy of ``values`` summed over ranks."""
+    """A copy of ``values`` summed over ranks (on ``values``' device: NCCL reduces only CUDA
+    tensors, so CPU tensors travel through the current GPU and back)."""
     if active():
-        values = values.clone()
+        device = values.device
+        if dist.get_backend() == "nccl" and device.type != "cuda":
+            values = values.to(torch.device("cuda", torch.cuda.current_device()))
+        else:
+            values = values.clone()
         dist.all_reduce(values)
+        values = values.to(device)
     return values
 
 

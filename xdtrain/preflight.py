@@ -91,6 +91,7 @@ def check_inputs(config, task, world_size: int) -> dict[str, ShardSet]:
     manifest = manifests.load(folder)
     _check_train_size(splits["train"], data, task, world_size)
     if task.model_kind != "simclr":
+        _check_task_fits(manifest, splits["train"], task)
         _check_labels(manifest, splits["train"], data)
     for split in ("val", "test"):
         if splits[split].samples == 0:
@@ -150,6 +151,24 @@ def tier_classes(manifest: dict, fraction: float) -> dict[str, int]:
         for index, n in shard["classes"].items():
             counts[names[int(index)]] += n
     return counts
+
+
+def _check_task_fits(manifest: dict, train: ShardSet, task) -> None:
+    """A classifier needs labelled shards of a classification layout, a U-Net masks."""
+    where = f"{train.folder}/manifest.json"
+    kind = train.layout.kind
+    if task.model_kind == "classifier" and kind == "segmentation":
+        raise UserError(
+            f"{where}: {manifest['dataset']} shards hold segmentation masks; task "
+            f"{task.name!r} classifies: pick a segmentation task or other shards"
+        )
+    if task.model_kind == "unet" and kind != "segmentation":
+        raise UserError(f"{where}: {manifest['dataset']} shards hold no masks for {task.name!r}")
+    if task.model_kind == "classifier" and not manifest.get("classes"):
+        raise UserError(
+            f"{where}: packed without labels (for SimCLR); finetuning needs them: repack "
+            "with --labels CSV into another --out"
+        )
 
 
 def _check_labels(manifest: dict, train: ShardSet, data) -> None:

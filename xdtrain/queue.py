@@ -254,17 +254,23 @@ def _die_with_parent() -> None:
 
 # --------------------------------------------------------------------------- grid
 
-PRETRAIN_CONFIGS = {
-    "imagenet": "pt_simclr_imagenet.yaml",
-    "chestxray8": "pt_simclr_chestxray8.yaml",
-}
+PRETRAIN_PREFIX = "pt_simclr_"
+TASK_PREFIX = "ft_"
 
 
-def finetuning_tasks() -> list[str]:
-    """The finetuning tasks of the task registry (each has a ``configs/ft_<task>.yaml``)."""
-    from xdtrain.tasks import TASKS
+def pretraining_sources(configs_root: Path) -> list[str]:
+    """The SimCLR pretraining sources with a ``pt_simclr_<source>.yaml`` in ``configs_root``
+    (imagenet, chestxray8, ct, or a user's own)."""
+    return sorted(
+        p.stem[len(PRETRAIN_PREFIX) :] for p in configs_root.glob(f"{PRETRAIN_PREFIX}*.yaml")
+    )
 
-    return [name for name, task in TASKS.items() if task.dataset is not None]
+
+def finetuning_tasks(configs_root: Path) -> list[str]:
+    """The finetuning targets with a ``ft_<name>.yaml`` in ``configs_root``: the registry's
+    tasks (imagenet, chestxray8, brats, lits) and data sets of one's own (``ct``: task
+    ``classify`` on shards/ct)."""
+    return sorted(p.stem[len(TASK_PREFIX) :] for p in configs_root.glob(f"{TASK_PREFIX}*.yaml"))
 
 
 def grid(args) -> int:
@@ -272,13 +278,21 @@ def grid(args) -> int:
     out = Path(args.out)
     configs_root = Path(args.configs)
     pretrains = [p.strip() for p in args.pretrain.split(",") if p.strip()]
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    tasks = [t.strip() for t in (args.tasks or ",".join(finetuning_tasks(configs_root))).split(",")]
+    tasks = [t for t in tasks if t]
+    sources, targets = pretraining_sources(configs_root), finetuning_tasks(configs_root)
     for name in pretrains:
-        if name != "none" and name not in PRETRAIN_CONFIGS:
-            raise UserError(f"--pretrain: {name!r} is none or one of {sorted(PRETRAIN_CONFIGS)}")
+        if name != "none" and name not in sources:
+            raise UserError(
+                f"--pretrain: {name!r} is none or one of {sources} (the "
+                f"{PRETRAIN_PREFIX}<name>.yaml files in {configs_root}/)"
+            )
     for name in tasks:
-        if name not in finetuning_tasks():
-            raise UserError(f"--tasks: {name!r} is not one of {finetuning_tasks()}")
+        if name not in targets:
+            raise UserError(
+                f"--tasks: {name!r} is not one of {targets} (the {TASK_PREFIX}<name>.yaml files "
+                f"in {configs_root}/)"
+            )
     fractions = [float(f) for f in args.fractions.split(",")]
     (out / "configs").mkdir(parents=True, exist_ok=True)
     runs = out / "runs"
@@ -307,7 +321,7 @@ def grid(args) -> int:
             continue
         path = config(
             f"pt_{name}",
-            configs_root / PRETRAIN_CONFIGS[name],
+            configs_root / f"{PRETRAIN_PREFIX}{name}.yaml",
             {"run.name": f"pt_{name}", "run.output_dir": str(runs)},
         )
         jobs.append(f"xd-train {path}")
@@ -350,9 +364,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument(
             "--pretrain",
             default="none,imagenet,chestxray8",
-            help="comma-separated: none, imagenet, chestxray8",
+            help="comma-separated: none and the sources of the configs' pt_simclr_<source>.yaml "
+            "(imagenet, chestxray8, ct, …)",
         )
-        parser.add_argument("--tasks", default=",".join(finetuning_tasks()))
+        parser.add_argument(
+            "--tasks",
+            default=None,
+            help="comma-separated targets of the configs' ft_<task>.yaml (default: all of "
+            "them: brats, chestxray8, ct, imagenet, lits, …)",
+        )
         parser.add_argument("--seeds", type=int, default=4)
         parser.add_argument("--fractions", default="1.0", help="e.g. 1.0,0.5,0.1,0.01")
         parser.add_argument("--linear", action="store_true", help="add linear-evaluation runs")

@@ -38,6 +38,7 @@ from xdtrain.errors import UserError, run_cli
 from xdtrain.fileio import atomic_write
 from xdtrain.provenance import KEPT, encoder_changed, find_by_sha, read_env
 from xdtrain.runlog import METRICS, read_metrics
+from xdtrain.shards import PACKERS
 from xdtrain.shards.manifest import content_digest
 from xdtrain.shards.manifest import load as load_manifest
 from xdtrain.shards.tar import file_sha256
@@ -175,7 +176,7 @@ class Inputs:
             return None, (("pretrain.weights", digest[:12]),)
         settings = dict(defining_settings(pre, saved.parent, None, self))
         settings["run.seed"] = str(pre.run.seed)  # another pretraining seed: another encoder
-        return f"{pre.task}-{pre.data.dataset}", tuple(
+        return f"{pre.task}-{data_name(pre)}", tuple(
             sorted((f"pretrain.{k}", v) for k, v in settings.items())
         )
 
@@ -235,6 +236,21 @@ def dropped_findings(test_row: dict | None) -> list[str]:
     return [k.removeprefix("auroc/") for k in names if test_row[k] is None]
 
 
+def data_name(config) -> str:
+    """What a run's data are called in the report: the data set (``imagenet``, ``brats``), or,
+    for a data set of one's own (``dicom``, ``nifti``), its shard folder's name (``ct``), so
+    that two exports packed into two folders are two columns."""
+    packer = PACKERS.get(config.data.dataset)
+    if packer is None or hasattr(packer, "layout"):  # a public data set's fixed layout
+        return config.data.dataset
+    return Path(config.data.shards or f"shards/{config.data.dataset}").name
+
+
+def task_label(config, task) -> str:
+    """A task's column: its name, or for a task on any data set (``classify``) the data's."""
+    return task.name if task.dataset is not None else data_name(config)
+
+
 def read_run(folder: Path, inputs: Inputs | None = None) -> Run | None:
     """The record of one run folder, or None when it holds no finetuning config."""
     try:
@@ -263,7 +279,7 @@ def read_run(folder: Path, inputs: Inputs | None = None) -> Run | None:
     pretrain, pretrain_settings = inputs.pretraining(config, folder, read_env(folder))
     return Run(
         path=folder,
-        task=task.name,
+        task=task_label(config, task),
         pretrain=pretrain,
         fraction=config.data.fraction,
         mode="linear" if config.model.frozen_encoder else "full",

@@ -121,12 +121,12 @@ def peak(graph: Graph) -> float:
 
 def decode_image(encoded, graph: Graph):
     """HWC ``uint8`` (or ``uint16`` for 16-bit PNG), on the GPU when the graph is."""
-    if graph.layout.stored_channels == 3:
+    if graph.layout.colour:
         kind = types.RGB
     elif graph.layout.stored_channels == 1 and peak(graph) == 255.0:
         kind = types.GRAY
     else:
-        kind = types.ANY_DATA  # 4-channel MRI, 16-bit CT: as stored
+        kind = types.ANY_DATA  # 4-channel MRI, 16-bit CT, CT window stacks: as stored
     dtype = types.UINT16 if peak(graph) > 255 else types.UINT8
     if graph.device == "gpu" and graph.image_ext == "jpg":
         return fn.decoders.image(encoded, device="mixed", output_type=kind)
@@ -163,7 +163,7 @@ def _colour(image, graph: Graph, aug: Augment):
 def _finish(image, graph: Graph, mirror=None):
     """Normalised CHW with the network's channel count, from a 0–1 float HWC image."""
     stored = graph.layout.stored_channels
-    chw = ops.normalise(image, stored, rgb=stored == 3, mirror=mirror)
+    chw = ops.normalise(image, stored, rgb=graph.layout.colour, mirror=mirror)
     return ops.to_channels(chw, stored, graph.channels)
 
 

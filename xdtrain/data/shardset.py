@@ -2,8 +2,8 @@
 
 The pipelines never guess a layout: the manifest written by ``xd-shard`` says which files
 belong to a split and fraction, how many samples they hold, the image codec and bit depth,
-and the class names. :data:`LAYOUTS` says, per data set, which components a pipeline reads
-(each packer declares its own).
+and the class names. :func:`layout_of` says which components a pipeline reads (each packer
+declares its own; a user's own data set's depends on how it was packed).
 """
 
 from __future__ import annotations
@@ -18,8 +18,17 @@ from xdtrain.shards import manifest as manifests
 from xdtrain.shards.base import Layout
 from xdtrain.shards.tar import SampleRef, index_path, parse_index
 
-# Each packer says how its samples are read (``xdtrain/shards/<name>.py``, ``layout``).
-LAYOUTS: dict[str, Layout] = {name: packer.layout for name, packer in PACKERS.items()}
+# Each packer says how its samples are read (``xdtrain/shards/<name>.py``, ``layout``); the
+# packers of a user's own data have none fixed (``layout_of(manifest)`` instead).
+LAYOUTS: dict[str, Layout] = {
+    name: packer.layout for name, packer in PACKERS.items() if hasattr(packer, "layout")
+}
+
+
+def layout_of(dataset: str, manifest: dict) -> Layout:
+    """How the samples of a shard folder of ``dataset`` with this manifest are read."""
+    packer = PACKERS[dataset]
+    return packer.layout_of(manifest) if hasattr(packer, "layout_of") else packer.layout
 
 
 @dataclass(frozen=True)
@@ -80,7 +89,7 @@ def open_split(folder: str | Path, dataset: str, split: str, fraction: float = 1
         problem = _shard_problem(Path(path), recorded[name])
         if problem:
             raise UserError(f"{path}: {problem}; run `xd-shard verify {folder}`")
-    layout = LAYOUTS[dataset]
+    layout = layout_of(dataset, manifest)
     options = manifest.get("options", {})
     image_ext = layout.image if layout.image != "codec" else options.get("codec", "jpg")
     return ShardSet(

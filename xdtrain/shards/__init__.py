@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from xdtrain.shards import brats, chestxray8, imagenet, lits
+from xdtrain.shards import brats, chestxray8, dicom, imagenet, lits, nifti
 from xdtrain.shards.base import Packer
 
 PACKERS: dict[str, Packer] = {
@@ -10,4 +10,6 @@ PACKERS: dict[str, Packer] = {
     "chestxray8": chestxray8,
     "brats": brats,
     "lits": lits,
+    "dicom": dicom,
+    "nifti": nifti,
 }

@@ -87,11 +87,19 @@ class Layout:
     label_dtype: str  # numpy dtype name of one element of ``label``
     label_size: int  # elements per sample
     mask: str | None = None
+    # whether the 3 stored channels are colour (a photo); False for a stack of CT windows,
+    # which are augmented and normalised like greyscale. None: 3 channels are RGB.
+    rgb: bool | None = None
+
+    @property
+    def colour(self) -> bool:
+        """Whether the channels are RGB colour (ImageNet statistics, colour jitter)."""
+        return self.stored_channels == 3 if self.rgb is None else self.rgb
 
     @property
     def greyscale(self) -> bool:
         """Medical images: brightness/contrast only, never hue, saturation or greyscale."""
-        return self.stored_channels != 3
+        return not self.colour
 
 
 class Packer(Protocol):
@@ -122,6 +130,12 @@ class Packer(Protocol):
 
 def add_shared_arguments(group: argparse._ArgumentGroup) -> None:
     """Options that several data sets read, each with its own default."""
+    group.add_argument(
+        "--size",
+        type=int,
+        default=None,
+        help="output side in pixels: ChestX-ray8 (default 512), dicom and nifti (default 256)",
+    )
     group.add_argument(
         "--quality",
         type=int,

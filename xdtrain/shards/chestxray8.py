@@ -71,6 +71,7 @@ layout = Layout("multilabel", "codec", 1, "labels.u8", "uint8", len(OUTPUTS))
 TABLES = ("Data_Entry_2017.csv", "Data_Entry_2017_v2020.csv")
 REQUIRED = ("Image Index", "Finding Labels", "Follow-up #", "Patient ID")
 DEFAULT_QUALITY = 95
+DEFAULT_SIZE = 512
 IN_BOTH = "in both test_list.txt and train_val_list.txt: packed as a test film"
 IN_NEITHER = "in neither train_val_list.txt nor test_list.txt"
 # --list-overlap: what becomes of the train_val_list.txt films of a patient with test films
@@ -81,9 +82,6 @@ LIST_OVERLAP = {
 
 
 def add_arguments(group) -> None:
-    group.add_argument(
-        "--size", type=int, default=512, help="ChestX-ray8: output side in pixels (default 512)"
-    )
     group.add_argument(
         "--codec",
         choices=["jpg", "png"],
@@ -100,11 +98,12 @@ def add_arguments(group) -> None:
 
 
 def options(args) -> dict:
-    if args.size < 16:
-        raise UserError(f"--size {args.size}: must be at least 16")
+    size = args.size or DEFAULT_SIZE
+    if size < 16:
+        raise UserError(f"--size {size}: must be at least 16")
     quality = jpeg_quality(args, DEFAULT_QUALITY)
     return {
-        "size": args.size,
+        "size": size,
         "codec": args.codec,
         "quality": quality,
         "list_overlap": args.list_overlap,

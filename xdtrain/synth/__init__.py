@@ -17,7 +17,7 @@ from rich.progress import Progress
 from xdtrain import __version__
 from xdtrain.errors import UserError
 from xdtrain.fileio import atomic_write
-from xdtrain.synth import brats, chestxray8, imagenet, lits
+from xdtrain.synth import brats, chestxray8, dicom, imagenet, lits
 from xdtrain.synth.common import SIZES, Generator, Job
 
 GENERATORS: dict[str, Generator] = {
@@ -26,6 +26,7 @@ GENERATORS: dict[str, Generator] = {
     "brats": brats,
     "lits": lits.png_release,
     "lits-nifti": lits.nifti_release,
+    "dicom": dicom,
 }
 MARKER = ".xd-synth.json"
 

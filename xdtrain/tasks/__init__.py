@@ -8,10 +8,12 @@ from __future__ import annotations
 import difflib
 
 from xdtrain.errors import UserError
-from xdtrain.tasks import brats, chestxray8, imagenet, lits, simclr
+from xdtrain.tasks import brats, chestxray8, classify, imagenet, lits, simclr
 from xdtrain.tasks.base import Metrics, Task
 
-TASKS: dict[str, Task] = {m.TASK.name: m.TASK for m in (simclr, imagenet, chestxray8, brats, lits)}
+TASKS: dict[str, Task] = {
+    m.TASK.name: m.TASK for m in (simclr, imagenet, chestxray8, brats, lits, classify)
+}
 
 __all__ = ["TASKS", "Task", "Metrics", "get_task"]
 

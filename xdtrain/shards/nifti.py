@@ -1,0 +1,171 @@
+"""A folder of NIfTI volumes (``--dataset nifti``): the usual research export of CT or MR.
+
+Every ``*.nii`` and ``*.nii.gz`` below ``--src`` is one volume (a series). Its patient is the
+first folder below ``--src`` (``SRC/<patient>/…/<file>.nii.gz``, the layout dcm2niix and most
+exports write), or the file itself with ``--patient-from file`` (a flat folder of one
+volume per patient). Volumes are brought to the canonical LPS orientation from their own
+affine (:mod:`xdtrain.shards.orientation`: flips and transposes, never resampling) and cut
+into axial slices, slice 0 the most inferior, rows anterior to posterior and columns from
+the patient's right to left: the view of the DICOM packer and of BraTS and LiTS. Values are
+the stored voxels scaled by the header's ``scl_slope``/``scl_inter`` (HU for CT written by
+dcm2niix). Everything after that (selection, labels, windows, pseudonyms) is
+:mod:`xdtrain.shards.slices`.
+
+Folder and file names often hold a patient's name or ID: patients and volumes are named by
+keyed-hash pseudonyms, and the patient folder's name (or the file's, with ``--patient-from
+file``) is scrubbed from every path written. The labels CSV matches ``file`` (path below
+``--src``) and ``PatientID`` (the patient folder's or file's name).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+
+from xdtrain.errors import UserError
+from xdtrain.shards import orientation, slices
+from xdtrain.shards.base import Scan, SkipItem, Source, rel, walk
+from xdtrain.shards.slices import Volume
+
+name = "nifti"
+volumetric = True
+groups_are_keys = False
+components = slices.components
+split_ratios = slices.split_ratios
+layout_of = slices.layout_of
+NIFTI = re.compile(r".+\.nii(\.gz)?", re.IGNORECASE)
+SLAB = 32  # slices read at a time
+
+
+def add_arguments(group) -> None:
+    group.add_argument(
+        "--patient-from",
+        choices=["folder", "file"],
+        default="folder",
+        help="nifti: a volume's patient is the first folder below --src (default), or the "
+        "file itself (file); the split is by patient",
+    )
+
+
+def options(args) -> dict:
+    out = slices.options(args)
+    if out["modalities"] == ["CT", "MR"]:
+        raise UserError("--modalities: NIfTI files do not say their modality; pass CT or MR")
+    out["patient_from"] = args.patient_from
+    return out
+
+
+def cpu_bound(options: dict) -> bool:
+    return True
+
+
+def _patient(relative: Path, how: str) -> str:
+    if how == "file" or len(relative.parts) == 1:
+        return re.sub(r"\.nii(\.gz)?$", "", relative.name, flags=re.IGNORECASE)
+    return relative.parts[0]
+
+
+def scan(src: Path, options: dict) -> Scan:
+    context = slices.Context.open(src, options)
+    files = walk(src, NIFTI.fullmatch)
+    if not files:
+        raise UserError(f"{src}: no .nii or .nii.gz files found; pass --src with the NIfTI folder")
+    modality = options["modalities"][0]
+    flat = sum(1 for p in files if len(Path(rel(p, src)).parts) == 1)
+    for path in files:
+        context.scrub.add(_patient(Path(rel(path, src)), options["patient_from"]))
+    skipped, notes, volumes, unlabelled = [], [], [], 0
+    reoriented = 0
+    original = {}
+    for path in files:
+        relative = rel(path, src)
+        shown = context.scrub(relative)
+        patient_id = _patient(Path(relative), options["patient_from"])
+        try:
+            case = orientation.read_case({"volume": path}, "check")
+        except SkipItem as exc:
+            skipped.append({"input": shown, "reason": _scrubbed(exc, path, shown, context)})
+            continue
+        geometry = case.image
+        key = context.names.series(relative)
+        depth = geometry.canonical_shape[2]
+        notes += [{"input": shown, "note": context.scrub(n)} for n in case.notes]
+        labels = None
+        if context.table is None:
+            labels = ()
+        else:
+            labels = context.table.lookup({"file": relative, "PatientID": patient_id})
+        if labels is None:
+            unlabelled += 1
+            continue
+        original[key] = geometry.codes
+        reoriented += int(case.reoriented)
+        volumes.append(
+            Volume(
+                key=key,
+                patient=context.names.patient(patient_id),
+                where=shown,
+                modality=modality,
+                spacing=slices.rounded(geometry.spacing[[1, 0, 2]]),
+                slices=list(range(depth)),
+                labels=[labels] * depth,
+                extra={"path": str(path), "transform": geometry.transform.tolist()},
+            )
+        )
+    if not volumes and not skipped:
+        raise UserError(f"{src}: no NIfTI volume has a row in --labels; check the CSV's keys")
+    kept, selection = slices.select(volumes, options)
+    sources = slices.sources(kept, context)
+    info = slices.info(context, selection, kept)
+    info["orientation"] = orientation.orientation_record(original, reoriented)
+    decisions = [
+        {
+            "decision": "patients from " + options["patient_from"],
+            "count": len({v.patient for v in volumes}),
+            "detail": f"{flat} file(s) directly in --src are each their own patient"
+            if options["patient_from"] == "folder"
+            else "each file is one patient",
+        }
+    ]
+    if context.table is not None:
+        decisions.append(
+            {
+                "decision": "volumes without a labels row",
+                "count": unlabelled,
+                "detail": "left out (no label); --labels decides what is packed",
+            }
+        )
+    info["decisions"] = decisions
+    return Scan(sources, context.classes, skipped, notes, info)
+
+
+def _scrubbed(exc: Exception, path: Path, shown: str, context) -> str:
+    """A reason from :mod:`xdtrain.shards.orientation` with the file named by its scrubbed
+    path below --src."""
+    return context.scrub(str(exc).replace(path.name, shown))
+
+
+def read_planes(source: Source) -> list[np.ndarray]:
+    """The kept axial slices of one volume, in order: float32 values (scaled by the header),
+    rows anterior to posterior, columns patient right to left. Raises :class:`SkipItem`
+    naming the file by its scrubbed path when its voxels cannot be read."""
+    params = source.params
+    keep = set(params["slices"])
+    planes: dict[int, np.ndarray] = {}
+    try:
+        image = orientation.open_image(params["path"], "volume")
+        for k0, slab in orientation.canonical_slabs(image, params["transform"], SLAB, "volume"):
+            for i in range(slab.shape[2]):
+                if k0 + i in keep:
+                    planes[k0 + i] = np.asarray(slab[:, :, i].T, np.float32)
+    except SkipItem:
+        raise SkipItem(f"{params['input']}: unreadable NIfTI voxel data") from None
+    out = [planes[k] for k in params["slices"]]
+    slices.finite(out, params["input"])
+    return out
+
+
+def encode(source: Source, options: dict) -> list:
+    return slices.samples(source, read_planes(source), options)
