@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from xdtrain.synth import generate
 
 # Small but complete: every quirk and every label appears at these counts.
 COUNTS = {"imagenet": 4, "chestxray8": 60, "brats": 3, "lits": 3, "lits-nifti": 3}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def pseudonym_key(tmp_path_factory):
+    """Every test (and the commands it starts) keeps its pseudonym key in a temporary folder,
+    never in the user's ~/.config."""
+    from xdtrain.shards.pseudonyms import KEY_ENV
+
+    path = tmp_path_factory.mktemp("key") / "pseudonym.key"
+    os.environ[KEY_ENV] = str(path)
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -375,6 +375,11 @@ def _read_file(path, src, options, context, series, seen_sop, counts, skipped) -
     for keyword in IDENTIFYING:
         context.scrub.add(getattr(ds, keyword, None))
     shown = context.scrub(rel(path, src))
+    meta = getattr(ds, "file_meta", None)
+    if not getattr(ds, "SOPClassUID", None) and not getattr(meta, "MediaStorageSOPClassUID", None):
+        # a DICM preamble over bytes that parse into no DICOM object: damaged or cut short
+        skipped.append({"input": shown, "reason": "unreadable DICOM header (no SOP Class UID)"})
+        return
     kind = _kind(ds)
     if kind is not None:
         counts[kind] += 1
@@ -411,10 +416,12 @@ def _assemble(frames: list[Frame], context: slices.Context, skipped: list[dict])
     first = frames[0]
     key = names.series(first.series)
     patient = names.patient(first.patient)
-    problem = _decodable(first.syntax) if first.syntax else None
-    if problem is not None:
-        skipped.append({"input": first.shown, "reason": f"series {key}: {problem}"})
-        return
+    for syntax in sorted({f.syntax for f in frames if f.syntax}):  # files may differ
+        problem = _decodable(syntax)
+        if problem is not None:
+            shown = next(f.shown for f in frames if f.syntax == syntax)
+            skipped.append({"input": shown, "reason": f"series {key}: {problem}"})
+            return
     groups: dict[tuple, list[Frame]] = defaultdict(list)
     for frame in frames:
         rounded = tuple(round(v, 3) for v in frame.orientation)
@@ -485,7 +492,9 @@ def _assemble(frames: list[Frame], context: slices.Context, skipped: list[dict])
                 "shape": list(head.shape),
             },
         )
-        yield volume, (f"series {key}: {note}" if note else None)
+        # one note per series, on its first part: how it was split into len(parts)
+        said = sorted({n for *_, n in parts if n})
+        yield volume, (f"series {key}: {'; '.join(said)}" if said and index == 0 else None)
 
 
 def _labels(frame: Frame, context: slices.Context) -> tuple[str, ...] | None:

@@ -358,6 +358,8 @@ def pack(
         "options": options,
         "tool": __version__,
     }
+    # as the state file and the manifest hold it: options of tuples compare equal to lists
+    fingerprint = json.loads(json.dumps(fingerprint))
     done = _earlier_manifest(out, fingerprint, force)
     if done is not None and not force:
         return done  # packed from the same inputs with the same arguments: nothing to do
