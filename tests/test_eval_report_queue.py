@@ -582,6 +582,28 @@ def test_grid_writes_loadable_configs_and_jobs(tmp_path):
         queue_main(["grid", "--tasks", "mnist", "--out", str(out)])
 
 
+def test_grid_takes_the_hospital_ct_as_pretraining_source_and_task(tmp_path):
+    """ct is a pt_simclr_ct.yaml and an ft_ct.yaml (task classify): intra- against
+    cross-domain pretraining in one grid; the default tasks are every ft_*.yaml."""
+    out = tmp_path / "grid"
+    configs = ["--configs", str(ROOT / "configs"), "--out", str(out), "--seeds", "1"]
+    assert queue_main(["grid", "--pretrain", "none,imagenet,ct", "--tasks", "ct", *configs]) == 0
+    lines = [line for line in parse(out / "jobs.csv") if line.command]
+    assert [Path(line.argv[1]).name for line in lines[:2]] == ["pt_imagenet.yaml", "pt_ct.yaml"]
+    pretraining = load_config(lines[1].argv[1])
+    assert pretraining.task == "simclr" and pretraining.data.dataset == "dicom"
+    intra = load_config(out / "configs" / "ft_ct_ct_f1_full_s0.yaml")
+    assert intra.task == "classify" and intra.data.shards.endswith("shards/ct")
+    assert intra.model.encoder_weights == str(out / "runs" / "pt_ct" / "encoder.pt")
+    assert intra.run.pretrain == "simclr-ct"
+    assert len(lines) == 2 + 3  # scratch, imagenet, ct
+    assert queue_main(["grid", "--pretrain", "none", *configs]) == 0
+    tasks = {load_config(line.argv[1]).task for line in parse(out / "jobs.csv") if line.command}
+    assert tasks == {"imagenet", "chestxray8", "brats", "lits", "classify"}
+    with pytest.raises(UserError, match="pt_simclr_<name>.yaml"):
+        queue_main(["grid", "--pretrain", "radnet", *configs])
+
+
 def test_queue_reads_the_study_words_open_and_completed(tmp_path):
     """Jobs.csv of the study says open/completed: a completed line never runs again, an open
     one runs and is marked completed; an unknown word stops the queue before any job."""

@@ -474,7 +474,7 @@ def _assemble(frames: list[Frame], context: slices.Context, skipped: list[dict])
         parts = [
             (f, w, s, f"split by its {shapes}" + (f"; {n}" if n else "")) for f, w, s, n in parts
         ]
-    for index, (ordered, where, spacing, note) in enumerate(parts):
+    for index, (ordered, where, spacing, _) in enumerate(parts):
         part_key = key if len(parts) == 1 else f"{key}-{index}"
         head = ordered[0]
         step = float(np.median(np.diff(where))) if len(where) > 1 else 0.0

@@ -61,9 +61,23 @@ def cpu_bound(options: dict) -> bool:
     return True
 
 
+def _stem(name: str) -> str:
+    return re.sub(r"\.nii(\.gz)?$", "", name, flags=re.IGNORECASE)
+
+
 def _patient(relative: Path, how: str) -> str:
+    """The patient's identifier: the first folder, or (``file``, or a file directly in
+    --src) the file's path without its extension, unique per file."""
     if how == "file" or len(relative.parts) == 1:
-        return re.sub(r"\.nii(\.gz)?$", "", relative.name, flags=re.IGNORECASE)
+        return _stem(relative.as_posix())
+    return relative.parts[0]
+
+
+def _identifying(relative: Path, how: str) -> str:
+    """The part of a path that names the patient, scrubbed from what is written: the
+    patient folder, or the file's name."""
+    if how == "file" or len(relative.parts) == 1:
+        return _stem(relative.name)
     return relative.parts[0]
 
 
@@ -75,7 +89,7 @@ def scan(src: Path, options: dict) -> Scan:
     modality = options["modalities"][0]
     flat = sum(1 for p in files if len(Path(rel(p, src)).parts) == 1)
     for path in files:
-        context.scrub.add(_patient(Path(rel(path, src)), options["patient_from"]))
+        context.scrub.add(_identifying(Path(rel(path, src)), options["patient_from"]))
     skipped, notes, volumes, unlabelled = [], [], [], 0
     reoriented = 0
     original = {}
