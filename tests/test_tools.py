@@ -30,6 +30,10 @@ def test_bench_shard_prints_its_json(tmp_path):
             "3",
             "--listing-val",
             "20",
+            "--ct-patients",
+            "3",
+            "--ct-size",
+            "small",
             "--tmp",
             str(tmp_path),
         ],
@@ -47,6 +51,10 @@ def test_bench_shard_prints_its_json(tmp_path):
     assert report["brats_full_size"]["cases"] == 1
     assert report["brats_full_size"]["slices_written"] > 0
     assert report["imagenet_1k_scan_and_plan"]["sources"] == 1000 * 3 + 20
+    ct = report["dicom_ct_export"]
+    # everything pydicom reads is written but the localizer (3 patients: no duplicate file)
+    assert 0 < ct["slices_written"] == ct["slices_read_by_pydicom"] - 1
+    assert ct["xd_shard_slices_per_s"] > 0 and ct["pydicom_read_slices_per_s"] > 0
     assert report["peak_rss_mib_max"] > 0
 
 

@@ -9,6 +9,11 @@ Measures, in one run on the same files:
   before it records it), and ``xd-shard --no-fsync`` (write-back left to the kernel, as tar
   leaves it) against plain ``tar cf``;
 * full-size BraTS cases/s (240x240x155, four modalities) with ``--workers N``;
+* a full-size generated hospital CT export (``xd-synth dicom --size full``: 512x512 series of
+  about 300 slices, the generator's quirks included: big-endian, RLE, JPEG 2000, multi-frame)
+  packed by ``xd-shard --dataset dicom --workers N`` (slices/s, peak RSS), against the bound
+  of pydicom reading and decoding the same files to Hounsfield units in N processes without
+  writing anything;
 * the peak RSS of the largest process of each run, at two ImageNet sizes, and of scanning and
   planning a full ImageNet-1k listing (1.28 million images), the only part of a run whose
   memory grows with the data set.
@@ -20,7 +25,8 @@ manifest).
 
 Example::
 
-    python tools/bench_shard.py --images-per-class 200 --cases 8 --workers 2 --repeats 5
+    python tools/bench_shard.py --images-per-class 200 --cases 8 --ct-patients 2 --workers 2 \
+        --repeats 5
 """
 
 from __future__ import annotations
@@ -271,6 +277,59 @@ def bench_brats(root: Path, cases: int, workers: int) -> dict:
     }
 
 
+# The bound of DICOM packing: pydicom reads every image file, decodes its pixel data and
+# applies the modality LUT, in N processes, writing nothing.
+_PYDICOM_BOUND = """
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+def frames(path):
+    import pydicom
+    from pydicom.pixels import apply_modality_lut
+    try:
+        ds = pydicom.dcmread(path)
+    except Exception:
+        return 0
+    if "PixelData" not in ds or getattr(ds, "Modality", "") != "CT":
+        return 0
+    hu = apply_modality_lut(ds.pixel_array, ds)
+    return hu.shape[0] if hu.ndim == 3 else 1
+
+files = [str(p) for p in sorted(Path(sys.argv[1]).rglob("*")) if p.is_file()]
+with ProcessPoolExecutor(int(sys.argv[2])) as pool:
+    print(sum(pool.map(frames, files, chunksize=8)), file=sys.stderr)
+"""
+
+
+def bench_dicom(root: Path, patients: int, size: str, workers: int) -> dict:
+    src = generate("dicom", root / "raw-dicom", size=size, count=patients, workers=workers)
+    files = warm(src)
+    key = root / "pseudonym.key"
+    ours = measure(
+        xd_shard_command(
+            "dicom", src, root / "shards-dicom", workers, "--key-file", str(key), "--size", "256"
+        )
+    )
+    manifest = json.loads((root / "shards-dicom" / "manifest.json").read_text())
+    slices = sum(e["samples"] for e in manifest["splits"].values())
+    bound = measure([sys.executable, "-c", _PYDICOM_BOUND, str(src), str(workers)])
+    read = int(bound["stderr"].strip().splitlines()[-1])
+    return {
+        "patients": patients,
+        "size": size,
+        "files": files,
+        "slices_written": slices,
+        "slices_read_by_pydicom": read,
+        "xd_shard_slices_per_s": round(slices / ours["seconds"], 1),
+        "pydicom_read_slices_per_s": round(read / bound["seconds"], 1),
+        "ratio_to_pydicom_read": _ratio(slices / ours["seconds"], read / bound["seconds"]),
+        "xd_shard_peak_rss_mib": round(ours["peak_rss_kib"] / 1024, 1),
+        "pydicom_read_peak_rss_mib": round(bound["peak_rss_kib"] / 1024, 1),
+        "output": "256x256 8-bit PNG, one window (soft)",
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -293,6 +352,10 @@ def main() -> int:
         help="validation entries of the ImageNet-1k listing",
     )
     parser.add_argument("--cases", type=int, default=8, help="full-size BraTS cases")
+    parser.add_argument("--ct-patients", type=int, default=2, help="patients of the CT export")
+    parser.add_argument(
+        "--ct-size", choices=["full", "small"], default="full", help="small: for tests only"
+    )
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--tmp", help="scratch folder (default: a new temporary folder)")
     args = parser.parse_args()
@@ -302,6 +365,7 @@ def main() -> int:
         sizes = [args.images_per_class, args.images_per_class * 4]
         imagenet = bench_imagenet(root, sizes, args.workers, args.repeats)
         brats = bench_brats(root, args.cases, args.workers)
+        ct = bench_dicom(root, args.ct_patients, args.ct_size, args.workers)
         plan = bench_imagenet_1k_plan(root, args.listing_per_class, args.listing_val)
     finally:
         if not args.tmp:
@@ -317,9 +381,11 @@ def main() -> int:
         "workers": args.workers,
         "imagenet_copy_through": imagenet,
         "brats_full_size": brats,
+        "dicom_ct_export": ct,
         "imagenet_1k_scan_and_plan": plan,
         "peak_rss_mib_max": max(
-            [r["xd_shard_peak_rss_mib"] for r in imagenet["runs"]] + [brats["peak_rss_mib"]]
+            [r["xd_shard_peak_rss_mib"] for r in imagenet["runs"]]
+            + [brats["peak_rss_mib"], ct["xd_shard_peak_rss_mib"]]
         ),
     }
     print(json.dumps(report, indent=2))

@@ -31,6 +31,7 @@ pseudonyms; no header value is written, and paths in messages are scrubbed of id
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -540,12 +541,17 @@ def read_planes(source: Source) -> list[np.ndarray]:
     """The kept slices of one volume, in order: float32 values after the modality LUT (HU for
     CT), each in the canonical view. Raises :class:`SkipItem` naming the file (scrubbed) for
     pixel data that does not decode or does not match its header."""
+    return list(iter_planes(source))
+
+
+def iter_planes(source: Source) -> Iterator[np.ndarray]:
+    """:func:`read_planes` one slice at a time: a CT series is windowed slice by slice, so
+    memory holds one decoded file (or one multi-frame object), not the whole series."""
     import pydicom
     from pydicom.pixels import apply_modality_lut
 
     view = tuple(source.params["view"])
     shape = tuple(source.params["shape"])
-    planes: list[np.ndarray] = []
     loaded: str | None = None
     for path, frame, slope, intercept, shown in source.params["slices"]:
         if loaded != path:  # the frames of a multi-frame file are decoded once
@@ -570,10 +576,9 @@ def read_planes(source: Source) -> list[np.ndarray]:
             values = np.asarray(apply_modality_lut(plane, ds), np.float32)
         else:
             values = plane.astype(np.float32) * np.float32(slope) + np.float32(intercept)
-        planes.append(to_view(values, view))
-    slices.finite(planes, source.params["input"])
-    return planes
+        slices.finite(values, shown)
+        yield to_view(values, view)
 
 
 def encode(source: Source, options: dict) -> list:
-    return slices.samples(source, read_planes(source), options)
+    return slices.samples(source, iter_planes(source), options)

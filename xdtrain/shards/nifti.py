@@ -20,6 +20,7 @@ file``) is scrubbed from every path written. The labels CSV matches ``file`` (pa
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -165,21 +166,33 @@ def read_planes(source: Source) -> list[np.ndarray]:
     """The kept axial slices of one volume, in order: float32 values (scaled by the header),
     rows anterior to posterior, columns patient right to left. Raises :class:`SkipItem`
     naming the file by its scrubbed path when its voxels cannot be read."""
+    return list(iter_planes(source))
+
+
+def iter_planes(source: Source) -> Iterator[np.ndarray]:
+    """:func:`read_planes` slab by slab (the kept slices ascend, as the slabs do), so memory
+    holds one slab, not the volume."""
     params = source.params
     keep = set(params["slices"])
-    planes: dict[int, np.ndarray] = {}
+    unreadable = SkipItem(f"{params['input']}: unreadable NIfTI voxel data")
     try:
         image = orientation.open_image(params["path"], "volume")
-        for k0, slab in orientation.canonical_slabs(image, params["transform"], SLAB, "volume"):
-            for i in range(slab.shape[2]):
-                if k0 + i in keep:
-                    planes[k0 + i] = np.asarray(slab[:, :, i].T, np.float32)
+        slabs = orientation.canonical_slabs(image, params["transform"], SLAB, "volume")
     except SkipItem:
-        raise SkipItem(f"{params['input']}: unreadable NIfTI voxel data") from None
-    out = [planes[k] for k in params["slices"]]
-    slices.finite(out, params["input"])
-    return out
+        raise unreadable from None
+    while True:
+        try:
+            k0, slab = next(slabs)
+        except StopIteration:
+            return
+        except SkipItem:
+            raise unreadable from None
+        for i in range(slab.shape[2]):
+            if k0 + i in keep:
+                plane = np.asarray(slab[:, :, i].T, np.float32)
+                slices.finite(plane, params["input"])
+                yield plane
 
 
 def encode(source: Source, options: dict) -> list:
-    return slices.samples(source, read_planes(source), options)
+    return slices.samples(source, iter_planes(source), options)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +34,16 @@ from xdtrain.errors import UserError
 from xdtrain.rng import rng_for
 from xdtrain.shards import labels as labels_mod
 from xdtrain.shards import pseudonyms, windows
-from xdtrain.shards.base import Layout, Sample, Source, float_pair, int_bytes, json_bytes, png_bytes
+from xdtrain.shards.base import (
+    Layout,
+    Sample,
+    SkipItem,
+    Source,
+    float_pair,
+    int_bytes,
+    json_bytes,
+    png_bytes,
+)
 
 CT_FILL = -1024.0  # HU of air: pads CT slices to a square
 UNLABELLED = -1
@@ -384,10 +394,15 @@ def intensity_window(source: Source, options: dict, planes: list[np.ndarray]) ->
     return [(float(low), float(high))] * len(options["windows"]), float(values.min())
 
 
-def samples(source: Source, planes: list[np.ndarray], options: dict) -> list[Sample]:
+def samples(source: Source, planes: Iterable[np.ndarray], options: dict) -> list[Sample]:
     """The samples of one volume from its kept slices' values (``planes``, in the order of
-    ``source.params["indices"]``, each HxW in the canonical view)."""
-    chosen, fill = intensity_window(source, options, planes)
+    ``source.params["indices"]``, each HxW in the canonical view). CT slices are rendered as
+    they come; an MR volume is read whole first, for its percentiles."""
+    if source.params["modality"] == "CT":
+        chosen, fill = intensity_window(source, options, [])
+    else:
+        planes = list(planes)
+        chosen, fill = intensity_window(source, options, planes)
     params = source.params
     depth = params["depth"]
     width = max(3, len(str(depth - 1)))
@@ -414,13 +429,10 @@ def samples(source: Source, planes: list[np.ndarray], options: dict) -> list[Sam
     return out
 
 
-def finite(planes: list[np.ndarray], what: str) -> None:
-    """Refuse NaN or infinite values (a broken export or conversion) by raising ``SkipItem``."""
-    from xdtrain.shards.base import SkipItem
-
-    for plane in planes:
-        if not np.isfinite(plane).all():
-            raise SkipItem(f"{what}: holds NaN or infinite values")
+def finite(values: np.ndarray, where: str) -> None:
+    """Refuse NaN or infinite values (a broken export or conversion): raises ``SkipItem``."""
+    if not np.isfinite(values).all():
+        raise SkipItem(f"{where}: holds NaN or infinite values; the series is skipped")
 
 
 def rounded(values, digits: int = 4) -> list[float]:
