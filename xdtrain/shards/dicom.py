@@ -338,6 +338,15 @@ def scan(src: Path, options: dict) -> Scan:
         raise UserError(f"{src}: no files found; pass --src with the DICOM export")
     for path in files:
         _read_file(path, src, options, context, series, seen_sop, counts, skipped)
+    # a path was scrubbed with the identifiers read until then: again, with all of them
+    for entry in skipped:
+        entry["input"], entry["reason"] = (
+            context.scrub(entry["input"]),
+            context.scrub(entry["reason"]),
+        )
+    for frames in series.values():
+        for frame in frames:
+            frame.shown = context.scrub(frame.shown)
     volumes = []
     unlabelled = 0
     for uid in sorted(series, key=lambda u: context.names.series(u)):

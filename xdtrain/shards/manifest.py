@@ -18,6 +18,7 @@ from collections import Counter
 from pathlib import Path
 
 from rich.table import Table
+from rich.text import Text
 
 from xdtrain import __version__
 from xdtrain.errors import UserError
@@ -200,7 +201,7 @@ def verify(folder: Path) -> tuple[int, list[str]]:
 
 
 def info_table(manifest: dict) -> Table:
-    table = Table(title=f"{manifest['dataset']}: {manifest['source']}", title_justify="left")
+    table = Table(title=Text(f"{manifest['dataset']}: {manifest['source']}"), title_justify="left")
     for column in ("split", "shards", "samples", "patients", "MB"):
         table.add_column(column, justify="left" if column == "split" else "right")
     classes = manifest["classes"]
@@ -240,7 +241,7 @@ def decisions_table(manifest: dict) -> Table:
     table.add_column("count", justify="right")
     table.add_column("detail")
     for entry in manifest.get("decisions", []):
-        table.add_row(entry["decision"], str(entry["count"]), entry["detail"])
+        table.add_row(Text(entry["decision"]), str(entry["count"]), Text(entry["detail"]))
     return table
 
 
@@ -249,8 +250,8 @@ def entries_table(entries: list[dict], kind: str, field: str, limit: int = 10) -
     table = Table(title=f"{kind} ({len(entries)}; all are in manifest.json)", title_justify="left")
     table.add_column("input")
     table.add_column(field)
-    for item in entries[:limit]:
-        table.add_row(item["input"], item[field])
+    for item in entries[:limit]:  # as text: paths may hold [brackets] Rich would eat
+        table.add_row(Text(item["input"]), Text(item[field]))
     if len(entries) > limit:
         table.add_row("…", f"{len(entries) - limit} more")
     return table

@@ -115,8 +115,9 @@ class Pseudonyms:
         return self.make("series", value)
 
 
-# Anything shaped like a DICOM UID (digits and at least three dots) or a DICOM date.
-_UID = re.compile(r"(?<![\d.])\d+(?:\.\d+){3,}(?![\d.])")
+# Anything shaped like a DICOM UID (digits and at least two dots: ``2.25.<integer>``, the
+# UUID-derived form of PS3.5 B.2, has only two) or a DICOM date.
+_UID = re.compile(r"(?<![\d.])\d+(?:\.\d+){2,}(?![\d.])")
 _DATE = re.compile(r"(?<!\d)(?:19|20)\d{2}-?(?:0[1-9]|1[0-2])-?(?:0[1-9]|[12]\d|3[01])(?!\d)")
 REDACTED = "[redacted]"
 MIN_VALUE = 3  # shorter values (a sex, an age like "45Y" …) are too common to redact in text
