@@ -272,10 +272,24 @@ def test_key_file_placement_and_content(tmp_path):
 
 def test_scrubber_removes_values_uids_and_dates():
     scrub = pseudonyms.Scrubber()
-    scrub.add("Doe^Johnathan", "PID987654", None, "", ["ALIAS1", "ALIAS2"])
+    scrub.add("Doe^Johnathan", name=True)
+    for value in ("PID987654", None, "", ["ALIAS1", "ALIAS2"], "CT HEAD with contrast"):
+        scrub.add(value)
     text = "export/DOE_JOHNATHAN/PID987654/1.2.840.113619.2.55.3/IM_20190312_alias2.dcm"
     cleaned = scrub(text)
     for secret in ("DOE", "JOHNATHAN", "PID987654", "1.2.840", "20190312", "alias2"):
         assert secret.lower() not in cleaned.lower()
     assert cleaned.startswith("export/") and cleaned.endswith(".dcm")
     assert scrub("series 3 of 12, 2.5 mm") == "series 3 of 12, 2.5 mm"  # numbers stay
+    assert scrub("head/with/contrast") == "head/with/contrast"  # free text: whole value only
+    scrub.add("Li^Bo", name=True)
+    scrub.add("77")
+    scrub.add("Red^Jim", name=True)
+    for text, expected in [
+        ("2021_03_04/Li_Bo_77/IM", "[redacted]/[redacted]_[redacted]_[redacted]/IM"),
+        ("04.03.2021/x/04-03-2021_y", "[redacted]/x/[redacted]_y"),
+        ("Lima/Bob/x77y", "Lima/Bob/x77y"),  # short values: whole tokens only
+        ("Red_Jim", "[redacted]_[redacted]"),
+    ]:
+        assert scrub(text) == expected
+        assert scrub(scrub(text)) == expected  # "red" in "[redacted]" stays

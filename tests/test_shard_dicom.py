@@ -288,3 +288,89 @@ def test_the_loader_reads_a_window_stack_as_three_greyscale_channels(export, tmp
         expected = (stored[key].astype(np.float32) / 65535 - 0.5) / 0.25  # channels as windows
         np.testing.assert_allclose(image.permute(1, 2, 0).numpy(), expected, atol=1e-4)
     assert batch["label"].dtype.is_floating_point is False
+
+
+def test_a_series_uid_shared_by_two_patients_is_skipped_not_merged(export, tmp_path):
+    """Merged, the second patient's slices would take the first's pseudonym and could land
+    in another split than the rest of that patient."""
+    src = _copy(export, tmp_path / "src")
+    series = list(_series_files(src).values())
+    first = pydicom.dcmread(series[0][0], stop_before_pixels=True)
+    other = [f for f in series[1:] if pydicom.dcmread(f[0]).PatientID != first.PatientID][0]
+    for path in other:
+        ds = pydicom.dcmread(path)
+        ds.SeriesInstanceUID = first.SeriesInstanceUID
+        ds.save_as(path)
+    manifest = pack(src, tmp_path / "out")
+    reasons = [s["reason"] for s in manifest["skipped"]]
+    assert len(reasons) == 1 and "shared by 2 PatientIDs" in reasons[0]
+
+
+def test_files_without_the_dicom_preamble_are_read(export, tmp_path):
+    src = _copy(export, tmp_path / "src")
+    plain = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")  # implicit, explicit little endian
+    files = next(
+        f
+        for f in _series_files(src).values()
+        if pydicom.dcmread(f[0], stop_before_pixels=True).file_meta.TransferSyntaxUID in plain
+    )
+    for path in files:  # as older PACS exports write them: no preamble, no DICM, no meta
+        ds = pydicom.dcmread(path)
+        del ds.file_meta
+        ds.preamble = None
+        ds.save_as(path, enforce_file_format=False, implicit_vr=True, little_endian=True)
+        assert path.read_bytes()[128:132] != b"DICM"
+    before = sum(e["samples"] for e in pack(export, tmp_path / "a")["splits"].values())
+    after = sum(e["samples"] for e in pack(src, tmp_path / "b")["splits"].values())
+    assert after == before
+
+
+def test_headers_cut_short_are_listed_and_strict_stops(export, tmp_path):
+    src = _copy(export, tmp_path / "src")
+    victim = next(iter(_series_files(src).values()))[3]
+    victim.write_bytes(victim.read_bytes()[:400])  # inside the header
+    manifest = pack(src, tmp_path / "out")
+    reasons = {s["input"]: s["reason"] for s in manifest["skipped"]}
+    assert "cut short" in reasons[str(victim.relative_to(src))]
+    with pytest.raises(UserError, match="--strict"):
+        main(["--dataset", "dicom", "--src", str(src), "--out", str(tmp_path / "s"), "--strict"])
+
+
+def test_labels_rows_by_normalised_path_and_rows_that_match_nothing(export, tmp_path):
+    files = sorted(headers(export))[:3]
+    spelled = [f"./{Path(files[0]).relative_to(export)}", files[1], f"{files[2]}"]
+    table = tmp_path / "files.csv"
+    table.write_text(
+        "file,label\n" + "".join(f"{p},{c}\n" for p, c in zip(spelled, "abb", strict=True))
+    )
+    manifest = pack(export, tmp_path / "f", "--labels", str(table), "--splits", "1,0,0")
+    assert sum(s["samples"] for s in manifest["splits"].values()) == 3
+    decisions = {d["decision"]: d["count"] for d in manifest["decisions"]}
+    assert decisions["labels rows matching nothing"] == 0
+    nothing = tmp_path / "nothing.csv"
+    nothing.write_text("PatientID,label\nX1,a\nX2,b\n")
+    with pytest.raises(UserError, match="has a row in --labels"):
+        pack(export, tmp_path / "n", "--labels", str(nothing))
+
+
+def test_paths_written_hold_no_identifier_and_out_is_not_named_after_a_patient(export, tmp_path):
+    ds = next(iter(headers(export).values()))
+    family = str(ds.PatientName).split("^")[0]
+    src = _copy(export, tmp_path / f"export_{ds.PatientID}")
+    table = tmp_path / f"labels_{family}.csv"
+    shutil.copy(export / "labels.csv", table)
+    manifest = pack(src, tmp_path / "out", "--labels", str(table))
+    text = json.dumps(manifest)
+    assert ds.PatientID not in text and family not in text
+    assert "export_[redacted]" in manifest["source"]
+    with pytest.raises(UserError, match="--out: its path holds a name or ID"):
+        pack(src, tmp_path / f"shards_{family}")
+
+
+def test_bad_windows_and_key_files_are_one_line_errors(export, tmp_path):
+    for windows in ("nan,inf", "-inf,inf"):
+        with pytest.raises(UserError, match="--windows"):
+            pack(export, tmp_path / "w", f"--windows={windows}")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UserError, match="cannot create the pseudonym key"):
+        pack(export, tmp_path / "k", "--key-file", str(tmp_path / "file" / "key"))

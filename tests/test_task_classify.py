@@ -71,3 +71,19 @@ def test_forward_uses_cross_entropy_or_binary_cross_entropy_by_the_labels_kind()
     p = torch.sigmoid(logits)
     expected = -(multi * torch.log(p) + (1 - multi) * torch.log(1 - p)).mean()
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_auroc_keeps_the_ranking_of_logits_far_apart():
+    """Logits 100s apart: float32 softmax ties at 0 and 1 (AUROC 0.5 for every class after a
+    diverging epoch); the float64 log-softmax ranks as the exact probabilities do."""
+    from scipy.special import softmax
+
+    rng = np.random.default_rng(3)
+    labels = np.concatenate([np.arange(3), rng.integers(0, 3, 150)])
+    logits = 300.0 * (rng.normal(size=(len(labels), 3)) + np.eye(3)[labels])
+    result = _scores(["a", "b", "c"], [(torch.tensor(logits), torch.tensor(labels))])
+    exact = roc_auc_score(labels, softmax(logits, axis=1), multi_class="ovr", average="macro")
+    assert result["auroc_mean"] == pytest.approx(exact, abs=1e-9)
+    saturated = torch.softmax(torch.tensor(logits, dtype=torch.float32), 1).numpy()
+    naive = roc_auc_score(labels, saturated / saturated.sum(1, keepdims=True), multi_class="ovr")
+    assert abs(naive - exact) > 0.01  # what float32 probabilities would have reported

@@ -61,7 +61,7 @@ class MultiLabelAUROC:
         self.targets: list[np.ndarray] = []
 
     def update(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
-        self.scores.append(logits.detach().float().cpu().numpy())
+        self.scores.append(logits.detach().double().cpu().numpy())  # (bf16 has no numpy)
         self.targets.append(targets.detach().cpu().numpy().astype(np.int8))
 
     def compute(self) -> dict:

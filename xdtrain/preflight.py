@@ -187,19 +187,21 @@ def _check_labels(manifest: dict, train: ShardSet, data) -> None:
             + "repack with more classes (--classes) or more data"
         )
     if kind == "multilabel":
+        unit = "film" if manifest["dataset"] == "chestxray8" else "sample"
         outputs = [name for name in counts if name != NO_FINDING]
         findings = [name for name in outputs if counts[name] > 0]
         if not findings:
             raise UserError(
-                f"{where}: no training film{tier} holds any finding; nothing can be learned: "
+                f"{where}: no training {unit}{tier} holds any finding; nothing can be learned: "
                 + ("pick a larger data.fraction or " if tier else "")
                 + "repack with more data"
             )
         absent = [name for name in outputs if counts[name] == 0]
         if absent:
             log.warning(
-                "%s: no training film holds %s; those outputs cannot be learned",
+                "%s: no training %s holds %s; those outputs cannot be learned",
                 where,
+                unit,
                 ", ".join(absent),
             )
     if kind == "segmentation" and not any(n > 0 for n in list(counts.values())[1:]):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import re
 from collections.abc import Callable
@@ -63,6 +64,9 @@ class Scan:
     skipped: list[dict[str, str]] = field(default_factory=list)  # {"input", "reason"}
     notes: list[dict[str, str]] = field(default_factory=list)  # release quirks handled
     info: dict[str, Any] = field(default_factory=dict)  # preprocessing, for the manifest
+    # for data sets whose headers hold identifiers: removes them from paths written (the
+    # manifest's source and options), and refuses an --out named after a patient
+    scrub: Any = None
 
 
 # What Pillow raises for an unreadable, truncated or malformed image file.
@@ -162,8 +166,19 @@ def add_shared_arguments(group: argparse._ArgumentGroup) -> None:
         type=int,
         choices=[8, 16],
         default=None,
-        help="BraTS, LiTS: bits per image channel (default 8)",
+        help="BraTS, LiTS, dicom, nifti: bits per image channel (default 8)",
     )
+
+
+MAX_SIDE = 4096  # pixels: larger slices or films than any release holds
+
+
+def output_side(args: argparse.Namespace, default: int) -> int:
+    """``--size`` (or ``default``), checked to lie in 16..:data:`MAX_SIDE`."""
+    size = args.size or default
+    if not 16 <= size <= MAX_SIDE:
+        raise UserError(f"--size {size}: must be between 16 and {MAX_SIDE} pixels")
+    return size
 
 
 def jpeg_quality(args: argparse.Namespace, default: int) -> int:
@@ -179,6 +194,8 @@ def float_pair(text: str, option: str, example: str) -> tuple[float, float]:
         low, high = (float(v) for v in text.split(","))
     except ValueError:
         raise UserError(f"{option} {text}: expected low,high like {example}") from None
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise UserError(f"{option} {text}: low and high must be finite numbers, like {example}")
     if low >= high:
         raise UserError(f"{option} {text}: low must be below high")
     return low, high

@@ -44,6 +44,7 @@ from xdtrain.shards.base import (
     jpeg_quality,
     json_bytes,
     key_note,
+    output_side,
     rel,
     renamed_keys,
     sample_key,
@@ -98,9 +99,7 @@ def add_arguments(group) -> None:
 
 
 def options(args) -> dict:
-    size = args.size or DEFAULT_SIZE
-    if size < 16:
-        raise UserError(f"--size {size}: must be at least 16")
+    size = output_side(args, DEFAULT_SIZE)
     quality = jpeg_quality(args, DEFAULT_QUALITY)
     return {
         "size": size,

@@ -89,6 +89,18 @@ IDENTIFYING = (
     "SeriesDescription",
     "RequestingPhysician",
 )
+PERSON_NAMES = {  # of IDENTIFYING: person names, whose components are scrubbed too
+    "PatientName",
+    "OtherPatientNames",
+    "PatientBirthName",
+    "PatientMotherBirthName",
+    "ReferringPhysicianName",
+    "PerformingPhysicianName",
+    "OperatorsName",
+    "PhysiciansOfRecord",
+    "NameOfPhysiciansReadingStudy",
+    "RequestingPhysician",
+}
 POSITION_TOLERANCE = 0.01  # mm: positions closer than this are one position
 SPACING_RTOL = 0.02  # a step more than 2 % off the series' spacing breaks it
 
@@ -135,14 +147,51 @@ class _Ignored(Exception):
     """A file that is no image to pack (counted by kind, not listed)."""
 
 
+# The first tag of a DICOM data set written without the Part 10 preamble (older PACS
+# exports): group 0x0002 (file meta) or 0x0008 (identification), little endian.
+_RAW_STARTS = (b"\x02\x00", b"\x08\x00")
+
+
 def _read_header(path: Path):
+    """The header of a DICOM file, with the Part 10 preamble (``DICM`` at byte 128) or, as
+    older exports write them, without it. Raises :class:`_Ignored` for other files."""
     import pydicom
 
     with open(path, "rb") as fh:
         head = fh.read(132)
-    if len(head) < 132 or head[128:132] != b"DICM":
+    if len(head) == 132 and head[128:132] == b"DICM":
+        return pydicom.dcmread(path, stop_before_pixels=True)
+    if head[:2] not in _RAW_STARTS:
         raise _Ignored("non-DICOM files")
-    return pydicom.dcmread(path, stop_before_pixels=True)
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+    except Exception:  # not DICOM after all: bytes that only began like a tag
+        raise _Ignored("non-DICOM files") from None
+    if "SOPClassUID" not in ds:
+        raise _Ignored("non-DICOM files")
+    return ds
+
+
+def _read_whole(path: str):
+    """A DICOM file with its pixel data; a file without the Part 10 header (no file meta)
+    is given the transfer syntax it was found to be encoded in, so its pixels decode."""
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    ds = pydicom.dcmread(path, force=True)
+    meta = getattr(ds, "file_meta", None)
+    if meta is None or "TransferSyntaxUID" not in meta:
+        implicit, little = ds.original_encoding
+        ds.file_meta = meta if meta is not None else FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = (
+            ImplicitVRLittleEndian
+            if implicit
+            else ExplicitVRLittleEndian
+            if little
+            else ExplicitVRBigEndian
+        )
+    return ds
 
 
 def _floats(value, n: int) -> tuple[float, ...] | None:
@@ -171,6 +220,14 @@ def _functional(ds, index: int, group: str):
     return None
 
 
+_SHARED: dict = {}
+
+
+def _shared(value):
+    """One object for equal values (strings, tuples) across the slices of a scan."""
+    return _SHARED.setdefault(value, value)
+
+
 def _frames(ds, path: Path, relative: str, shown: str) -> list[Frame]:
     """The slices of one image file: one, or one per frame of a multi-frame object."""
     syntax = str(getattr(ds.file_meta, "TransferSyntaxUID", "")) if hasattr(ds, "file_meta") else ""
@@ -179,13 +236,15 @@ def _frames(ds, path: Path, relative: str, shown: str) -> list[Frame]:
         "relative": relative,
         "shown": shown,
         "sop": str(getattr(ds, "SOPInstanceUID", "")),
-        "series": str(getattr(ds, "SeriesInstanceUID", "")),
-        "study": str(getattr(ds, "StudyInstanceUID", "")),
-        "patient": str(getattr(ds, "PatientID", "") or "").strip(),
-        "modality": str(getattr(ds, "Modality", "")).upper(),
-        "shape": (int(getattr(ds, "Rows", 0) or 0), int(getattr(ds, "Columns", 0) or 0)),
-        "acquisition": str(getattr(ds, "AcquisitionNumber", "") or ""),
-        "syntax": syntax,
+        # values shared by the slices of a series are stored once (a scan holds a record
+        # per slice: millions of them for a large export)
+        "series": _shared(str(getattr(ds, "SeriesInstanceUID", ""))),
+        "study": _shared(str(getattr(ds, "StudyInstanceUID", ""))),
+        "patient": _shared(str(getattr(ds, "PatientID", "") or "").strip()),
+        "modality": _shared(str(getattr(ds, "Modality", "")).upper()),
+        "shape": _shared((int(getattr(ds, "Rows", 0) or 0), int(getattr(ds, "Columns", 0) or 0))),
+        "acquisition": _shared(str(getattr(ds, "AcquisitionNumber", "") or "")),
+        "syntax": _shared(syntax),
     }
     frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
     enhanced = "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds
@@ -216,10 +275,10 @@ def _frames(ds, path: Path, relative: str, shown: str) -> list[Frame]:
             Frame(
                 frame=index if frames > 1 or enhanced else None,
                 position=np.array(position, np.float64),
-                orientation=orientation,
-                spacing=spacing or (0.0, 0.0),
-                slope=float(getattr(source, "RescaleSlope", 1) or 1),
-                intercept=float(getattr(source, "RescaleIntercept", 0) or 0),
+                orientation=_shared(orientation),
+                spacing=_shared(spacing or (0.0, 0.0)),
+                slope=_shared(float(getattr(source, "RescaleSlope", 1) or 1)),
+                intercept=_shared(float(getattr(source, "RescaleIntercept", 0) or 0)),
                 **common,
             )
         )
@@ -328,6 +387,7 @@ def runs(where: np.ndarray) -> tuple[list[slice], float]:
 
 def scan(src: Path, options: dict) -> Scan:
     context = slices.Context.open(src, options)
+    _SHARED.clear()
     skipped: list[dict] = []
     notes: list[dict] = []
     counts: Counter = Counter()
@@ -339,11 +399,8 @@ def scan(src: Path, options: dict) -> Scan:
     for path in files:
         _read_file(path, src, options, context, series, seen_sop, counts, skipped)
     # a path was scrubbed with the identifiers read until then: again, with all of them
-    for entry in skipped:
-        entry["input"], entry["reason"] = (
-            context.scrub(entry["input"]),
-            context.scrub(entry["reason"]),
-        )
+    for entry in skipped:  # (reasons name no file)
+        entry["input"] = context.scrub(entry["input"])
     for frames in series.values():
         for frame in frames:
             frame.shown = context.scrub(frame.shown)
@@ -357,16 +414,22 @@ def scan(src: Path, options: dict) -> Scan:
                 unlabelled += 1
                 continue
             volumes.append(volume)
+    if not volumes and unlabelled:
+        raise UserError(
+            f"{options['labels']}: none of the {unlabelled} series found has a row in --labels; "
+            "check the CSV's key columns (PatientID, StudyInstanceUID, SeriesInstanceUID, file)"
+        )
     if not volumes and not skipped:
         raise UserError(
             f"{src}: no {'/'.join(options['modalities'])} image series found among "
             f"{len(files)} file(s); check --src and --modalities"
         )
+    _SHARED.clear()
     kept, selection = slices.select(volumes, options)
     sources = slices.sources(kept, context)
     info = slices.info(context, selection, kept)
     info["decisions"] = _decisions(counts, notes, unlabelled, context)
-    return Scan(sources, context.classes, skipped, notes, info)
+    return Scan(sources, context.classes, skipped, notes, info, scrub=context.scrub)
 
 
 def _read_file(path, src, options, context, series, seen_sop, counts, skipped) -> None:
@@ -383,16 +446,38 @@ def _read_file(path, src, options, context, series, seen_sop, counts, skipped) -
         )
         return
     for keyword in IDENTIFYING:
-        context.scrub.add(getattr(ds, keyword, None))
+        context.scrub.add(getattr(ds, keyword, None), name=keyword in PERSON_NAMES)
     shown = context.scrub(rel(path, src))
     meta = getattr(ds, "file_meta", None)
-    if not getattr(ds, "SOPClassUID", None) and not getattr(meta, "MediaStorageSOPClassUID", None):
-        # a DICM preamble over bytes that parse into no DICOM object: damaged or cut short
-        skipped.append({"input": shown, "reason": "unreadable DICOM header (no SOP Class UID)"})
+    meta_class = str(getattr(meta, "MediaStorageSOPClassUID", "") or "")
+    if meta_class != DICOMDIR_CLASS and not getattr(ds, "SOPClassUID", None):
+        # a file meta (or none) over bytes that parse into no DICOM object: cut short, damaged
+        skipped.append(
+            {"input": shown, "reason": "unreadable DICOM header (no SOPClassUID: cut short?)"}
+        )
+        return
+    sop_class = str(getattr(ds, "SOPClassUID", "") or "")
+    if meta_class and meta_class != DICOMDIR_CLASS and sop_class != meta_class:
+        skipped.append(
+            {
+                "input": shown,
+                "reason": "damaged DICOM header (its SOPClassUID is not its file meta's: cut "
+                "short?)",
+            }
+        )
         return
     kind = _kind(ds)
     if kind is not None:
         counts[kind] += 1
+        return
+    lacking = [k for k in ("Modality", "Rows", "Columns") if k not in ds]
+    if lacking:
+        skipped.append(
+            {
+                "input": shown,
+                "reason": f"incomplete image header (no {', '.join(lacking)}: cut short?)",
+            }
+        )
         return
     modality = str(getattr(ds, "Modality", "")).upper()
     if modality not in options["modalities"]:
@@ -426,6 +511,16 @@ def _assemble(frames: list[Frame], context: slices.Context, skipped: list[dict])
     first = frames[0]
     key = names.series(first.series)
     patient = names.patient(first.patient)
+    if len({f.patient for f in frames}) > 1:  # a UID reused by another patient's series
+        skipped.append(
+            {
+                "input": first.shown,
+                "reason": f"series {key}: its SeriesInstanceUID is shared by "
+                f"{len({f.patient for f in frames})} PatientIDs, so its slices cannot be "
+                "told apart by patient; export it again with unique UIDs",
+            }
+        )
+        return
     for syntax in sorted({f.syntax for f in frames if f.syntax}):  # files may differ
         problem = _decodable(syntax)
         if problem is not None:
@@ -540,6 +635,7 @@ def _decisions(counts: Counter, notes: list[dict], unlabelled: int, context) -> 
                 "detail": "left out (no label); --labels decides what is packed",
             }
         )
+        out.append(slices.unmatched_rows(context.table))
     return out
 
 
@@ -556,7 +652,6 @@ def read_planes(source: Source) -> list[np.ndarray]:
 def iter_planes(source: Source) -> Iterator[np.ndarray]:
     """:func:`read_planes` one slice at a time: a CT series is windowed slice by slice, so
     memory holds one decoded file (or one multi-frame object), not the whole series."""
-    import pydicom
     from pydicom.pixels import apply_modality_lut
 
     view = tuple(source.params["view"])
@@ -566,7 +661,7 @@ def iter_planes(source: Source) -> Iterator[np.ndarray]:
         if loaded != path:  # the frames of a multi-frame file are decoded once
             ds = array = None
             try:
-                ds = pydicom.dcmread(path)
+                ds = _read_whole(path)
                 array = ds.pixel_array
             except Exception as exc:  # pydicom's handlers raise many kinds for damaged data
                 syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)

@@ -15,6 +15,7 @@ file's sha256 and counts (rows used, rows that matched nothing), never keys.
 from __future__ import annotations
 
 import csv
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,20 +69,36 @@ class LabelTable:
         }
 
 
-def read(path: str | Path, kind: str = "auto") -> LabelTable:
+def file_key(text: str, root: Path | None = None) -> str:
+    """A ``file`` cell as the path below ``--src`` it names: ``./a/b`` and ``a//b`` are
+    ``a/b``; an absolute path inside ``root`` is made relative to it."""
+    path = Path(os.path.normpath(text))
+    base = Path(os.path.normpath(root.resolve())) if root is not None else None
+    if path.is_absolute() and base is not None and path.is_relative_to(base):
+        path = path.relative_to(base)
+    return path.as_posix()
+
+
+def read(path: str | Path, kind: str = "auto", root: Path | None = None) -> LabelTable:
     """Read the labels CSV. Raises :class:`UserError` naming the file and line for a missing
     column, an empty label, a key given two different labels, or several classes in a cell
-    when ``kind`` is ``single``. Error messages never quote a key (they are identifiers)."""
+    when ``kind`` is ``single``. Error messages never quote a key (they are identifiers).
+    ``file`` cells are normalised by :func:`file_key` against ``root`` (``--src``)."""
     path = Path(path)
     try:
         with open(path, newline="", encoding="utf-8-sig") as fh:
             reader = csv.DictReader(fh)
             columns = [c.strip() for c in reader.fieldnames or []]
             rows = [{(k or "").strip(): (v or "").strip() for k, v in r.items()} for r in reader]
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+    except UnicodeDecodeError:
+        raise UserError(f"--labels {path}: not UTF-8 text; save it as UTF-8 CSV") from None
+    except (OSError, csv.Error) as exc:
         raise UserError(
             f"--labels {path}: cannot read it as a CSV ({type(exc).__name__})"
         ) from None
+    doubled = sorted({c for c in columns if columns.count(c) > 1})
+    if doubled:
+        raise UserError(f"--labels {path}: column(s) {', '.join(doubled)} appear twice")
     label_column = next((c for c in LABEL_COLUMNS if c in columns), None)
     levels = [level for level in LEVELS if level in columns]
     if label_column is None or not levels:
@@ -104,7 +121,7 @@ def read(path: str | Path, kind: str = "auto") -> LabelTable:
                     f"{path}:{line}: several classes in one cell, but --label-kind single"
                 )
             multi = True
-        key = row[level]
+        key = file_key(row[level], root) if level == "file" else row[level]
         earlier = table[level].get(key)
         if earlier is not None and earlier != names:
             raise UserError(

@@ -152,8 +152,9 @@ def scan(src: Path, options: dict) -> Scan:
                 "detail": "left out (no label); --labels decides what is packed",
             }
         )
+        decisions.append(slices.unmatched_rows(context.table))
     info["decisions"] = decisions
-    return Scan(sources, context.classes, skipped, notes, info)
+    return Scan(sources, context.classes, skipped, notes, info, scrub=context.scrub)
 
 
 def _scrubbed(exc: Exception, path: Path, shown: str, context) -> str:

@@ -326,6 +326,8 @@ def pack(
     progress: Progress | None = None,
 ) -> dict:
     """Pack ``src`` into shards in ``out``; return the manifest."""
+    if src.exists() and not src.is_dir():
+        raise UserError(f"{src}: a file, not a folder; pass --src with the folder that holds it")
     if not src.is_dir():
         raise UserError(
             f"{src}: source folder not found; pass --src with the raw {packer.name} "
@@ -347,15 +349,22 @@ def pack(
                 f"{first['input']}: {first['reason']})"
             )
         raise UserError(f"{src}: no usable {packer.name} inputs found; check --src")
+    shown = scan.scrub or str  # paths as written: without identifiers the scan has read
+    if scan.scrub is not None and scan.scrub.names_a_value(str(out.resolve())):
+        raise UserError(
+            f"--out: its path holds a name or ID from the export's headers ("
+            f"{scan.scrub(str(out.resolve()))}); shard folders travel into run folders and "
+            "reports: name it without patient names or IDs"
+        )
     fingerprint = {
         "dataset": packer.name,
-        "src": str(src.resolve()),
+        "src": shown(str(src.resolve())),
         "inputs": _scan_digest(scan),
         "seed": seed,
         "splits": ratios,
         "fractions": list(fractions),
         "shard_bytes": shard_bytes,
-        "options": options,
+        "options": {k: shown(v) if isinstance(v, str) else v for k, v in options.items()},
         "tool": __version__,
     }
     # as the state file and the manifest hold it: options of tuples compare equal to lists

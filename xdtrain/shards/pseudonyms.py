@@ -58,11 +58,17 @@ def load_key(path: Path) -> bytes:
     Raises :class:`UserError` if the file holds no key."""
     path = Path(path).expanduser()
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
         key = secrets.token_bytes(KEY_BYTES)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(key.hex() + "\n")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(key.hex() + "\n")
+        except OSError as exc:
+            raise UserError(
+                f"--key-file {path}: cannot create the pseudonym key there ({exc.strerror}); "
+                "pass a path in a folder you can write"
+            ) from None
         print(
             f"xd-shard: created the pseudonym key {path}; keep it (later packing runs with it "
             "give the same patients the same pseudonyms) and never share it with the shards",
@@ -116,46 +122,74 @@ class Pseudonyms:
 
 
 # Anything shaped like a DICOM UID (digits and at least two dots: ``2.25.<integer>``, the
-# UUID-derived form of PS3.5 B.2, has only two) or a DICOM date.
+# UUID-derived form of PS3.5 B.2, has only two) or a date (YYYYMMDD, YYYY-MM-DD, DD.MM.YYYY,
+# with -, _, . or nothing between the parts).
 _UID = re.compile(r"(?<![\d.])\d+(?:\.\d+){2,}(?![\d.])")
-_DATE = re.compile(r"(?<!\d)(?:19|20)\d{2}-?(?:0[1-9]|1[0-2])-?(?:0[1-9]|[12]\d|3[01])(?!\d)")
+_SEP = r"[-_./]?"
+_DAY, _MONTH, _YEAR = r"(?:0[1-9]|[12]\d|3[01])", r"(?:0[1-9]|1[0-2])", r"(?:19|20)\d{2}"
+_DATE = re.compile(
+    rf"(?<!\d)(?:{_YEAR}{_SEP}{_MONTH}{_SEP}{_DAY}|{_DAY}{_SEP}{_MONTH}{_SEP}{_YEAR})(?!\d)"
+)
 REDACTED = "[redacted]"
-MIN_VALUE = 3  # shorter values (a sex, an age like "45Y" …) are too common to redact in text
+SHORT = 3  # values shorter than this (a 2-letter name part, a 2-digit ID) match whole tokens only
 
 
 class Scrubber:
-    """Removes identifying values from text: the values added with :meth:`add`, then every
-    UID- or date-shaped string. Case-insensitive for values (names are spelled both ways)."""
+    """Removes identifying values from text: the values added with :meth:`add` (any case),
+    then every UID- or date-shaped string.
+
+    A value of three characters or more is removed wherever it occurs (``Doe`` in
+    ``JohnDoe_CT``); a shorter one only as a whole token between non-alphanumerics (``Li`` in
+    ``Li_Bo/``, not in ``Lima``). Scrubbing scrubbed text changes nothing more.
+    """
 
     def __init__(self):
         self._values: set[str] = set()
         self._pattern: re.Pattern | None = None
 
-    def add(self, *values) -> None:
-        for value in values:
-            for part in _parts(value):
-                if len(part) >= MIN_VALUE and part.lower() not in self._values:
-                    self._values.add(part.lower())
-                    self._pattern = None
+    def add(self, value, name: bool = False) -> None:
+        """Add a header value (each of a multi-valued element's); ``name``: a person name,
+        whose components (``Doe^John``: ``Doe``, ``John``) are added too."""
+        for part in _parts(value, name):
+            if part.lower() not in self._values:
+                self._values.add(part.lower())
+                self._pattern = None
+
+    def names_a_value(self, text: str) -> bool:
+        """Whether ``text`` holds a value added with :meth:`add` (not merely a UID or date
+        shape: a folder named by a date is not refused)."""
+        self._compile()
+        return self._pattern is not None and self._pattern.search(text) is not None
 
     def __call__(self, text: str) -> str:
-        if self._values:
-            if self._pattern is None:
-                ordered = sorted(self._values, key=len, reverse=True)
-                self._pattern = re.compile("|".join(re.escape(v) for v in ordered), re.I)
+        return REDACTED.join(self._scrub(piece) for piece in text.split(REDACTED))
+
+    def _compile(self) -> None:
+        if self._values and self._pattern is None:
+            ordered = sorted(self._values, key=len, reverse=True)
+            alternatives = [
+                re.escape(v) if len(v) >= SHORT else rf"(?<![^\W_]){re.escape(v)}(?![^\W_])"
+                for v in ordered
+            ]
+            self._pattern = re.compile("|".join(alternatives), re.I)
+
+    def _scrub(self, text: str) -> str:
+        self._compile()
+        if self._pattern is not None:
             text = self._pattern.sub(REDACTED, text)
-        return _DATE.sub(REDACTED, _UID.sub(REDACTED, text))
+        pieces = text.split(REDACTED)
+        return REDACTED.join(_DATE.sub(REDACTED, _UID.sub(REDACTED, p)) for p in pieces)
 
 
-def _parts(value) -> list[str]:
-    """A header value and its components: ``"Doe^John"`` gives the whole name, ``Doe`` and
-    ``John``; multi-valued elements give each value."""
+def _parts(value, name: bool) -> list[str]:
+    """A header value (each value of a multi-valued element) and, for a person name, its
+    components."""
     if value is None:
         return []
     if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
-        return [p for v in value for p in _parts(v)]
+        return [p for v in value for p in _parts(v, name)]
     text = str(value).strip()
     if not text:
         return []
-    pieces = {text, *re.split(r"[\^=\s,]+", text)}
+    pieces = {text, *re.split(r"[\^=\s,]+", text)} if name else {text}
     return [p for p in pieces if p]

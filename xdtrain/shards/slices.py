@@ -42,6 +42,7 @@ from xdtrain.shards.base import (
     float_pair,
     int_bytes,
     json_bytes,
+    output_side,
     png_bytes,
 )
 
@@ -132,9 +133,7 @@ def options(args, default_size: int = 256) -> dict:
     low, high = float_pair(args.mr_percentiles, "--mr-percentiles", "0.5,99.5")
     if not 0 <= low < high <= 100:
         raise UserError(f"--mr-percentiles {args.mr_percentiles}: must lie in 0..100")
-    size = args.size or default_size
-    if size < 16:
-        raise UserError(f"--size {size}: must be at least 16")
+    size = output_side(args, default_size)
     labels = str(Path(args.labels).resolve()) if args.labels else None
     if labels and not Path(labels).is_file():
         raise UserError(f"--labels {args.labels}: not found; pass the labels CSV")
@@ -197,9 +196,9 @@ class Context:
         key_file = Path(options["key_file"])
         pseudonyms.check_key_place(key_file, src, src)
         key = pseudonyms.load_key(key_file)
-        table = (
-            labels_mod.read(options["labels"], options["label_kind"]) if options["labels"] else None
-        )
+        table = None
+        if options["labels"]:
+            table = labels_mod.read(options["labels"], options["label_kind"], root=src)
         return cls(options, pseudonyms.Pseudonyms(key), pseudonyms.Scrubber(), table)
 
     @property
@@ -219,6 +218,17 @@ class Volume:
     slices: list  # per slice, whatever the packer's reader needs
     labels: list[tuple[str, ...] | None]  # per slice: class names, None unlabelled
     extra: dict  # packer-specific parameters for encode
+
+
+def unmatched_rows(table: labels_mod.LabelTable) -> dict:
+    """The decision that counts labels rows matching no input (a key spelled otherwise
+    than in the export, a path not below --src): printed, so that a loss is seen."""
+    record = table.record()
+    return {
+        "decision": "labels rows matching nothing",
+        "count": record["rows_matching_nothing"],
+        "detail": f"of {record['rows']} rows; check their keys (file paths are below --src)",
+    }
 
 
 def select(volumes: list[Volume], options: dict) -> tuple[list[Volume], dict]:
@@ -357,10 +367,18 @@ def info(context: Context, selection: dict, volumes: list[Volume]) -> dict:
         "resize": "padded square (air for CT), area averaging down, bilinear up, before windowing",
         "selection": selection,
         "spacing_mm": _spacing_stats(spacings),
-        "labels": context.table.record() if context.table else {"kind": "none"},
+        "labels": _labels_record(context),
         "pseudonyms": {"method": pseudonyms.METHOD, "key_id": context.names.key_id},
         "cases": [v.key for v in volumes],
     }
+    return record
+
+
+def _labels_record(context: Context) -> dict:
+    if context.table is None:
+        return {"kind": "none"}
+    record = context.table.record()
+    record["file"] = context.scrub(record["file"])  # a CSV named after a patient
     return record
 
 

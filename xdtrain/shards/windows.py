@@ -8,6 +8,8 @@ flips between), so a 3-channel encoder sees three views of one slice.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from xdtrain.errors import UserError
@@ -40,6 +42,8 @@ def parse_windows(text: str) -> list[tuple[float, float]]:
             continue
         try:
             low, high = (float(v) for v in item.split(","))
+            if not (math.isfinite(low) and math.isfinite(high)):
+                raise ValueError
         except ValueError:
             raise UserError(
                 f"--windows {text}: {item!r} is neither a preset ({', '.join(PRESETS)}) nor "

@@ -52,9 +52,12 @@ class ClassScores(Metrics):
         labels = batch["label"]
         self.single = not multilabel(batch)
         if self.single:
-            probabilities = torch.softmax(outputs.float(), dim=1)
+            # the log of the softmax probabilities, in float64: the same ranking (AUROC is
+            # invariant to monotonic maps), without float32 softmax's ties at 0 and 1 when
+            # logits lie far apart
+            scores = torch.log_softmax(outputs.double(), dim=1)
             one_hot = F.one_hot(labels, len(self.names))
-            self.auroc.update(probabilities, one_hot)
+            self.auroc.update(scores, one_hot)
             self.accuracy.update(outputs, labels)
         else:
             self.auroc.update(outputs, labels)
