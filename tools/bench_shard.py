@@ -14,7 +14,8 @@ Measures, in one run on the same files:
   packed by ``xd-shard --dataset dicom --workers N`` (slices/s, peak RSS), against the bound
   of pydicom reading and decoding the same files to Hounsfield units in N processes without
   writing anything;
-* the peak RSS of the largest process of each run, at two ImageNet sizes, and of scanning and
+* the peak RSS of the largest process of each run (worker processes included: sampled from
+  /proc), at two ImageNet sizes, and of scanning and
   planning a full ImageNet-1k listing (1.28 million images), the only part of a run whose
   memory grows with the data set.
 
@@ -45,15 +46,53 @@ from pathlib import Path
 
 from xdtrain.synth import generate
 
-# Runs a command and reports its wall time and the peak RSS of its largest process.
+# Runs a command and reports its wall time and the peak RSS of its largest process. Worker
+# processes started by a forkserver are not children of the command, and getrusage misses
+# them once their parent exits without waiting; so the RSS of every process of the tree is
+# also sampled from /proc (every 20 ms) and the larger of the two is reported.
 _MEASURE = """
-import json, resource, subprocess, sys, time
+import json, os, resource, subprocess, sys, tempfile, time
+
+def tree(root):
+    children = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as fh:
+                    ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(name))
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo += children.get(pid, [])
+    return found
+
+def rss_kib(pid):
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
 start = time.perf_counter()
-done = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+errors = tempfile.TemporaryFile()  # a file, not a pipe: a full pipe would stall the command
+process = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=errors)
+largest = 0
+while process.poll() is None:
+    largest = max([largest] + [rss_kib(pid) for pid in tree(process.pid)])
+    time.sleep(0.02)
+errors.seek(0)
+stderr = errors.read()
 seconds = time.perf_counter() - start
-peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-print(json.dumps({"rc": done.returncode, "seconds": seconds, "peak_rss_kib": peak_kib,
-                  "stderr": done.stderr.decode()[-2000:]}))
+peak_kib = max(largest, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+print(json.dumps({"rc": process.returncode, "seconds": seconds, "peak_rss_kib": peak_kib,
+                  "stderr": stderr.decode()[-2000:]}))
 """
 
 
