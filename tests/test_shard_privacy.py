@@ -722,3 +722,33 @@ def test_the_summary_names_a_scrubbed_file_as_the_manifest_does(small_export, tm
     (entry,) = manifest_mod.load(tmp_path / "out")["skipped"]
     assert entry["reason"].startswith(f"{REDACTED}/IM0001: ")
     assert f"{REDACTED}/IM0001" in capsys.readouterr().err
+
+
+def test_what_pydicom_would_print_about_damaged_files_never_reaches_the_terminal(
+    small_export, tmp_path
+):
+    """pydicom warns with a damaged file's full path, and with an invalid value itself; in a
+    command of its own (where no test framework catches warnings), nothing of it shows."""
+    src = _copy(small_export, tmp_path)
+    rle = [
+        (p, d)
+        for p, d in _first_slices(src)
+        if d.file_meta.TransferSyntaxUID.name == "RLE Lossless"
+    ]
+    path, ds = rle[0]
+    # encapsulated pixel data cut short (pydicom warns "End of file reached … in file
+    # <path>"), in a folder named by the patient's ID
+    target = src / ds.PatientID / "IM1"
+    target.parent.mkdir()
+    target.write_bytes(path.read_bytes()[:-100])
+    path.unlink()
+    command = [str(Path(sys.executable).with_name("xd-shard")), "--dataset", "dicom"]
+    command += ["--src", str(src), "--out", str(tmp_path / "out"), "--size", "16"]
+    command += ["--key-file", str(tmp_path / "key"), "--workers", "2"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    printed = done.stdout + done.stderr
+    family, given = str(ds.PatientName).split("^")
+    for value in (ds.PatientID, family, given):
+        assert value.lower() not in printed.lower(), (value, printed[-2000:])
+    assert "[redacted]/IM1" in manifest_mod.load(tmp_path / "out")["skipped"][0]["reason"]

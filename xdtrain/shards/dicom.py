@@ -30,8 +30,11 @@ pseudonyms; no header value is written, and paths in messages are scrubbed of id
 
 from __future__ import annotations
 
+import logging
+import warnings
 from collections import Counter, defaultdict
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -150,6 +153,22 @@ class _Ignored(Exception):
 # The first tag of a DICOM data set written without the Part 10 preamble (older PACS
 # exports): group 0x0002 (file meta) or 0x0008 (identification), little endian.
 _RAW_STARTS = (b"\x02\x00", b"\x08\x00")
+
+
+@contextmanager
+def _quietly():
+    """Silence pydicom while it reads: it warns (and logs) about damaged files with their
+    full path, and about invalid values with the value itself, and neither may reach the
+    terminal; what matters reaches the manifest, scrubbed."""
+    logger = logging.getLogger("pydicom")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
 
 
 def _read_header(path: Path):
@@ -396,8 +415,9 @@ def scan(src: Path, options: dict) -> Scan:
     files = walk(src, lambda name: True)
     if not files:
         raise UserError(f"{src}: no files found; pass --src with the DICOM export")
-    for path in files:
-        _read_file(path, src, options, context, series, seen_sop, counts, skipped)
+    with _quietly():
+        for path in files:
+            _read_file(path, src, options, context, series, seen_sop, counts, skipped)
     # a path was scrubbed with the identifiers read until then: again, with all of them
     for entry in skipped:  # (reasons name no file)
         entry["input"] = context.scrub(entry["input"])
@@ -661,8 +681,9 @@ def iter_planes(source: Source) -> Iterator[np.ndarray]:
         if loaded != path:  # the frames of a multi-frame file are decoded once
             ds = array = None
             try:
-                ds = _read_whole(path)
-                array = ds.pixel_array
+                with _quietly():
+                    ds = _read_whole(path)
+                    array = ds.pixel_array
             except Exception as exc:  # pydicom's handlers raise many kinds for damaged data
                 syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
                 how = f" in {syntax.name}" if syntax is not None else ""
