@@ -647,16 +647,7 @@ def _decisions(counts: Counter, notes: list[dict], unlabelled: int, context) -> 
             "detail": "by orientation, size, acquisition, gaps or uneven spacing; see notes",
         }
     )
-    if context.table is not None:
-        out.append(
-            {
-                "decision": "series without a labels row",
-                "count": unlabelled,
-                "detail": "left out (no label); --labels decides what is packed",
-            }
-        )
-        out.append(slices.unmatched_rows(context.table))
-    return out
+    return out + slices.label_decisions(context, unlabelled, "series")
 
 
 # --------------------------------------------------------------------------- encoding

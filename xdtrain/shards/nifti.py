@@ -144,16 +144,7 @@ def scan(src: Path, options: dict) -> Scan:
             else "each file is one patient",
         }
     ]
-    if context.table is not None:
-        decisions.append(
-            {
-                "decision": "volumes without a labels row",
-                "count": unlabelled,
-                "detail": "left out (no label); --labels decides what is packed",
-            }
-        )
-        decisions.append(slices.unmatched_rows(context.table))
-    info["decisions"] = decisions
+    info["decisions"] = decisions + slices.label_decisions(context, unlabelled, "volumes")
     return Scan(sources, context.classes, skipped, notes, info, scrub=context.scrub)
 
 

@@ -220,15 +220,25 @@ class Volume:
     extra: dict  # packer-specific parameters for encode
 
 
-def unmatched_rows(table: labels_mod.LabelTable) -> dict:
-    """The decision that counts labels rows matching no input (a key spelled otherwise
-    than in the export, a path not below --src): printed, so that a loss is seen."""
-    record = table.record()
-    return {
-        "decision": "labels rows matching nothing",
-        "count": record["rows_matching_nothing"],
-        "detail": f"of {record['rows']} rows; check their keys (file paths are below --src)",
-    }
+def label_decisions(context: Context, unlabelled: int, what: str) -> list[dict]:
+    """The manifest's decisions on labels: ``what`` (series, volumes) left out for want of a
+    row, and rows that matched no input (a key spelled otherwise than in the export, a path
+    not below --src), printed so that a loss is seen. None without --labels."""
+    if context.table is None:
+        return []
+    record = context.table.record()
+    return [
+        {
+            "decision": f"{what} without a labels row",
+            "count": unlabelled,
+            "detail": "left out (no label); --labels decides what is packed",
+        },
+        {
+            "decision": "labels rows matching nothing",
+            "count": record["rows_matching_nothing"],
+            "detail": f"of {record['rows']} rows; check their keys (file paths are below --src)",
+        },
+    ]
 
 
 def select(volumes: list[Volume], options: dict) -> tuple[list[Volume], dict]:

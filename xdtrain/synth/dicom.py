@@ -538,6 +538,23 @@ def _to_bytes(ds: Dataset) -> bytes:
     return buf.getvalue()
 
 
+def _ct_header(pat, study, series, entry, sop_class) -> Dataset:
+    """The header of one file of a CT series (classic or enhanced)."""
+    ds = _header(
+        pat,
+        study,
+        sop_class=sop_class,
+        sop_uid=entry["uid"],
+        ts=series["ts"],
+        modality="CT",
+        series_uid=series["uid"],
+        number=series["number"],
+        description=series["description"],
+    )
+    ds.FrameOfReferenceUID = series["frame_uid"]
+    return ds
+
+
 def _header(pat, study, *, sop_class, sop_uid, ts, modality, series_uid, number, description):
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
@@ -617,19 +634,8 @@ def _render_series(pat: dict, study: dict, series: dict, hu: np.ndarray) -> dict
         if kind == "enhanced":
             out[entry["path"]] = _enhanced(pat, study, series, stored, entry)
             continue
-        ds = _header(
-            pat,
-            study,
-            sop_class=CTImageStorage,
-            sop_uid=entry["uid"],
-            ts=series["ts"],
-            modality="CT",
-            series_uid=series["uid"],
-            number=series["number"],
-            description=series["description"],
-        )
+        ds = _ct_header(pat, study, series, entry, CTImageStorage)
         ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER" if kind == "localizer" else "AXIAL"]
-        ds.FrameOfReferenceUID = series["frame_uid"]
         ds.PositionReferenceIndicator = ""
         ds.PatientPosition = "FFS" if series["quirk"] == "feet_first" else "HFS"
         ds.BodyPartExamined = pat["region"].upper()
@@ -677,19 +683,8 @@ def _localizer(series: dict, hu: np.ndarray, stored: np.ndarray):
 
 
 def _enhanced(pat, study, series, stored, entry) -> bytes:
-    ds = _header(
-        pat,
-        study,
-        sop_class=EnhancedCTImageStorage,
-        sop_uid=entry["uid"],
-        ts=series["ts"],
-        modality="CT",
-        series_uid=series["uid"],
-        number=series["number"],
-        description=series["description"],
-    )
+    ds = _ct_header(pat, study, series, entry, EnhancedCTImageStorage)
     ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL", "NONE"]
-    ds.FrameOfReferenceUID = series["frame_uid"]
     ds.PositionReferenceIndicator = ""
     ds.PatientPosition = "HFS"
     ds.InstanceNumber = entry["number"]
