@@ -293,3 +293,12 @@ def test_scrubber_removes_values_uids_and_dates():
     ]:
         assert scrub(text) == expected
         assert scrub(scrub(text)) == expected  # "red" in "[redacted]" stays
+    scrub.add("20230115", date=True)  # a StudyDate: its other spellings go too
+    for text in (
+        "scan_20230115123045_2.nii.gz",  # a DICOM date-time, as dcm2niix names files
+        "x/2023-01-15T10:11:12/y",
+        "a/230115/b",
+        "15Jan2023_ct",
+        "15012023",
+    ):
+        assert not any(c in scrub(text) for c in ("2023", "230115", "15Jan")), scrub(text)

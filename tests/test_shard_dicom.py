@@ -374,3 +374,18 @@ def test_bad_windows_and_key_files_are_one_line_errors(export, tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(UserError, match="cannot create the pseudonym key"):
         pack(export, tmp_path / "k", "--key-file", str(tmp_path / "file" / "key"))
+
+
+def test_a_moved_key_packs_the_same_shards_and_another_key_is_named(export, tmp_path):
+    key = Path(os.environ[KEY_ENV])
+    moved = tmp_path / "keys" / "moved.key"
+    moved.parent.mkdir()
+    shutil.copy(key, moved)
+    pack(export, tmp_path / "out", "--key-file", str(key))
+    before = digests(tmp_path / "out")
+    pack(export, tmp_path / "out", "--key-file", str(moved))  # up to date: nothing repacked
+    assert digests(tmp_path / "out") == before
+    with pytest.raises(UserError, match="pseudonym_key"):  # every pseudonym would change
+        pack(export, tmp_path / "out", "--key-file", str(tmp_path / "keys" / "other.key"))
+    with pytest.raises(UserError, match="lies inside --src"):
+        pack(export, export / "shards")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import nibabel as nib
 import numpy as np
@@ -85,7 +86,7 @@ def test_orientations_agree_and_values_are_the_voxels(export, tmp_path):
     assert "Doe" not in text and "Jane" not in text  # folder names are identifiers
 
 
-def test_patients_by_folder_or_file_and_bad_volumes(export, tmp_path):
+def test_patients_by_folder_or_file_and_bad_volumes(export, tmp_path, capsys):
     # a second volume of patient 0 stays with that patient; a 4-D file is skipped, named
     data, _ = volume(0)
     write(export / "Doe0_Jane" / "second" / "scan.nii.gz", data, LPS)
@@ -94,8 +95,14 @@ def test_patients_by_folder_or_file_and_bad_volumes(export, tmp_path):
     assert manifest["classes"] == []  # no --labels: packed for SimCLR
     assert manifest["preprocessing"]["labels"] == {"kind": "none"}
     (skip,) = manifest["skipped"]
-    assert skip["input"].endswith("/dwi.nii.gz") and "4-D" in skip["reason"]
+    # named by pseudonyms (patient/volume): file names hold names and dates as often as
+    # folders do; xd-shard locate gives the file back to the key's holder
+    assert re.fullmatch(r"P[0-9a-f]{12}/S[0-9a-f]{12}\.nii\.gz", skip["input"]), skip
+    assert "4-D" in skip["reason"] and "dwi" not in json.dumps(manifest)
     assert "Doe" not in json.dumps(manifest)
+    argv = ["locate", "--src", str(export), skip["input"]]
+    assert main(argv) == 0
+    assert capsys.readouterr().out.split("\t")[-1].strip() == "Doe1_Jane/dwi.nii.gz"
     by_patient = {}
     for parts in samples(tmp_path / "a").values():
         meta = json.loads(parts["json"])

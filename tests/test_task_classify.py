@@ -74,16 +74,21 @@ def test_forward_uses_cross_entropy_or_binary_cross_entropy_by_the_labels_kind()
 
 
 def test_auroc_keeps_the_ranking_of_logits_far_apart():
-    """Logits 100s apart: float32 softmax ties at 0 and 1 (AUROC 0.5 for every class after a
-    diverging epoch); the float64 log-softmax ranks as the exact probabilities do."""
-    from scipy.special import softmax
+    """Logits 100s apart: a float32 softmax ties at 0 and 1 and a log-softmax at 0 for the
+    top class (AUROC 0.5 for every class after a diverging epoch); log-odds rank as the exact
+    probabilities do. Reference: each class's log-odds from scipy's logsumexp, sklearn's
+    AUROC per class, averaged."""
+    from scipy.special import logsumexp
 
     rng = np.random.default_rng(3)
     labels = np.concatenate([np.arange(3), rng.integers(0, 3, 150)])
     logits = 300.0 * (rng.normal(size=(len(labels), 3)) + np.eye(3)[labels])
     result = _scores(["a", "b", "c"], [(torch.tensor(logits), torch.tensor(labels))])
-    exact = roc_auc_score(labels, softmax(logits, axis=1), multi_class="ovr", average="macro")
-    assert result["auroc_mean"] == pytest.approx(exact, abs=1e-9)
-    saturated = torch.softmax(torch.tensor(logits, dtype=torch.float32), 1).numpy()
-    naive = roc_auc_score(labels, saturated / saturated.sum(1, keepdims=True), multi_class="ovr")
-    assert abs(naive - exact) > 0.01  # what float32 probabilities would have reported
+    per_class = []
+    for k in range(3):
+        odds = logits[:, k] - logsumexp(np.delete(logits, k, axis=1), axis=1)
+        per_class.append(roc_auc_score(labels == k, odds))
+    assert result["auroc_mean"] == pytest.approx(np.mean(per_class), abs=1e-9)
+    saturated = torch.log_softmax(torch.tensor(logits), 1).numpy()  # the top class ties at 0
+    naive = np.mean([roc_auc_score(labels == k, saturated[:, k]) for k in range(3)])
+    assert np.mean(per_class) - naive > 0.01  # what a log-softmax would have reported

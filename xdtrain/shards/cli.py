@@ -19,7 +19,8 @@ from xdtrain.shards.splits import DEFAULT_FRACTIONS, parse_fractions, parse_rati
 
 USAGE = f"""xd-shard --dataset {{{",".join(PACKERS)}}} [options]
        xd-shard verify DIR
-       xd-shard info DIR"""
+       xd-shard info DIR
+       xd-shard locate --src NIFTI_FOLDER NAME..."""
 
 
 def pack_parser() -> argparse.ArgumentParser:
@@ -76,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("verify", "info"):
         return _folder_command(argv[0], argv[1:])
+    if argv and argv[0] == "locate":
+        return _locate(argv[1:])
     args = pack_parser().parse_args(argv)
     packer = PACKERS[args.dataset]
     src = Path(args.src or f"datasets/{args.dataset}")
@@ -133,6 +136,33 @@ def _folder_command(command: str, argv: list[str]) -> int:
         return 1
     print(f"{folder}: {checked} shard(s) match the manifest")
     return 0
+
+
+def _locate(argv: list[str]) -> int:
+    """``xd-shard locate --src NIFTI_FOLDER NAME…``: the files behind the pseudonyms a NIfTI
+    pack's messages and manifest name (``P…/S….nii.gz``), for whoever holds the key."""
+    parser = argparse.ArgumentParser(
+        prog="xd-shard locate",
+        description="Print the files below --src behind pseudonyms of a --dataset nifti pack.",
+    )
+    parser.add_argument("names", nargs="+", help="pseudonyms (P…, S…) or P…/S….nii.gz names")
+    parser.add_argument("--src", required=True, help="the NIfTI folder that was packed")
+    parser.add_argument("--key-file", default=None, help="the pseudonym key of the pack")
+    parser.add_argument("--patient-from", choices=["folder", "file"], default="folder")
+    args = parser.parse_args(argv)
+    from xdtrain.shards import nifti, pseudonyms
+
+    key_file = Path(args.key_file) if args.key_file else pseudonyms.default_key_file()
+    if not key_file.is_file():
+        raise UserError(f"--key-file {key_file}: not found; pass the key the pack was made with")
+    options = {"_key_file": str(key_file), "labels": None, "label_kind": "auto"}
+    options["patient_from"] = args.patient_from
+    wanted = [part.split(".")[0] for name in args.names for part in name.split("/") if part]
+    found = nifti.locate(Path(args.src), options, wanted)
+    for name in wanted:
+        for path in found[name] or ["(no file below --src has this pseudonym under this key)"]:
+            print(f"{name}\t{path}")
+    return 0 if all(found.values()) else 1
 
 
 def entry() -> None:

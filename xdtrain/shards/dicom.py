@@ -91,7 +91,15 @@ IDENTIFYING = (
     "StudyDescription",
     "SeriesDescription",
     "RequestingPhysician",
+    *(
+        f"{what}{kind}"
+        for what in ("Study", "Series", "Acquisition", "Content")
+        for kind in ("Date", "Time")
+    ),
+    "PatientBirthDate",
+    "AcquisitionDateTime",
 )
+DATES = {"StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate", "PatientBirthDate"}
 PERSON_NAMES = {  # of IDENTIFYING: person names, whose components are scrubbed too
     "PatientName",
     "OtherPatientNames",
@@ -466,7 +474,8 @@ def _read_file(path, src, options, context, series, seen_sop, counts, skipped) -
         )
         return
     for keyword in IDENTIFYING:
-        context.scrub.add(getattr(ds, keyword, None), name=keyword in PERSON_NAMES)
+        value = getattr(ds, keyword, None)
+        context.scrub.add(value, name=keyword in PERSON_NAMES, date=keyword in DATES)
     shown = context.scrub(rel(path, src))
     meta = getattr(ds, "file_meta", None)
     meta_class = str(getattr(meta, "MediaStorageSOPClassUID", "") or "")

@@ -11,10 +11,12 @@ the stored voxels scaled by the header's ``scl_slope``/``scl_inter`` (HU for CT 
 dcm2niix). Everything after that (selection, labels, windows, pseudonyms) is
 :mod:`xdtrain.shards.slices`.
 
-Folder and file names often hold a patient's name or ID: patients and volumes are named by
-keyed-hash pseudonyms, and the patient folder's name (or the file's, with ``--patient-from
-file``) is scrubbed from every path written. The labels CSV matches ``file`` (path below
-``--src``) and ``PatientID`` (the patient folder's or file's name).
+Folder and file names often hold a patient's name, ID or dates, and nothing in a NIfTI file
+tells them from other text: patients and volumes are named by keyed-hash pseudonyms, and
+messages and the manifest name a volume ``<patient pseudonym>/<volume pseudonym>.nii.gz``
+(``xd-shard locate`` finds the file again, with the key). The labels CSV matches ``file``
+(path below ``--src``) and ``PatientID`` (the patient folder's name, or with ``--patient-from
+file`` the file's path below ``--src`` without ``.nii``/``.nii.gz``).
 """
 
 from __future__ import annotations
@@ -74,6 +76,29 @@ def _patient(relative: Path, how: str) -> str:
     return relative.parts[0]
 
 
+def shown_name(relative: str, patient_id: str, names) -> str:
+    """How a volume is named in messages and the manifest: ``<patient>/<volume>.nii.gz`` by
+    their pseudonyms. NIfTI has no header to tell a name from other text, and exports name
+    files after patients (dcm2niix's ``%n``) as often as folders; ``xd-shard locate`` gives
+    the file of a pseudonym back to whoever holds the key."""
+    extension = ".nii.gz" if relative.lower().endswith(".gz") else ".nii"
+    return f"{names.patient(patient_id)}/{names.series(relative)}{extension}"
+
+
+def locate(src: Path, options: dict, wanted: list[str]) -> dict[str, list[str]]:
+    """The files below ``src`` whose volume or patient pseudonym (under the key of
+    ``options``) is one of ``wanted``: ``{pseudonym: [paths below src]}``."""
+    context = slices.Context.open(src, options)
+    found: dict[str, list[str]] = {name: [] for name in wanted}
+    for path in walk(src, NIFTI.fullmatch):
+        relative = rel(path, src)
+        patient = context.names.patient(_patient(Path(relative), options["patient_from"]))
+        for name in (context.names.series(relative), patient):
+            if name in found:
+                found[name].append(relative)
+    return found
+
+
 def _identifying(relative: Path, how: str) -> str:
     """The part of a path that names the patient, scrubbed from what is written: the
     patient folder, or the file's name."""
@@ -96,8 +121,8 @@ def scan(src: Path, options: dict) -> Scan:
     original = {}
     for path in files:
         relative = rel(path, src)
-        shown = context.scrub(relative)
         patient_id = _patient(Path(relative), options["patient_from"])
+        shown = shown_name(relative, patient_id, context.names)
         try:
             case = orientation.read_case({"volume": path}, "check")
         except SkipItem as exc:
@@ -149,8 +174,8 @@ def scan(src: Path, options: dict) -> Scan:
 
 
 def _scrubbed(exc: Exception, path: Path, shown: str, context) -> str:
-    """A reason from :mod:`xdtrain.shards.orientation` with the file named by its scrubbed
-    path below --src."""
+    """A reason from :mod:`xdtrain.shards.orientation` with the file named by its
+    pseudonymous name."""
     return context.scrub(str(exc).replace(path.name, shown))
 
 

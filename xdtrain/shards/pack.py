@@ -268,10 +268,27 @@ def _earlier_manifest(out: Path, fingerprint: dict, force: bool) -> dict | None:
     done = manifest_mod.load(out, missing_ok=True)
     if done is not None and not force and done.get("fingerprint") != fingerprint:
         raise UserError(
-            f"{out} already holds shards packed from other inputs or with other arguments; "
-            "pass --force to replace them or choose another --out"
+            f"{out} already holds shards packed from other inputs or with other arguments "
+            f"({_differences(done.get('fingerprint') or {}, fingerprint)}); pass --force to "
+            "replace them or choose another --out"
         )
     return done
+
+
+def _differences(old: dict, new: dict) -> str:
+    """What differs between two fingerprints, by name: ``options.windows, inputs``."""
+    names = []
+    for key in sorted(set(old) | set(new)):
+        if isinstance(old.get(key), dict) and isinstance(new.get(key), dict):
+            inner = old[key], new[key]
+            names += [
+                f"{key}.{k}"
+                for k in sorted(set(inner[0]) | set(inner[1]))
+                if inner[0].get(k) != inner[1].get(k)
+            ]
+        elif old.get(key) != new.get(key):
+            names.append(key)
+    return ", ".join(names) or "unknown"
 
 
 def _earlier_state(out: Path, fingerprint: dict, force: bool) -> dict | None:
@@ -352,7 +369,7 @@ def pack(
     shown = scan.scrub or str  # paths as written: without identifiers the scan has read
     if scan.scrub is not None and scan.scrub.names_a_value(str(out.resolve())):
         raise UserError(
-            f"--out: its path holds a name or ID from the export's headers ("
+            f"--out: its path holds a name or ID of the export ("
             f"{scan.scrub(str(out.resolve()))}); shard folders travel into run folders and "
             "reports: name it without patient names or IDs"
         )
@@ -364,7 +381,18 @@ def pack(
         "splits": ratios,
         "fractions": list(fractions),
         "shard_bytes": shard_bytes,
-        "options": {k: shown(v) if isinstance(v, str) else v for k, v in options.items()},
+        # options starting with "_" say where this process finds things (the pseudonym key
+        # file), not what is packed: a key moved elsewhere packs the same shards
+        "options": {
+            k: shown(v) if isinstance(v, str) else v
+            for k, v in options.items()
+            if not k.startswith("_")
+        },
+        **(
+            {"pseudonym_key": scan.info["pseudonyms"]["key_id"]}
+            if "pseudonyms" in scan.info
+            else {}
+        ),
         "tool": __version__,
     }
     # as the state file and the manifest hold it: options of tuples compare equal to lists

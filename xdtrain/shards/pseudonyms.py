@@ -127,9 +127,12 @@ class Pseudonyms:
 _UID = re.compile(r"(?<![\d.])\d+(?:\.\d+){2,}(?![\d.])")
 _SEP = r"[-_./]?"
 _DAY, _MONTH, _YEAR = r"(?:0[1-9]|[12]\d|3[01])", r"(?:0[1-9]|1[0-2])", r"(?:19|20)\d{2}"
+# a date-time's time: DICOM DT (…HHMMSS.FFFFFF), dcm2niix names, ISO (THH:MM:SS)
+_TIME = r"(?:[T_\-.\s]?\d{2}(?::?\d{2}){1,2}(?:\.\d+)?)?"
 _DATE = re.compile(
-    rf"(?<!\d)(?:{_YEAR}{_SEP}{_MONTH}{_SEP}{_DAY}|{_DAY}{_SEP}{_MONTH}{_SEP}{_YEAR})(?!\d)"
+    rf"(?<!\d)(?:{_YEAR}{_SEP}{_MONTH}{_SEP}{_DAY}|{_DAY}{_SEP}{_MONTH}{_SEP}{_YEAR}){_TIME}(?!\d)"
 )
+_MONTHS = ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")
 REDACTED = "[redacted]"
 SHORT = 3  # values shorter than this (a 2-letter name part, a 2-digit ID) match whole tokens only
 
@@ -147,10 +150,15 @@ class Scrubber:
         self._values: set[str] = set()
         self._pattern: re.Pattern | None = None
 
-    def add(self, value, name: bool = False) -> None:
+    def add(self, value, name: bool = False, date: bool = False) -> None:
         """Add a header value (each of a multi-valued element's); ``name``: a person name,
-        whose components (``Doe^John``: ``Doe``, ``John``) are added too."""
-        for part in _parts(value, name):
+        whose components (``Doe^John``: ``Doe``, ``John``) are added too; ``date``: a DICOM
+        date (YYYYMMDD), whose other spellings (YYMMDD, DDMMYYYY, DDMMYY, 15jan2023) are
+        added too (YYYY-MM-DD and the like are caught by their shape)."""
+        parts = _parts(value, name)
+        if date:
+            parts = [form for part in parts for form in _date_forms(part)]
+        for part in parts:
             if part.lower() not in self._values:
                 self._values.add(part.lower())
                 self._pattern = None
@@ -174,11 +182,22 @@ class Scrubber:
             self._pattern = re.compile("|".join(alternatives), re.I)
 
     def _scrub(self, text: str) -> str:
+        # shapes first: a date-time goes whole, not its date (a value) leaving its time
+        text = _DATE.sub(REDACTED, _UID.sub(REDACTED, text))
         self._compile()
-        if self._pattern is not None:
-            text = self._pattern.sub(REDACTED, text)
-        pieces = text.split(REDACTED)
-        return REDACTED.join(_DATE.sub(REDACTED, _UID.sub(REDACTED, p)) for p in pieces)
+        if self._pattern is None:
+            return text
+        return REDACTED.join(self._pattern.sub(REDACTED, p) for p in text.split(REDACTED))
+
+
+def _date_forms(value: str) -> list[str]:
+    if not re.fullmatch(r"\d{8}", value):
+        return [value]
+    year, month, day = value[:4], value[4:6], value[6:]
+    forms = [value, year[2:] + month + day, day + month + year, day + month + year[2:]]
+    if 1 <= int(month) <= 12:
+        forms.append(f"{day}{_MONTHS[int(month) - 1]}{year}")
+    return forms
 
 
 def _parts(value, name: bool) -> list[str]:

@@ -136,11 +136,17 @@ def options(args, default_size: int = 256) -> dict:
     size = output_side(args, default_size)
     labels = str(Path(args.labels).resolve()) if args.labels else None
     if labels and not Path(labels).is_file():
-        raise UserError(f"--labels {args.labels}: not found; pass the labels CSV")
+        what = "a folder" if Path(labels).is_dir() else "not found"
+        raise UserError(f"--labels {args.labels}: {what}; pass the labels CSV file")
     key_file = Path(args.key_file) if args.key_file else pseudonyms.default_key_file()
     src = Path(args.src or f"datasets/{args.dataset}")
     out = Path(args.out or f"shards/{args.dataset}")
     pseudonyms.check_key_place(key_file, out, src)
+    if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
+        raise UserError(
+            f"--out {out}: lies inside --src {src}; every file below --src is read as part of "
+            "the export: choose an --out outside it"
+        )
     return {
         "windows": windows.parse_windows(args.windows),
         "modalities": modalities,
@@ -153,7 +159,7 @@ def options(args, default_size: int = 256) -> dict:
         "labels": labels,
         "label_kind": args.label_kind,
         "seed": args.seed,
-        "key_file": str(key_file.expanduser().resolve()),
+        "_key_file": str(key_file.expanduser().resolve()),
     }
 
 
@@ -193,7 +199,7 @@ class Context:
 
     @classmethod
     def open(cls, src: Path, options: dict) -> Context:
-        key_file = Path(options["key_file"])
+        key_file = Path(options["_key_file"])
         pseudonyms.check_key_place(key_file, src, src)
         key = pseudonyms.load_key(key_file)
         table = None

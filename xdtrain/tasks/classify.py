@@ -8,7 +8,8 @@ the classes, so a new data set needs no Python module. The batch says which: ``l
 
 Metrics: ``auroc_mean``, the mean over classes of the one-vs-rest AUROC (scikit-learn's
 ``roc_auc_score``) of the softmax probabilities (single-label; as sklearn's
-``multi_class="ovr", average="macro"``) or of each class's logit (multi-label); a class
+``multi_class="ovr", average="macro"``, ranked by their log-odds, which never saturate) or of
+each class's logit (multi-label); a class
 without both positives and negatives in the split is left out of the mean and named in
 ``auroc_undefined``. Single-label runs also report top-1 accuracy (and top-5 with more than
 five classes).
@@ -24,6 +25,17 @@ from xdtrain.distributed import sum_tensor
 from xdtrain.losses import multilabel_bce
 from xdtrain.metrics import MultiLabelAUROC, TopKAccuracy
 from xdtrain.tasks.base import Metrics, Task, class_weights
+
+
+def log_odds(logits: torch.Tensor) -> torch.Tensor:
+    """``log(p_k / (1 - p_k))`` of the softmax probabilities ``p``, ``[B, C]`` float64:
+    ``l_k - logsumexp_{j != k} l_j``. It ranks samples as ``p_k`` does (AUROC is invariant to
+    monotonic maps) but never saturates: a float32 softmax ties at 0 and at 1 once logits
+    lie tens apart, and a log-softmax at 0 for the top class."""
+    values = logits.detach().double()
+    eye = torch.eye(values.shape[1], dtype=torch.bool, device=values.device)
+    others = values.unsqueeze(1).expand(-1, values.shape[1], -1).masked_fill(eye, float("-inf"))
+    return values - torch.logsumexp(others, dim=2)
 
 
 def multilabel(batch: dict) -> bool:
@@ -52,12 +64,7 @@ class ClassScores(Metrics):
         labels = batch["label"]
         self.single = not multilabel(batch)
         if self.single:
-            # the log of the softmax probabilities, in float64: the same ranking (AUROC is
-            # invariant to monotonic maps), without float32 softmax's ties at 0 and 1 when
-            # logits lie far apart
-            scores = torch.log_softmax(outputs.double(), dim=1)
-            one_hot = F.one_hot(labels, len(self.names))
-            self.auroc.update(scores, one_hot)
+            self.auroc.update(log_odds(outputs), F.one_hot(labels, len(self.names)))
             self.accuracy.update(outputs, labels)
         else:
             self.auroc.update(outputs, labels)
