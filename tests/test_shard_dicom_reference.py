@@ -264,22 +264,15 @@ def _enhanced(path: Path, ds, patient: int, study: int, label: str) -> Reference
     )
 
 
+def _argv(export: Path, key_file: Path, out: Path, *extra: str) -> list[str]:
+    """``xd-shard`` arguments packing the export with its labels and the test's key."""
+    return ["--dataset", "dicom", "--src", str(export), "--out", str(out)] + [
+        *("--labels", str(export / "labels.csv"), "--key-file", str(key_file), *extra)
+    ]
+
+
 def _options(export: Path, key_file: Path, out: Path, *extra: str) -> dict:
-    args = pack_parser().parse_args(
-        [
-            "--dataset",
-            "dicom",
-            "--src",
-            str(export),
-            "--out",
-            str(out),
-            "--labels",
-            str(export / "labels.csv"),
-            "--key-file",
-            str(key_file),
-            *extra,
-        ]
-    )
+    args = pack_parser().parse_args(_argv(export, key_file, out, *extra))
     return PACKERS["dicom"].options(args)
 
 
@@ -452,28 +445,8 @@ def test_packed_pngs_equal_a_rendering_of_the_reference(
     export, key_file, references, parts, tmp_path, size, windows, bits, names
 ):
     out = tmp_path / "shards"
-    argv = [
-        "--dataset",
-        "dicom",
-        "--src",
-        str(export),
-        "--out",
-        str(out),
-        "--labels",
-        str(export / "labels.csv"),
-        "--key-file",
-        str(key_file),
-        "--size",
-        str(size),
-        "--windows",
-        windows,
-        "--bits",
-        str(bits),
-        "--workers",
-        "1",
-        "--quiet",
-    ]
-    assert shard_main(argv) == 0
+    extra = ["--size", str(size), "--windows", windows, "--bits", str(bits)]
+    assert shard_main(_argv(export, key_file, out, *extra, "--workers", "1", "--quiet")) == 0
     by_key = {key: references[uid] for uid, found in parts.items() for key, _ in found}
     part_of = {key: index for found in parts.values() for index, (key, _) in enumerate(found)}
     samples = _samples(out)

@@ -199,9 +199,7 @@ class Context:
 
     @classmethod
     def open(cls, src: Path, options: dict) -> Context:
-        key_file = Path(options["_key_file"])
-        pseudonyms.check_key_place(key_file, src, src)
-        key = pseudonyms.load_key(key_file)
+        key = pseudonyms.load_key(Path(options["_key_file"]))  # its place: checked by options()
         table = None
         if options["labels"]:
             table = labels_mod.read(options["labels"], options["label_kind"], root=src)
@@ -342,7 +340,7 @@ def sources(volumes: list[Volume], context: Context) -> list[Source]:
             if names:
                 first_class.setdefault(volume.patient, names[0])
     out = []
-    for index, volume in enumerate(volumes):
+    for volume in volumes:
         keep = volume.extra["keep"]
         if context.table is None:
             stored = [[UNLABELLED]] * len(keep)
@@ -358,7 +356,6 @@ def sources(volumes: list[Volume], context: Context) -> list[Source]:
             "indices": keep,
             "stored_labels": stored,
             "multilabel": bool(context.table and context.table.multilabel),
-            "case_index": index,
             **{k: v for k, v in volume.extra.items() if k != "keep"},
         }
         out.append(
@@ -416,27 +413,24 @@ def _spacing_stats(spacings: np.ndarray) -> dict:
 # --------------------------------------------------------------------------- encoding
 
 
-def intensity_window(source: Source, options: dict, planes: list[np.ndarray]) -> tuple:
-    """``(windows, fill)`` for a volume: the HU windows for CT; for MR one window from the
-    volume's own percentiles (every channel the same), padding with its minimum."""
-    if source.params["modality"] == "CT":
-        return options["windows"], CT_FILL
+def mr_window(planes: list[np.ndarray], percentiles: list[float]) -> tuple[float, float]:
+    """An MR volume's window: the ``percentiles`` (low, high) of all its kept slices."""
     values = np.concatenate([p.ravel() for p in planes]) if planes else np.zeros(1)
-    low, high = np.percentile(values, options["mr_percentiles"])
-    if not high > low:
-        high = low + 1.0
-    return [(float(low), float(high))] * len(options["windows"]), float(values.min())
+    low, high = (float(v) for v in np.percentile(values, percentiles))
+    return low, (high if high > low else low + 1.0)
 
 
 def samples(source: Source, planes: Iterable[np.ndarray], options: dict) -> list[Sample]:
     """The samples of one volume from its kept slices' values (``planes``, in the order of
-    ``source.params["indices"]``, each HxW in the canonical view). CT slices are rendered as
-    they come; an MR volume is read whole first, for its percentiles."""
+    ``source.params["indices"]``, each HxW in the canonical view). CT slices are windowed in
+    HU as they come, padded with air; an MR volume is read whole first, for its own
+    percentile window (every channel the same), padded with its minimum."""
     if source.params["modality"] == "CT":
-        chosen, fill = intensity_window(source, options, [])
+        chosen, fill = options["windows"], CT_FILL
     else:
         planes = list(planes)
-        chosen, fill = intensity_window(source, options, planes)
+        chosen = [mr_window(planes, options["mr_percentiles"])] * len(options["windows"])
+        fill = min((float(p.min()) for p in planes), default=0.0)
     params = source.params
     depth = params["depth"]
     width = max(3, len(str(depth - 1)))

@@ -8,12 +8,10 @@ flips between), so a 3-channel encoder sees three views of one slice.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from xdtrain.errors import UserError
-from xdtrain.shards.base import quantise
+from xdtrain.shards.base import float_pair, quantise
 
 # (low, high) in HU, from the usual centre/width presets: soft tissue L40 W400, lung L-600
 # W1500, bone L400 W1800, brain L40 W80, liver L60 W160, mediastinum L50 W350.
@@ -40,17 +38,13 @@ def parse_windows(text: str) -> list[tuple[float, float]]:
         if item in PRESETS:
             windows.append(PRESETS[item])
             continue
-        try:
-            low, high = (float(v) for v in item.split(","))
-            if not (math.isfinite(low) and math.isfinite(high)):
-                raise ValueError
-        except ValueError:
+        try:  # the parsing (and checks) of every low,high option
+            low, high = float_pair(item, "--windows", EXAMPLE)
+        except UserError:
             raise UserError(
                 f"--windows {text}: {item!r} is neither a preset ({', '.join(PRESETS)}) nor "
-                f"low,high in HU; e.g. {EXAMPLE}"
+                f"low,high in HU with low below high; e.g. {EXAMPLE}"
             ) from None
-        if low >= high:
-            raise UserError(f"--windows {text}: in {item!r} low must be below high")
         windows.append((low, high))
     if len(windows) not in (1, 3):
         raise UserError(
