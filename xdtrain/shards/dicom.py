@@ -137,7 +137,7 @@ class Frame:
 
     path: str
     relative: str  # path below --src (matched against the labels CSV's file column)
-    shown: str  # path below --src, scrubbed
+    shown: str  # path below --src, scrubbed once the scan has read every header
     frame: int | None  # frame index in a multi-frame file
     sop: str
     series: str
@@ -426,7 +426,8 @@ def scan(src: Path, options: dict) -> Scan:
     with _quietly():
         for path in files:
             _read_file(path, src, options, context, series, seen_sop, counts, skipped)
-    # a path was scrubbed with the identifiers read until then: again, with all of them
+    # paths are scrubbed once every header is read, with all their identifiers: a file read
+    # before its patient's headers is scrubbed too, and the pattern is compiled once
     for entry in skipped:  # (reasons name no file)
         entry["input"] = context.scrub(entry["input"])
     for frames in series.values():
@@ -462,7 +463,7 @@ def scan(src: Path, options: dict) -> Scan:
 
 def _read_file(path, src, options, context, series, seen_sop, counts, skipped) -> None:
     """Read one file's header into ``series``, or count or list why not."""
-    shown = context.scrub(rel(path, src))
+    shown = rel(path, src)  # scrubbed once every header is read (see scan)
     try:
         ds = _read_header(path)
     except _Ignored as exc:
@@ -476,7 +477,6 @@ def _read_file(path, src, options, context, series, seen_sop, counts, skipped) -
     for keyword in IDENTIFYING:
         value = getattr(ds, keyword, None)
         context.scrub.add(value, name=keyword in PERSON_NAMES, date=keyword in DATES)
-    shown = context.scrub(rel(path, src))
     meta = getattr(ds, "file_meta", None)
     meta_class = str(getattr(meta, "MediaStorageSOPClassUID", "") or "")
     if meta_class != DICOMDIR_CLASS and not getattr(ds, "SOPClassUID", None):
