@@ -155,6 +155,31 @@ def test_contrast_pivots_on_the_mean_grey_level_as_torchvision(name, factor, dev
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("b,c", [(1.4, 1.0), (1.0, 0.5), (0.8, 1.5)])
+def test_a_stack_of_ct_windows_is_jittered_channel_by_channel(b, c, device):
+    """Three HU windows of one slice (xd-shard --windows soft/lung/bone) are no colours:
+    each channel is brightened and contrasted as the greyscale image it is (torchvision's
+    steps on each channel alone), not around the RGB luma."""
+    from xdtrain.shards import windows
+
+    hu, _, _ = synth_lits.scan("small", 0, 0)
+    plane = hu[:, :, hu.shape[2] // 2].T
+    stack = np.ascontiguousarray(
+        windows.render(plane, windows.parse_windows("soft/lung/bone"), 64, 8, -1024.0)
+    )
+    got = dali_unit(stack, lambda x: brightness_contrast(x, b, c, False), device)
+    x = chw(unit(stack))
+    ref = np.concatenate(
+        [hwc(TF.adjust_contrast(TF.adjust_brightness(x[i : i + 1], b), c)) for i in range(3)],
+        axis=2,
+    )
+    close("window stack", got, ref, max_err=1e-6, mean_err=1e-7)
+    if c != 1.0:  # the RGB reading of the same stack would pivot elsewhere
+        rgb = hwc(TF.adjust_contrast(TF.adjust_brightness(x, b), c))
+        assert np.abs(rgb - ref).max() > 0.01
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_brightness_then_contrast_clamps_once(device):
     """Both factors in one step: b·(m + c·(x − m)), clamped at the end only."""
     image = IMAGES["film8"]
