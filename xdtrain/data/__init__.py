@@ -14,7 +14,7 @@ from pathlib import Path
 
 from xdtrain.config import DataConfig
 from xdtrain.data.presets import PRESETS, get_preset
-from xdtrain.data.shardset import ShardSet, open_split
+from xdtrain.data.shardset import ShardSet, open_split, sample_of
 from xdtrain.errors import UserError
 
 __all__ = ["build_loader", "resolve_device", "PRESETS"]
@@ -59,13 +59,19 @@ def build_loader(
     seed: int = 0,
     debug: bool = False,
     train: bool | None = None,
+    sample: int | None = None,
+    sample_seed: int = 0,
 ):
     """The batches of ``split`` that ``rank`` of ``world_size`` reads.
 
     ``train`` (default: ``split == "train"``) shuffles, augments with ``data.augment`` and
-    drops the last partial batch; otherwise the evaluation graph reads every sample once."""
+    drops the last partial batch; otherwise the evaluation graph reads every sample once.
+    ``sample``: read only a fixed sample of that many samples of the split, drawn with
+    ``sample_seed`` (:func:`xdtrain.data.shardset.sample_of`)."""
     train = split == "train" if train is None else train
     shardset = open_split(shard_folder(data), data.dataset, split, data.fraction)
+    if sample is not None:
+        shardset = sample_of(shardset, sample, sample_seed)
     check_channels(data, shardset)
     kind = "segment" if shardset.layout.kind == "segmentation" else "classify"
     augment = data.augment or ("segment" if kind == "segment" else "standard")

@@ -15,6 +15,7 @@ A batch is a dict of torch tensors (on the GPU when the pipeline runs there):
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from xdtrain.shards.base import Layout
@@ -36,3 +37,24 @@ def labels(layout: Layout, raw: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"label": raw.float()}
     pos = raw.long()
     return {"case": pos[:, 0], "slice": pos[:, 1], "slices": pos[:, 2]}
+
+
+def label_kind(layout_kind: str, classes: list[str]) -> tuple[str, list[str]]:
+    """``(kind, class names)`` of per-sample labels (:func:`sample_labels`): ``multiclass``,
+    ``multilabel``, or for segmentation ``presence``, over the classes after background."""
+    if layout_kind == "segmentation":
+        return "presence", classes[1:]
+    return layout_kind, classes
+
+
+def sample_labels(batch: dict, kind: str, num_classes: int) -> np.ndarray:
+    """One label per sample of ``batch``: int64 ``[B]`` class indices (``multiclass``) or
+    uint8 ``[B, num_classes]`` multi-hot (``multilabel``; ``presence``: which foreground
+    classes the slice's mask holds, class ``c`` of the vector being mask value ``c + 1``)."""
+    if kind == "multiclass":
+        return batch["label"].cpu().numpy().astype(np.int64)
+    if kind == "multilabel":
+        return (batch["label"].cpu().numpy() > 0.5).astype(np.uint8)
+    mask = batch["mask"].cpu().flatten(1)
+    present = [(mask == c).any(1) for c in range(1, num_classes + 1)]
+    return torch.stack(present, 1).numpy().astype(np.uint8)

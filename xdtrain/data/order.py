@@ -81,8 +81,8 @@ def rank_pieces(order: list[Piece], rank: int, world_size: int) -> list[Piece]:
 
 def reader_pieces(reader, epoch: int) -> list[Piece]:
     """Rank ``reader.rank``'s pieces of ``epoch``: :func:`epoch_order` cut by
-    :func:`rank_pieces`, for a loader (anything with ``shardset``, ``seed``, ``train``,
-    ``rank`` and ``world_size``)."""
+    :func:`rank_pieces` (of the shard set's sample, when it is one), for a loader (anything
+    with ``shardset``, ``seed``, ``train``, ``rank`` and ``world_size``)."""
     order = epoch_order(
         list(reader.shardset.counts),
         seed=reader.seed,
@@ -90,4 +90,8 @@ def reader_pieces(reader, epoch: int) -> list[Piece]:
         train=reader.train,
         world_size=reader.world_size,
     )
-    return rank_pieces(order, reader.rank, reader.world_size)
+    pieces = rank_pieces(order, reader.rank, reader.world_size)
+    chosen = reader.shardset.positions  # a sample of the split: positions among its lines
+    if chosen is None:
+        return pieces
+    return [Piece(p.shard, tuple(chosen[p.shard][i] for i in p.positions)) for p in pieces]

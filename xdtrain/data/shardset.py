@@ -8,11 +8,15 @@ declares its own; a user's own data set's depends on how it was packed).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from xdtrain.errors import UserError
+from xdtrain.rng import rng_for
 from xdtrain.shards import PACKERS
 from xdtrain.shards import manifest as manifests
 from xdtrain.shards.base import Layout
@@ -46,6 +50,9 @@ class ShardSet:
     classes: tuple[str, ...]
     image_ext: str
     bits: int
+    # a sample of the split (:func:`sample_of`): the index lines of each shard that are read;
+    # ``counts`` then counts those. None: every sample.
+    positions: tuple[tuple[int, ...], ...] | None = None
 
     @property
     def num_classes(self) -> int:
@@ -104,6 +111,30 @@ def open_split(folder: str | Path, dataset: str, split: str, fraction: float = 1
         classes=tuple(manifest["classes"]),
         image_ext=image_ext,
         bits=int(options.get("bits", 8)),
+    )
+
+
+def sample_of(shardset: ShardSet, count: int, seed: int) -> ShardSet:
+    """A fixed, seeded sample of ``count`` samples of ``shardset`` (all of them when it holds
+    no more): positions drawn without replacement from ``(seed, "sample", split)``, read in
+    stored order. The same folder, count and seed always give the same samples, whatever the
+    number of ranks or threads that read them."""
+    if count < 1:
+        raise ValueError(f"a sample needs at least one sample, not {count}")
+    if shardset.positions is not None:
+        raise ValueError("sample_of takes a whole split, not a sample of one")
+    total = shardset.samples
+    if count >= total:
+        return shardset
+    rng = rng_for(seed, "sample", shardset.split)
+    chosen = np.sort(rng.choice(total, size=count, replace=False))
+    starts = np.cumsum((0, *shardset.counts))
+    positions = tuple(
+        tuple(int(p - a) for p in chosen[(chosen >= a) & (chosen < b)])
+        for a, b in zip(starts[:-1], starts[1:], strict=True)
+    )
+    return dataclasses.replace(
+        shardset, positions=positions, counts=tuple(map(len, positions)), samples=count
     )
 
 

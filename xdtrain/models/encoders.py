@@ -12,6 +12,11 @@ import torchvision
 from torch import nn
 
 ENCODERS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048}  # name -> feature width
+# the encoder's stages, in the order of :func:`stage_features`
+STAGES = ("stem", "layer1", "layer2", "layer3", "layer4")
+# blocks per stage (layer1-4) and block kind: how a state dict tells its depth
+_DEPTHS = {"resnet18": ((2, 2, 2, 2), False), "resnet34": ((3, 4, 6, 3), False)}
+_DEPTHS["resnet50"] = ((3, 4, 6, 3), True)
 # channels of the feature maps at 1/2 (stem), 1/4, 1/8, 1/16 and 1/32 of the input
 STAGE_CHANNELS = {
     "resnet18": (64, 64, 128, 256, 512),
@@ -43,6 +48,27 @@ def stage_features(encoder: torchvision.models.ResNet, x: torch.Tensor) -> list[
     x3 = encoder.layer3(x2)
     x4 = encoder.layer4(x3)
     return [stem, x1, x2, x3, x4]
+
+
+def stage_embeddings(encoder: torchvision.models.ResNet, x: torch.Tensor) -> list[torch.Tensor]:
+    """Each stage's feature map averaged over space: ``[B, C_s]`` per stage of :data:`STAGES`
+    (the last one is the encoder's output, the embedding a classifier head sees)."""
+    return [f.float().mean(dim=(2, 3)) for f in stage_features(encoder, x)]
+
+
+def encoder_name_of(state: dict[str, torch.Tensor]) -> str | None:
+    """Which of :data:`ENCODERS` a state dict with torchvision keys is (by its blocks per
+    stage and whether they are bottlenecks), or None."""
+    blocks = []
+    for layer in range(1, 5):
+        prefix = f"layer{layer}."
+        indices = {int(k[len(prefix) :].split(".")[0]) for k in state if k.startswith(prefix)}
+        blocks.append(max(indices) + 1 if indices else 0)
+    bottleneck = "layer1.0.conv3.weight" in state
+    for name, (depths, deep) in _DEPTHS.items():
+        if tuple(blocks) == depths and bottleneck == deep:
+            return name
+    return None
 
 
 def adapt_first_conv(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
