@@ -55,3 +55,32 @@ def packed(raw, tmp_path_factory):
         assert main(argv + ["--workers", "1", *extra]) == 0
         folders[name] = out
     return folders
+
+
+@pytest.fixture(scope="session")
+def grid_runs(packed, tmp_path_factory):
+    """A SimCLR run and LiTS runs from scratch and from its encoder, two seeds each (one
+    epoch of 4-sample batches at 32 px: tiny runs for xd-eval, xd-report and xd-analyze)."""
+    from helpers import demo_args
+
+    from xdtrain.train import main as train_main
+
+    def tiny(config, shards, run, *extra):
+        return [*demo_args(config, shards, run, "data.batch_size=4", "train.epochs=1"), *extra]
+
+    root = tmp_path_factory.mktemp("runs")
+    pre = root / "pt"
+    assert train_main(tiny("pt_simclr_imagenet.yaml", packed["imagenet"], pre)) == 0
+    for seed in (0, 1):
+        scratch = tiny(
+            "ft_lits.yaml", packed["lits"], root / f"scratch{seed}", "--set", f"run.seed={seed}"
+        )
+        assert train_main(scratch) == 0
+        weights = [
+            "--set",
+            f"model.encoder_weights={pre / 'encoder.pt'}",
+            "--set",
+            f"run.seed={seed}",
+        ]
+        assert train_main(tiny("ft_lits.yaml", packed["lits"], root / f"pre{seed}", *weights)) == 0
+    return root

@@ -33,27 +33,6 @@ def tiny(config: str, shards: Path, run: Path, *extra: str) -> list[str]:
     return [*demo_args(config, shards, run, "data.batch_size=4", "train.epochs=1"), *extra]
 
 
-@pytest.fixture(scope="module")
-def grid_runs(packed, tmp_path_factory):
-    """A SimCLR run and LiTS runs from scratch and from its encoder, two seeds each."""
-    root = tmp_path_factory.mktemp("runs")
-    pre = root / "pt"
-    assert train_main(tiny("pt_simclr_imagenet.yaml", packed["imagenet"], pre)) == 0
-    for seed in (0, 1):
-        scratch = tiny(
-            "ft_lits.yaml", packed["lits"], root / f"scratch{seed}", "--set", f"run.seed={seed}"
-        )
-        assert train_main(scratch) == 0
-        weights = [
-            "--set",
-            f"model.encoder_weights={pre / 'encoder.pt'}",
-            "--set",
-            f"run.seed={seed}",
-        ]
-        assert train_main(tiny("ft_lits.yaml", packed["lits"], root / f"pre{seed}", *weights)) == 0
-    return root
-
-
 def test_eval_reproduces_the_runs_own_test_row_and_draws(grid_runs, capsys):
     run = grid_runs / "pre0"
     assert eval_main([str(run), "--split", "test"]) == 0

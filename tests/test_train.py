@@ -363,7 +363,22 @@ def torchrun2(*train_args: str, torchrun: tuple[str, ...] = ()):
 @pytest.mark.parametrize(
     "config,data,extra",
     [
-        ("pt_simclr_imagenet.yaml", "imagenet", ["--set", "data.batch_size=4"]),
+        (
+            "pt_simclr_imagenet.yaml",
+            "imagenet",
+            [
+                "--set",
+                "data.batch_size=4",
+                "--set",
+                "monitor.every=1",
+                "--set",
+                "monitor.bank_samples=20",
+                "--set",
+                "monitor.query_samples=9",
+                "--set",
+                "monitor.k=5",
+            ],
+        ),  # fmt: skip
         ("ft_brats.yaml", "brats", ["--set", "data.batch_size=4"]),
     ],
 )
@@ -378,7 +393,23 @@ def test_torchrun_with_two_cpu_processes(packed, tmp_path, config, data, extra):
     assert [r["epoch"] for r in rows(run, "val")] == [1, 2] and len(rows(run, "test")) == 1
     assert all(math.isfinite(r["loss"]) for r in train)
     if config.startswith("pt_"):
-        return  # NT-Xent's negatives are the batch-mates: batches of 2 ranks score otherwise
+        # NT-Xent's negatives are the batch-mates: batches of 2 ranks score otherwise; the
+        # kNN monitor is the same whatever the ranks: one process scoring the final encoder
+        # agrees with the last monitor row (each rank embedded its half of both samples)
+        from xdtrain.evaluate import precision
+        from xdtrain.models.encoders import build_encoder
+        from xdtrain.monitor import KnnMonitor
+
+        watched = rows(run, "monitor")
+        assert [r["epoch"] for r in watched] == [0, 1, 2]
+        encoder = build_encoder("resnet18")
+        encoder.load_state_dict(torch.load(run / "encoder.pt", weights_only=True))
+        alone = KnnMonitor(load_config(run / "config.yaml"), 0, 1)
+        cpu = torch.device("cpu")
+        result = alone(encoder, cpu, precision("off", cpu))
+        assert watched[-1]["knn_top1"] == pytest.approx(result["knn_top1"], abs=1e-9)
+        assert watched[-1]["knn_chance"] == result["knn_chance"]
+        return
     # the test row is the saved model's score: one process scoring final.pt agrees (the
     # ranks' batch-norm statistics differ after training until rank 0's are sent to all)
     from xdtrain.evaluate import main as eval_main

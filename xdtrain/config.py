@@ -126,6 +126,22 @@ class TrainConfig:
 
 
 @dataclass
+class MonitorConfig:
+    """The kNN monitor: how well the encoder's embeddings classify a labelled split, during
+    training (meant for SimCLR, whose own loss says little about what the features know)."""
+
+    every: int = 0  # epochs between kNN evaluations (and the last epoch); 0: off
+    dataset: DatasetName | None = None  # labelled shards to score on; null: data.dataset
+    shards: str = ""  # their folder; empty: shards/<dataset>
+    bank_split: Literal["train", "val", "test"] = "train"  # the labelled memory bank
+    query_split: Literal["train", "val", "test"] = "val"  # the samples classified
+    bank_samples: int = 2048  # fixed, seeded sample of the bank split (bounds the cost)
+    query_samples: int = 1024  # fixed, seeded sample of the query split
+    k: int = 20  # neighbours that vote (Wu et al. 2018)
+    temperature: float = 0.07  # vote weight exp(cosine similarity / temperature)
+
+
+@dataclass
 class Config:
     """One experiment: a task (``simclr`` pretraining or a finetuning task) and its settings."""
 
@@ -137,6 +153,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
 
 # --------------------------------------------------------------------------- value ranges
@@ -195,6 +212,11 @@ RANGES: dict[tuple[str, str], Range] = {
     ("train", "log_every"): AT_LEAST_1,
     ("train", "checkpoint_minutes"): POSITIVE,
     ("train", "max_nonfinite"): AT_LEAST_1,
+    ("monitor", "every"): NON_NEGATIVE,
+    ("monitor", "bank_samples"): AT_LEAST_1,
+    ("monitor", "query_samples"): AT_LEAST_1,
+    ("monitor", "k"): AT_LEAST_1,
+    ("monitor", "temperature"): POSITIVE,
 }
 
 

@@ -28,12 +28,12 @@ import json
 import math
 import sys
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 
-from xdtrain.config import config_to_dict, load_config
+from xdtrain.config import MonitorConfig, config_to_dict, load_config
 from xdtrain.errors import UserError, run_cli
 from xdtrain.fileio import atomic_write
 from xdtrain.provenance import KEPT, encoder_changed, find_by_sha, read_env
@@ -64,6 +64,9 @@ NOT_DEFINING = {
     "train.max_nonfinite": "a guard that stops a diverged run; a finished run never hit it",
     "train.compile": "the same model, compiled: speed only",
     "train.channels_last": "memory layout of the same tensors: speed only",
+} | {
+    f"monitor.{f.name}": "the kNN monitor looks at the encoder, never changes it"
+    for f in fields(MonitorConfig)
 }
 # Keys the rows are grouped by already (with the pretraining).
 GROUPING = ("task", "data.fraction", "model.frozen_encoder")
@@ -576,6 +579,31 @@ def markdown(rows: list[dict], runs: list[Run], remarks: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def analysis_section(out: Path, analysis: str | None) -> str:
+    """The link to an ``xd-analyze grid`` folder and its figures (what pretraining leaves
+    in the encoders), or nothing when there is none."""
+    import os
+
+    folder = Path(analysis) if analysis else out / "analysis"
+    index = folder / "index.md"
+    if not index.is_file():
+        if analysis:
+            raise UserError(f"{folder}: no index.md; run `xd-analyze grid RUNS --out {folder}`")
+        return ""
+    where = Path(os.path.relpath(folder.resolve(), out.resolve()))
+    lines = ["", "## Feature-space analysis", ""]
+    lines.append(
+        f"CKA between encoders, probes of frozen encoders and domain maps: "
+        f"[{where / 'index.md'}]({where / 'index.md'})."
+    )
+    figures = sorted(p.name for p in folder.glob("*.png"))
+    shown = [f for f in figures if "same_stage" in f or f.startswith("map_")]
+    shown += [f for f in figures if "_to_finetuned" in f or "to_finetuned" in f]
+    for name in dict.fromkeys(shown):
+        lines += ["", f"![{name[:-4]}]({where / name})"]
+    return "\n".join(lines) + "\n"
+
+
 ROW_FIELDS = [
     "task",
     "metric",
@@ -713,6 +741,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("dirs", nargs="+", help="run folders, or folders holding run folders")
     parser.add_argument("--out", default="report", help="output folder (default: report/)")
+    parser.add_argument(
+        "--analysis",
+        help="folder written by `xd-analyze grid` to link (default: OUT/analysis when it has one)",
+    )
     args = parser.parse_args(argv)
     runs = find_runs([Path(d) for d in args.dirs])
     rows = cells(runs)
@@ -722,7 +754,7 @@ def main(argv: list[str] | None = None) -> int:
     table, per_run = write_csv(rows, runs)
     atomic_write(out / "results.csv", table)
     atomic_write(out / "runs.csv", per_run)
-    text = markdown(rows, runs, remarks)
+    text = markdown(rows, runs, remarks) + analysis_section(out, args.analysis)
     atomic_write(out / "results.md", text)
     written = figures(rows, out)
     sys.stdout.write(text)

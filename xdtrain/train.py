@@ -38,6 +38,7 @@ from xdtrain.data import build_loader, shard_folder
 from xdtrain.errors import Interrupted, UserError, run_cli
 from xdtrain.evaluate import evaluate, precision, to_device
 from xdtrain.models import export_encoder, get_model
+from xdtrain.monitor import KnnMonitor
 from xdtrain.optim import build_optimizer, build_scheduler
 from xdtrain.progress import make_progress
 from xdtrain.runlog import METRICS, RunLog, environment, plot_curves, read_metrics
@@ -54,7 +55,8 @@ OWN_FILES = (
     "learning_curve.png",
     "tensorboard",
 )
-# keys that may change when a run is resumed: how long it runs and how it reports
+# keys that may change when a run is resumed: how long it runs and how it reports (and
+# every monitor.* key: the kNN monitor never changes the weights)
 RESUMABLE_CHANGES = {
     ("train", "epochs"),
     ("train", "log_every"),
@@ -137,7 +139,7 @@ def prepare_folder(folder: Path, config: Config, resume: bool, force: bool) -> b
     if saved_path.exists():
         saved = absolute_paths(load_config(saved_path))
         changed = _differences(config_to_dict(saved), config_to_dict(config))
-        changed = [c for c in changed if c not in RESUMABLE_CHANGES]
+        changed = [c for c in changed if c not in RESUMABLE_CHANGES and c[0] != "monitor"]
         if changed:
             keys = ", ".join(".".join(c) for c in changed[:6])
             raise UserError(
@@ -198,6 +200,9 @@ class Trainer:
         loaders = distributed.agree(self._loaders)
         self.train_loader, self.val_loader, self.test_loader = loaders
         self.classes = list(self.train_loader.shardset.classes)
+        self.monitor = None
+        if config.monitor.every:
+            self.monitor = distributed.agree(lambda: KnnMonitor(config, world.rank, world.size))
         self.steps_per_epoch = len(self.train_loader)
         if train.limit_batches:
             self.steps_per_epoch = min(self.steps_per_epoch, train.limit_batches)
@@ -367,6 +372,8 @@ class Trainer:
             provenance.write_env(self.folder, env, self.global_step if self.resume else None)
             self.log = RunLog(self.folder, self.global_step if self.resume else None)
         distributed.barrier()
+        if self.monitor is not None and self.global_step == 0:
+            self.watch(0)  # the untrained encoder: the baseline training must rise above
         progress = make_progress(self.console, enabled=world.main and sys.stderr.isatty())
         with progress:
             while self.epoch < cfg.train.epochs:
@@ -524,7 +531,24 @@ class Trainer:
             self.log.write(row)
         if self.world.main:
             self.summary(row)
+        if self.monitor is not None and self.monitor.due(self.epoch + 1, self.config.train.epochs):
+            self.watch(self.epoch + 1)
         self.model.train()
+
+    def watch(self, epoch: int) -> None:
+        """A ``monitor`` row: the kNN score of the encoder after ``epoch`` (0: untrained)."""
+        result = self.monitor(self.raw_model.encoder, self.world.device, self.amp)
+        if not self.world.main:
+            return
+        row = {"kind": "monitor", "epoch": epoch, "step": self.global_step, **result}
+        if self.log is not None:
+            self.log.write(row)
+        metric = next(k for k in ("knn_top1", "knn_auroc") if k in result)
+        self.console.print(
+            f"kNN monitor ({self.monitor.name}) after epoch {epoch}: {metric} "
+            f"{result[metric]:.4f} (chance {result['knn_chance']:.4f}), "
+            f"{result['knn_seconds']:.1f} s"
+        )
 
     def summary(self, row: dict) -> None:
         table = Table(title=f"{self.folder.name}: epoch {row['epoch']}/{self.config.train.epochs}")
