@@ -27,7 +27,8 @@ test: lint
 # and the study's CT arm: a generated hospital export (DICOM) packed with pseudonyms,
 # SimCLR pretraining on it, its classification task finetuned from scratch, from the
 # ImageNet encoder (cross-domain) and from the CT encoder (intra-domain); then test-split
-# evaluation and the pretraining x task report. Budgets are shortened with --set
+# evaluation, the feature-space analysis (CKA, probes, domain maps) and the pretraining x
+# task report. Budgets are shortened with --set
 # so that the whole flow fits in minutes on two CPU cores.
 DEMO_DIR := datasets
 SHARD_DIR := shards
@@ -79,8 +80,9 @@ demo: $(STAMP)
 	    --set run.name=ft_ct_$$pre $$w; \
 	  $(BIN)/xd-eval $(RUNS)/ft_ct_$$pre --split test > /dev/null; \
 	done
+	$(BIN)/xd-analyze grid $(RUNS) --out $(REPORT)/analysis
 	$(BIN)/xd-report $(RUNS) --out $(REPORT)
-	@echo "demo: data in $(DEMO_DIR)/ and $(SHARD_DIR)/, runs in $(RUNS)/, report in $(REPORT)/ (results.md, heatmap.png, curves.png)"
+	@echo "demo: data in $(DEMO_DIR)/ and $(SHARD_DIR)/, runs in $(RUNS)/, report in $(REPORT)/ (results.md, heatmap.png, curves.png, analysis/)"
 
 clean-demo:
 	rm -rf $(DEMO_DIR) $(SHARD_DIR)/imagenet $(SHARD_DIR)/chestxray8 $(SHARD_DIR)/brats $(SHARD_DIR)/lits \
