@@ -286,6 +286,22 @@ def test_multilabel_knn_auroc_equals_sklearn(knn_data):
     assert got["knn_auroc"] > 0.7
     probe = knn_probe(bank, bank_y, query, query_y, 5, k=15)
     assert probe == pytest.approx(got)
+    # a class the bank holds in one state only gives every query the same score: its AUROC
+    # would be exactly 0.5 whatever the features; it is left out, as the linear probe does
+    constant = bank_y.copy()
+    constant[:, 1] = 1
+    got = knn_metrics(
+        torch.from_numpy(bank),
+        torch.from_numpy(constant),
+        torch.from_numpy(query),
+        torch.from_numpy(query_y),
+        5,
+        k=15,
+    )
+    expected = knn_reference(bank, constant, query, 15, 0.07)
+    aurocs = [roc_auc_score(query_y[:, c], expected[:, c]) for c in (0, 2, 3)]
+    assert got["knn_auroc_classes"] == 3
+    assert got["knn_auroc"] == pytest.approx(np.mean(aurocs), abs=1e-12)
 
 
 def test_knn_errors():

@@ -141,9 +141,14 @@ def test_features_are_stored_beside_the_run_and_reused_until_an_input_changes(pa
     (again,) = extract([encoder_source(run)], data, "train", samples=10, seed=0)
     assert again == path and path.stat().st_mtime_ns != stamp
     assert not np.allclose(Features.load(path).stages["layer4"], features.stages["layer4"])
-    # another sample is another file
+    # another sample is another file; so is a training fraction (other patients)
     (other,) = extract([encoder_source(run)], data, "train", samples=8, seed=0)
     assert other != path and len(Features.load(other).keys) == 8
+    tier = dataclasses.replace(data, fraction=0.5)
+    (half,) = extract([encoder_source(run)], tier, "train", samples=8, seed=0)
+    assert half not in (path, other) and Features.load(half).meta["fraction"] == 0.5
+    whole = set(stored_keys(open_split(packed["chestxray8"], "chestxray8", "train", 0.5)))
+    assert set(Features.load(half).keys.tolist()) <= whole
 
 
 def test_encoder_sources_fail_in_one_line(tmp_path):
@@ -194,7 +199,8 @@ def test_the_knn_monitor_scores_the_encoder_and_leaves_training_untouched(packed
     assert (
         train_main(demo_args("pt_simclr_imagenet.yaml", shards, watched, *settings, *monitor)) == 0
     )
-    assert train_main(demo_args("pt_simclr_imagenet.yaml", shards, plain, *settings)) == 0
+    off = "monitor.every=0"  # the demo config monitors every epoch
+    assert train_main(demo_args("pt_simclr_imagenet.yaml", shards, plain, *settings, off)) == 0
     watch = rows(watched, "monitor")
     assert [r["epoch"] for r in watch] == [0, 1, 2]  # the untrained encoder, then each epoch
     assert all({"knn_top1", "knn_chance", "knn_seconds"} <= set(r) for r in watch)
@@ -225,3 +231,42 @@ def test_the_knn_monitor_scores_the_encoder_and_leaves_training_untouched(packed
     assert watch[-1]["knn_top1"] == pytest.approx(expected, abs=1e-9)
     majority = np.bincount(query_y, minlength=classes).max() / len(query_y)
     assert watch[-1]["knn_chance"] == pytest.approx(majority)
+
+
+def test_the_monitor_refuses_what_would_mislead_in_one_line(packed):
+    from xdtrain.monitor import KnnMonitor
+
+    base = load_config(demo_args("pt_simclr_imagenet.yaml", packed["imagenet"], "unused")[0])
+    base = dataclasses.replace(
+        base, data=dataclasses.replace(base.data, shards=str(packed["imagenet"]))
+    )
+
+    def monitor(**changes):
+        return KnnMonitor(
+            dataclasses.replace(base, monitor=dataclasses.replace(base.monitor, **changes)), 0, 1
+        )
+
+    with pytest.raises(UserError, match="find itself in the bank"):
+        monitor(every=1, bank_split="val", query_split="val")
+    with pytest.raises(UserError, match=r"^monitor: the encoder takes data.channels=3"):
+        monitor(every=1, dataset="brats", shards=str(packed["brats"]))
+    assert monitor(every=1, dataset="lits", shards=str(packed["lits"])).kind == "presence"
+
+
+def test_resuming_may_switch_the_monitor_but_not_change_what_it_scores(tmp_path):
+    from xdtrain.config import save_config
+    from xdtrain.train import absolute_paths, prepare_folder
+
+    saved = absolute_paths(load_config(demo_args("pt_simclr_imagenet.yaml", tmp_path, tmp_path)[0]))
+    off = dataclasses.replace(saved, monitor=dataclasses.replace(saved.monitor, every=0))
+    save_config(off, tmp_path / "config.yaml")
+
+    def resume(**changes):
+        config = dataclasses.replace(saved, monitor=dataclasses.replace(saved.monitor, **changes))
+        return prepare_folder(tmp_path, config, resume=True, force=False)
+
+    assert resume(every=3, bank_samples=7) is False  # no monitor before: anything goes
+    save_config(saved, tmp_path / "config.yaml")  # a run that monitored every epoch
+    assert resume(every=2) is False
+    with pytest.raises(UserError, match="monitor.bank_samples"):
+        resume(bank_samples=7)

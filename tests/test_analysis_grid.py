@@ -112,4 +112,55 @@ def test_analyze_commands_on_encoders_and_configs(grid_runs, tmp_path, capsys):
         analyze_main(["features", str(tmp_path / "nothing"), *data])
     with pytest.raises(UserError, match="at least two"):
         analyze_main(["cka", str(grid_runs / "pt"), *data, "--out", str(tmp_path / "c")])
+    # two untrained encoders keep their own features (one folder holds both)
+    pair = ["random:resnet18", "random:resnet34", *data, "--out", str(tmp_path / "rand")]
+    assert analyze_main(["cka", *pair]) == 0
+    same_stage = json.loads((tmp_path / "rand" / "cka.json").read_text())["pairs"][0]
+    assert min(same_stage["same_stage"]) < 0.99
+    assert len(list((tmp_path / "rand" / "features").glob("*.npz"))) == 2
+    # arguments that cannot give a number fail in one line
+    for bad, text in (
+        (["--samples", "3"], "at least 4"),
+        (["--cka-batch", "2"], "--cka-batch"),
+        (["--k", "0"], "--k"),
+        (["--temperature", "0"], "--temperature"),
+    ):
+        with pytest.raises(UserError, match=text):
+            command = "cka" if bad[0] in ("--samples", "--cka-batch") else "probe"
+            analyze_main([command, *encoders[:2], *data, *bad, "--out", str(tmp_path / "x")])
+    leak = [str(grid_runs / "pt"), *data, "--split", "train", "--out", str(tmp_path / "leak")]
+    with pytest.raises(UserError, match="in the training sample too"):
+        analyze_main(["probe", *leak])
     capsys.readouterr()
+
+
+def test_a_finetuned_run_is_compared_with_the_encoder_it_started_from(grid_runs, tmp_path):
+    """The SimCLR run trained on after the finetuning read its encoder.pt: the pair uses the
+    copy kept in finished_epoch<N>/ (the bytes the run read), never the newer file."""
+    import shutil
+
+    import torch
+
+    from xdtrain.analysis.grid import find
+
+    root = tmp_path / "grid"
+    shutil.copytree(grid_runs / "pt", root / "pt", ignore=shutil.ignore_patterns("features"))
+    shutil.copytree(grid_runs / "pre0", root / "pre0", ignore=shutil.ignore_patterns("features"))
+    kept = root / "pt" / "finished_epoch1"
+    kept.mkdir()
+    for name in ("encoder.pt", "config.yaml"):  # as xd-train's keep_finished leaves them
+        shutil.copy(root / "pt" / name, kept / name)
+    newer = torch.load(root / "pt" / "encoder.pt", weights_only=True)
+    torch.save({k: v + 1 if v.is_floating_point() else v for k, v in newer.items()},
+               root / "pt" / "encoder.pt")  # fmt: skip
+    env = json.loads((root / "pre0" / "env.json").read_text())
+    env["encoder"]["path"] = str(root / "pt" / "encoder.pt")
+    (root / "pre0" / "env.json").write_text(json.dumps(env))
+    grid = find(root)
+    (run,) = grid.tasks["lits"].runs
+    assert run.start == "simclr-imagenet (finished_epoch1)"
+    assert grid.starts[run.start].weights == kept / "encoder.pt"
+    (kept / "encoder.pt").unlink()
+    grid = find(root)
+    assert grid.tasks["lits"].runs[0].start is None
+    assert any("no copy is kept" in note for note in grid.skipped)

@@ -107,6 +107,16 @@ def gather_objects(obj) -> list:
     return out
 
 
+def gather_to_main(obj) -> list | None:
+    """``obj`` of every rank, in rank order, on rank 0; None on the other ranks (which then
+    hold nothing of the others')."""
+    if not active():
+        return [obj]
+    out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
 def agree(step: Callable[[], T]) -> T:
     """Run ``step`` on every rank; when it fails on any rank, fail on every rank.
 

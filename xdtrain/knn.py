@@ -104,7 +104,9 @@ def knn_scores(
 
 def knn_predict(scores: torch.Tensor) -> torch.Tensor:
     """Predicted class indices (M,) int64 of scores (M, C): the argmax, the lowest class index
-    among ties (as scikit-learn's KNeighborsClassifier with uniform weights)."""
+    among tied votes (as scikit-learn's KNeighborsClassifier with uniform weights; which of
+    several bank samples at exactly the k-th similarity is a neighbour is unspecified in
+    both)."""
     return scores.argmax(dim=1)
 
 
@@ -122,7 +124,7 @@ def knn_metrics(
     Multi-class (``bank_labels`` (N,), ``query_labels`` (M,)): ``{"knn_top1": accuracy}``.
     Multi-label (``bank_labels`` (N, C), ``query_labels`` (M, C) 0/1): ``{"knn_auroc": mean of
     scikit-learn's roc_auc_score over the classes with both a positive and a negative query
-    (NaN when none), "knn_auroc_classes": their count}``. Raises ValueError as
+    and in the bank (NaN when none), "knn_auroc_classes": their count}``. Raises ValueError as
     ``knn_scores``, when ``query_labels`` does not match, or when there are no queries."""
     if query.shape[0] == 0:
         raise ValueError("there are no queries")
@@ -136,11 +138,12 @@ def knn_metrics(
     from sklearn.metrics import roc_auc_score
 
     targets = query_labels.detach().cpu().numpy()
+    banked = bank_labels.detach().cpu().numpy()
     values = scores.cpu().numpy()
-    aurocs = [
+    aurocs = [  # a class the bank holds in one state only scores every query alike: skipped
         float(roc_auc_score(targets[:, c], values[:, c]))
         for c in range(num_classes)
-        if targets[:, c].min() != targets[:, c].max()
+        if targets[:, c].min() != targets[:, c].max() and banked[:, c].min() != banked[:, c].max()
     ]
     mean = sum(aurocs) / len(aurocs) if aurocs else float("nan")
     return {"knn_auroc": mean, "knn_auroc_classes": float(len(aurocs))}

@@ -14,8 +14,9 @@ for AUROC) and ``knn_seconds``, the monitor's own cost; the first row, at epoch 
 the encoder before any training, the baseline SimCLR must rise above.
 
 The cost is bounded by the two sample sizes, whatever the size of the data set. Under DDP
-each rank embeds its part of both samples and every rank receives all of them, in the
-order one process would read them, so the score does not depend on the number of ranks.
+each rank embeds its part of both samples and rank 0 receives all of them, in the order one
+process would read them, and votes on its device, so the score does not depend on the
+number of ranks.
 The monitor never changes the weights, the batch-norm statistics or the training's random
 streams: a run with it trains exactly as one without.
 """
@@ -31,7 +32,7 @@ import torch
 
 from xdtrain import distributed
 from xdtrain.config import Config
-from xdtrain.data.batch import label_kind, sample_labels
+from xdtrain.data.batch import label_kind, sample_labels, scored_classes
 from xdtrain.errors import UserError
 from xdtrain.knn import knn_metrics
 
@@ -57,6 +58,11 @@ class KnnMonitor:
         from xdtrain.data import build_loader
 
         self.config, m = config, config.monitor
+        if m.bank_split == m.query_split:
+            raise UserError(
+                f"monitor: bank_split and query_split are both {m.bank_split!r}: a query would "
+                "find itself in the bank; score another split (e.g. bank train, query val)"
+            )
         data = monitor_data(config)
         common = dict(rank=rank, world_size=world_size, seed=config.run.seed, train=False)
         try:
@@ -68,9 +74,17 @@ class KnnMonitor:
                 **common,
             )  # fmt: skip
         except UserError as exc:
-            raise UserError(f"monitor: {exc}") from None
+            text = str(exc)
+            if text.startswith("data.channels:"):  # the run's channels are the encoder's
+                text = (
+                    f"the encoder takes data.channels={data.channels}, which "
+                    f"{data.dataset} shards cannot give ({text.partition(': ')[2]}); "
+                    "monitor a data set with 1 or 3 channels"
+                )
+            raise UserError(f"monitor: {text}") from None
         shardset = self.bank.shardset
         self.kind, self.classes = label_kind(shardset.layout.kind, list(shardset.classes))
+        self.columns = scored_classes(self.kind, self.classes)  # "No Finding" is not scored
         if not self.classes:
             raise UserError(
                 f"monitor: {shardset.folder} holds no labels (packed without --labels?); set "
@@ -100,21 +114,25 @@ class KnnMonitor:
             encoder.train(was_training)
             random.setstate(state[0])
             np.random.set_state(state[1])
-        bank_x, bank_y = _joined(distributed.gather_objects(bank))
-        query_x, query_y = _joined(distributed.gather_objects(query))
-        if not distributed.is_main():
+        parts = distributed.gather_to_main((bank, query))  # rank 0 alone votes
+        if parts is None:
             return {}
+        bank_x, bank_y = _joined([p[0] for p in parts])
+        query_x, query_y = _joined([p[1] for p in parts])
+        if self.kind != "multiclass":
+            bank_y, query_y = bank_y[:, self.columns], query_y[:, self.columns]
         m = self.config.monitor
+        on = device  # the votes on rank 0's device: the GPU where there is one
         result = knn_metrics(
-            torch.from_numpy(bank_x),
-            torch.from_numpy(bank_y),
-            torch.from_numpy(query_x),
-            torch.from_numpy(query_y),
-            len(self.classes),
+            torch.from_numpy(bank_x).to(on),
+            torch.from_numpy(bank_y).to(on),
+            torch.from_numpy(query_x).to(on),
+            torch.from_numpy(query_y).to(on),
+            len(self.columns),
             k=m.k,
             temperature=m.temperature,
         )
-        chance = chance_level(query_y, len(self.classes))
+        chance = chance_level(query_y, len(self.columns))
         return result | {"knn_chance": chance, "knn_seconds": time.perf_counter() - start}
 
     def _embed(self, loader, encoder, device, amp) -> tuple[np.ndarray, np.ndarray]:

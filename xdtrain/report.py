@@ -750,11 +750,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = cells(runs)
     remarks = notes(rows, runs)
     out = Path(args.out)
+    linked = analysis_section(out, args.analysis)
     out.mkdir(parents=True, exist_ok=True)
     table, per_run = write_csv(rows, runs)
     atomic_write(out / "results.csv", table)
     atomic_write(out / "runs.csv", per_run)
-    text = markdown(rows, runs, remarks) + analysis_section(out, args.analysis)
+    text = markdown(rows, runs, remarks) + linked
     atomic_write(out / "results.md", text)
     written = figures(rows, out)
     sys.stdout.write(text)

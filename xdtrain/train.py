@@ -55,8 +55,8 @@ OWN_FILES = (
     "learning_curve.png",
     "tensorboard",
 )
-# keys that may change when a run is resumed: how long it runs and how it reports (and
-# every monitor.* key: the kNN monitor never changes the weights)
+# keys that may change when a run is resumed: how long it runs and how it reports (and the
+# kNN monitor's, see _free: it never changes the weights)
 RESUMABLE_CHANGES = {
     ("train", "epochs"),
     ("train", "log_every"),
@@ -103,15 +103,17 @@ def absolute_paths(config: Config) -> Config:
     stored resolved in the run's ``config.yaml``: ``xd-eval``, ``xd-report`` and a resume then
     read the same files from any directory. An empty ``data.shards`` is ``shards/<dataset>``.
     """
-    data, model = config.data, config.model
+    data, model, monitor = config.data, config.model, config.monitor
     shards = Path(shard_folder(data)).expanduser().resolve()
     weights = model.encoder_weights
     if weights:
         weights = str(Path(weights).expanduser().resolve())
+    watched = monitor.shards and str(Path(monitor.shards).expanduser().resolve())
     return dataclasses.replace(
         config,
         data=dataclasses.replace(data, shards=str(shards)),
         model=dataclasses.replace(model, encoder_weights=weights),
+        monitor=dataclasses.replace(monitor, shards=watched),
     )
 
 
@@ -139,7 +141,7 @@ def prepare_folder(folder: Path, config: Config, resume: bool, force: bool) -> b
     if saved_path.exists():
         saved = absolute_paths(load_config(saved_path))
         changed = _differences(config_to_dict(saved), config_to_dict(config))
-        changed = [c for c in changed if c not in RESUMABLE_CHANGES and c[0] != "monitor"]
+        changed = [c for c in changed if c not in RESUMABLE_CHANGES and not _free(c, saved)]
         if changed:
             keys = ", ".join(".".join(c) for c in changed[:6])
             raise UserError(
@@ -147,6 +149,12 @@ def prepare_folder(folder: Path, config: Config, resume: bool, force: bool) -> b
                 "same config, or start over with --force"
             )
     return (folder / "last.pt").exists()
+
+
+def _free(key: tuple[str, ...], saved: Config) -> bool:
+    """Whether a monitor key may change on resume: ``monitor.every`` always, the others while
+    the run had no monitor (its rows would otherwise mix two kinds of score in one curve)."""
+    return key[0] == "monitor" and (key[1] == "every" or not saved.monitor.every)
 
 
 def _differences(a: dict, b: dict, prefix=()) -> list[tuple[str, ...]]:

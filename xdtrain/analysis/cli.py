@@ -260,9 +260,13 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    for name in ("samples", "train_samples"):
-        if getattr(args, name, 1) is not None and getattr(args, name, 1) < 1:
-            raise UserError(f"--{name.replace('_', '-')}: at least 1")
+    for name, least in (("samples", 1), ("train_samples", 1), ("k", 1)):
+        if getattr(args, name, least) < least:
+            raise UserError(f"--{name.replace('_', '-')}: at least {least}")
+    if getattr(args, "temperature", 1.0) <= 0:
+        raise UserError("--temperature: must be above 0")
+    if 0 < getattr(args, "cka_batch", 0) < 4 or getattr(args, "cka_batch", 0) < 0:
+        raise UserError("--cka-batch: 0 (one batch of every sample) or at least 4")
     if getattr(args, "out", None):
         Path(args.out).mkdir(parents=True, exist_ok=True)
     return args.run(args)

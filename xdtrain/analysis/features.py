@@ -180,14 +180,20 @@ def data_identity(data: DataConfig) -> dict:
 
 
 def file_name(data: DataConfig, split: str, samples: int | None, seed: int, enc: Encoder) -> str:
-    """``<shard folder>_<split>_<n|all>_s<seed>[_<weights stem>].npz``."""
+    """``<shard folder>_<split>[_f<fraction>]_<n|all>_s<seed>_<px>px_<c>ch[_<which>].npz``;
+    ``which``: the weights file's stem unless it is the run's ``encoder.pt``/``final.pt``,
+    ``random-<arch>`` for an untrained encoder (several share a folder)."""
     from xdtrain.data import shard_folder
 
     size = "all" if samples is None else str(samples)
-    name = f"{Path(shard_folder(data)).resolve().name}_{split}_{size}_s{seed}"
-    if enc.weights is not None and enc.weights.name not in ("encoder.pt", "final.pt"):
+    tier = f"_f{data.fraction:g}" if split == "train" and data.fraction < 1 else ""
+    name = f"{Path(shard_folder(data)).resolve().name}_{split}{tier}_{size}_s{seed}"
+    name += f"_{data.image_size}px_{data.channels}ch"
+    if enc.weights is None:
+        name += f"_random-{enc.arch}"
+    elif enc.weights.name not in ("encoder.pt", "final.pt"):
         name += f"_{enc.weights.stem}"
-    return name + f"_{data.image_size}px_{data.channels}ch.npz"
+    return name + ".npz"
 
 
 def extract(
@@ -204,6 +210,8 @@ def extract(
 
     Written to ``<encoder home>/features/`` (``out/features/`` for an encoder without a home);
     files whose ``meta`` matches are reused (``reuse``). Returns the file of each encoder."""
+    from xdtrain.data import resolve_device
+
     data = eval_data(data)
     targets, todo = [], []
     identity = data_identity(data)
@@ -224,6 +232,8 @@ def extract(
             "image_size": data.image_size,
             "channels": data.channels,
             "augment": data.augment,
+            "fraction": data.fraction if split == "train" else 1.0,
+            "decoder": f"{data.backend}-{resolve_device(data.device)}",  # GPU decoding differs
             "stages": list(STAGES),
             "xdtrain": __version__,
         }
@@ -258,6 +268,9 @@ def _run(todo, data: DataConfig, split: str, samples: int | None, seed: int) -> 
 
     device = torch.device("cuda" if resolve_device(data.device) == "gpu" else "cpu")
     loader = build_loader(data, split, seed=seed, train=False, sample=samples, sample_seed=seed)
+    if device.type == "cuda":  # fp32 as on the CPU: no TF32 matrix products or convolutions
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
     shardset = loader.shardset
     nets = [build(enc, data.channels, seed).to(device) for enc, _, _ in todo]
     parts: list[list[list[np.ndarray]]] = [[[] for _ in STAGES] for _ in nets]

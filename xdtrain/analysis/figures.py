@@ -103,7 +103,8 @@ def cka_heatmap(
     cmap = matplotlib.colormaps[CKA_CMAP].with_extremes(bad="0.85")
     rows, cols = matrix.shape
     fig, ax = plt.subplots(figsize=(0.9 * cols + 2.8, 0.75 * rows + 1.8))
-    image = ax.imshow(np.ma.masked_invalid(matrix), cmap=cmap, vmin=0.0, vmax=1.0)
+    low = min(0.0, float(np.nanmin(matrix))) if np.isfinite(matrix).any() else 0.0
+    image = ax.imshow(np.ma.masked_invalid(matrix), cmap=cmap, vmin=low, vmax=1.0)
     fontsize = 9 if max(rows, cols) <= 8 else 8
     for (i, j), value in np.ndenumerate(matrix):
         ax.text(
@@ -131,11 +132,16 @@ def cka_heatmap(
 def _stage_lines(ax, series: Mapping[str, Sequence[float]], stages: Sequence[str]) -> None:
     """One line per entry of ``series`` (NaN: a gap), x = stage index."""
     x = np.arange(len(stages))
+    lowest = 0.0
     for i, (label, values) in enumerate(series.items()):
-        ax.plot(x, np.asarray(values, dtype=np.float64), label=label, lw=1.4, ms=5, **_style(i))
+        values = np.asarray(values, dtype=np.float64)
+        ax.plot(x, values, label=label, lw=1.4, ms=5, **_style(i))
+        if np.isfinite(values).any():
+            lowest = min(lowest, float(np.nanmin(values)))
     _stage_ticks(ax, "x", stages)
     ax.set_xlabel("encoder stage")
-    ax.set_ylim(0.0, 1.05)
+    # unbiased CKA on a small sample can dip below 0: the axis goes down to show it
+    ax.set_ylim(lowest - 0.05 if lowest < 0 else 0.0, 1.05)
     ax.set_xlim(-0.3, len(stages) - 0.7)
     ax.grid(True, color="0.9", lw=0.6)
 

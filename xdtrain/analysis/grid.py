@@ -53,6 +53,8 @@ class Finetuned:
     mode: str  # full | linear
     fraction: float
     seed: int
+    read: dict = field(default_factory=dict)  # env.json's encoder: path and sha256 it read
+    start: str | None = None  # key of the encoder it started from (see _starts)
 
     @property
     def group(self) -> tuple[str, str, float]:
@@ -71,6 +73,7 @@ class Task:
 @dataclass
 class Grid:
     pretrained: dict[str, Encoder]  # label -> encoder (SimCLR runs)
+    starts: dict[str, Encoder]  # earlier encoders of a SimCLR run trained on since (kept)
     pretrain_data: dict[str, DataConfig]  # label -> the data it was pretrained on
     tasks: dict[str, Task]
     skipped: list[str]
@@ -78,7 +81,7 @@ class Grid:
 
 def find(root: Path) -> Grid:
     """The pretrained and finetuned encoders under ``root`` (see the module docs)."""
-    from xdtrain.provenance import KEPT
+    from xdtrain.provenance import KEPT, read_env
     from xdtrain.report import Inputs, data_name, read_run, task_label
     from xdtrain.tasks import get_task
 
@@ -122,12 +125,42 @@ def find(root: Path) -> Grid:
         ):
             skipped.append(f"{folder}: reads other data than {name}'s first run")
             continue
+        read = read_env(folder).get("encoder") or {}
         task.runs.append(
-            Finetuned(encoder_source(folder), run.pretrain, run.mode, run.fraction, run.seed)
+            Finetuned(encoder_source(folder), run.pretrain, run.mode, run.fraction, run.seed, read)
         )
     if not pretrained and not tasks:
         raise UserError(f"{root}: no finished SimCLR or finetuning run (config.yaml, encoder.pt)")
-    return Grid(pretrained, pretrain_data, tasks, skipped)
+    grid = Grid(pretrained, {}, pretrain_data, tasks, skipped)
+    _starts(grid)
+    return grid
+
+
+def _starts(grid: Grid) -> None:
+    """Which encoder each finetuned run started from, by the sha256 it recorded: the SimCLR
+    run's ``encoder.pt``, or, when that run trained longer since, the copy it kept in
+    ``finished_epoch<N>/``. A run whose start is gone has no pretrained → finetuned pair."""
+    from xdtrain.provenance import find_by_sha
+
+    for task in grid.tasks.values():
+        for run in task.runs:
+            digest, path = run.read.get("sha256"), run.read.get("path")
+            if run.pretrain == "scratch" or not digest:
+                continue
+            current = grid.pretrained.get(run.pretrain)
+            if current is not None and current.sha256 == digest:
+                run.start = run.pretrain
+                continue
+            kept = find_by_sha(Path(path).parent, digest) if path else None
+            if kept is None:
+                grid.skipped.append(
+                    f"{run.encoder.home}: the encoder it started from ({path}) has changed "
+                    "and no copy is kept: no pretrained → finetuned pair"
+                )
+                continue
+            label = f"{run.pretrain} ({kept.parent.name})"
+            grid.starts.setdefault(label, dataclasses.replace(encoder_source(kept), label=label))
+            run.start = label
 
 
 def _absolute(config: Config, folder: Path) -> DataConfig:
@@ -137,7 +170,8 @@ def _absolute(config: Config, folder: Path) -> DataConfig:
     data = config.data
     shards = data.shards or f"shards/{data.dataset}"
     found = _find(shards, folder)
-    return dataclasses.replace(data, shards=str(found or Path(shards).resolve()))
+    # the whole train split: probes train on a sample of it whatever fraction a run used
+    return dataclasses.replace(data, shards=str(found or Path(shards).resolve()), fraction=1.0)
 
 
 @dataclass
@@ -186,6 +220,7 @@ def _random(grid: Grid, task: Task, options: Options) -> list[Encoder]:
 def _task(name: str, task: Task, grid: Grid, out: Path, options: Options) -> tuple[dict, str]:
     o = options
     pre = list(grid.pretrained.values())
+    pre += [grid.starts[k] for k in sorted({r.start for r in task.runs} & set(grid.starts))]
     baseline = _random(grid, task, o)
     fine = [r.encoder for r in task.runs]
     test_paths = extract(
@@ -194,8 +229,10 @@ def _task(name: str, task: Task, grid: Grid, out: Path, options: Options) -> tup
     # finetuned runs are told apart by their folder, the others by their label
     names = [e.label for e in (*pre, *baseline)] + [_key(run) for run in task.runs]
     test = {n: Features.load(p) for n, p in zip(names, test_paths, strict=True)}
-    lines = [f"## {name}", ""]
-    done: dict = {"data": task.data.shards, "split": o.split, "pairs": [], "probes": {}}
+    n = len(next(iter(test.values())).keys)
+    lines = [f"## {name}", "", f"{n} {o.split} samples of {task.data.shards}.", ""]
+    done: dict = {"data": task.data.shards, "split": o.split, "samples": n}
+    done |= {"pairs": [], "probes": {}}
     # CKA pairs, averaged over seeds
     pairs = _pairs(task, grid)
     diagonals: dict[str, list[float]] = {}
@@ -220,9 +257,9 @@ def _task(name: str, task: Task, grid: Grid, out: Path, options: Options) -> tup
         stages = list(next(iter(test.values())).stages)
         path = figures.cka_diagonals(
             diagonals, stages, out / f"{_slug('cka_' + name)}_same_stage.png",
-            title=f"{name}: same-stage CKA per encoder pair (n = {o.samples} test samples)",
+            title=f"{name}: same-stage CKA per encoder pair (n = {n} {o.split} samples)",
         )  # fmt: skip
-        lines.insert(2, f"![same-stage CKA]({path.name})\n")
+        lines.insert(4, f"![same-stage CKA]({path.name})\n")
     # probes of the frozen pretrained encoders and the untrained baseline
     probe_encoders = [*pre, *baseline]
     if probe_encoders:
@@ -255,21 +292,30 @@ def _pairs(task: Task, grid: Grid) -> dict[str, list[tuple[str, str]]]:
         groups[run.group].append(run)
     for (pretrain, mode, fraction), runs in sorted(groups.items()):
         where = f"{mode}, {fraction:.0%}"
-        if pretrain in grid.pretrained and mode == "full":
+        if mode == "full":  # a linear evaluation's encoder is its start, unchanged
             for run in sorted(runs, key=lambda r: r.seed):
-                pairs[f"{pretrain} → finetuned ({where})"].append((pretrain, _key(run)))
+                if run.start is not None:
+                    pairs[f"{pretrain} → finetuned ({where})"].append((run.start, _key(run)))
         scratch = groups.get(("scratch", mode, fraction), [])
         if pretrain != "scratch" and scratch:
-            by_seed = {r.seed: r for r in scratch}
-            for run in sorted(runs, key=lambda r: r.seed):
-                other = by_seed.get(run.seed, scratch[0])
-                label = f"scratch-finetuned vs {pretrain}-finetuned ({where})"
-                pairs[label].append((_key(other), _key(run)))
+            label = f"scratch-finetuned vs {pretrain}-finetuned ({where})"
+            pairs[label] += [(_key(a), _key(b)) for a, b in _by_seed(scratch, runs)]
     labels = sorted(grid.pretrained)
     for i, a in enumerate(labels):
         for b in labels[i + 1 :]:
             pairs[f"{a} vs {b}"].append((a, b))
     return dict(pairs)
+
+
+def _by_seed(a: list[Finetuned], b: list[Finetuned]) -> list[tuple[Finetuned, Finetuned]]:
+    """Runs of two groups paired by seed; the runs of seeds only one group has are paired
+    in seed order after those."""
+    seeds = {r.seed for r in a} & {r.seed for r in b}
+    first = {r.seed: r for r in a}
+    pairs = [(first[r.seed], r) for r in sorted(b, key=lambda r: r.seed) if r.seed in seeds]
+    rest_a = sorted((r for r in a if r.seed not in seeds), key=lambda r: r.seed)
+    rest_b = sorted((r for r in b if r.seed not in seeds), key=lambda r: r.seed)
+    return pairs + list(zip(rest_a, rest_b, strict=False))
 
 
 def _side(label: str, which: int) -> str:
@@ -346,8 +392,8 @@ def _index(grid: Grid, o: Options, sections: list[str]) -> str:
         "",
         f"Encoders: {', '.join(sorted(grid.pretrained)) or 'no pretrained encoder'}; tasks: "
         f"{', '.join(sorted(grid.tasks)) or 'none'}. Each task's figures use a fixed sample of "
-        f"{o.samples} {o.split} samples (seed {o.seed}); probes train on {o.train_samples} "
-        "train samples. What each figure answers: docs/analysis.md. Numbers: "
+        f"up to {o.samples} {o.split} samples (seed {o.seed}); probes train on up to "
+        f"{o.train_samples} train samples. What each figure answers: docs/analysis.md. Numbers: "
         f"[{RESULTS}]({RESULTS}).",
         "",
         "- **Same-stage CKA** (one line per encoder pair): how much of each stage's "

@@ -18,6 +18,7 @@ from xdtrain.analysis.cka import cka_matrix
 from xdtrain.analysis.features import Features
 from xdtrain.analysis.maps import embed_2d, separation
 from xdtrain.analysis.probes import chance_level, knn_probe, linear_probe
+from xdtrain.data.batch import scored_classes
 from xdtrain.errors import UserError
 
 MAP_STAGE = "layer4"  # the encoder's output: what a head or the projection sees
@@ -33,6 +34,11 @@ def similarity(a: Features, b: Features, batch_size: int | None = None) -> dict:
         raise UserError(
             f"{a.meta.get('encoder')} and {b.meta.get('encoder')}: features of different "
             "samples; extract both with the same --data, --split, --samples and --seed"
+        )
+    if len(a.keys) < 4:
+        raise UserError(
+            f"{a.meta.get('encoder')}: {len(a.keys)} samples; CKA's unbiased estimator needs "
+            "at least 4 (a larger --samples, or a larger split)"
         )
     matrix = cka_matrix(a.stages, b.stages, batch_size=batch_size)
     stages_a, stages_b = list(a.stages), list(b.stages)
@@ -60,16 +66,25 @@ def probes(
         raise UserError(
             "train and test features hold different labels; extract both from one data set"
         )
-    n = len(test.classes)
+    overlap = len(set(train.keys.tolist()) & set(test.keys.tolist()))
+    if overlap:
+        raise UserError(
+            f"{overlap} of the {len(test.keys)} test samples are in the training sample too: "
+            "probe on another split than the one the bank and probe are trained on"
+        )
+    y_train, y_test, n = train.labels, test.labels, len(test.classes)
+    if test.multilabel:  # the outputs a mean AUROC averages (not "No Finding")
+        columns = scored_classes("multilabel", test.classes)
+        y_train, y_test, n = y_train[:, columns], y_test[:, columns], len(columns)
     out: dict[str, dict[str, float]] = {}
     for stage in test.stages:
         x_train, x_test = train.stages[stage], test.stages[stage]
-        scores = knn_probe(x_train, train.labels, x_test, test.labels, n, k, temperature)
-        scores |= linear_probe(x_train, train.labels, x_test, test.labels, n, seed=seed)
+        scores = knn_probe(x_train, y_train, x_test, y_test, n, k, temperature)
+        scores |= linear_probe(x_train, y_train, x_test, y_test, n, seed=seed)
         out[stage] = {key: _num(v) for key, v in scores.items()}
     return {
         "stages": out,
-        "chance": {k: _num(v) for k, v in chance_level(test.labels, n).items()},
+        "chance": {k: _num(v) for k, v in chance_level(y_test, n).items()},
         "train_samples": len(train.keys),
         "test_samples": len(test.keys),
         "label_kind": test.meta.get("label_kind"),

@@ -39,6 +39,18 @@ def labels(layout: Layout, raw: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"case": pos[:, 0], "slice": pos[:, 1], "slices": pos[:, 2]}
 
 
+# Multi-label outputs that are no finding of their own: ChestX-ray8's "No Finding" is the
+# absence of the 14 findings, left out of a mean AUROC as the task leaves it out.
+NOT_SCORED = ("No Finding",)
+
+
+def scored_classes(kind: str, classes: list[str]) -> list[int]:
+    """Indices of the classes a mean AUROC over multi-label outputs averages."""
+    if kind == "multiclass":
+        return list(range(len(classes)))
+    return [i for i, name in enumerate(classes) if name not in NOT_SCORED]
+
+
 def label_kind(layout_kind: str, classes: list[str]) -> tuple[str, list[str]]:
     """``(kind, class names)`` of per-sample labels (:func:`sample_labels`): ``multiclass``,
     ``multilabel``, or for segmentation ``presence``, over the classes after background."""
