@@ -27,9 +27,12 @@ DEVICES = ["cpu", on_gpu("gpu")]
 
 def demo_args(config: str, shards: Path, run: Path, *settings: str) -> list[str]:
     """``xd-train`` arguments for ``configs/demo/<config>`` on ``shards``, written to ``run``,
-    shrunk for tests (32 px, one DALI thread); ``settings`` are more ``KEY=VALUE``."""
+    shrunk for tests (32 px, one DALI thread, no kNN monitor); ``settings`` are more
+    ``KEY=VALUE`` (later ones win)."""
     argv = [str(ROOT / "configs" / "demo" / config), "--run-dir", str(run)]
-    for setting in (f"data.shards={shards}", "data.image_size=32", "data.workers=1", *settings):
+    # the demo's SimCLR configs watch kNN every epoch; the tests of the monitor switch it on
+    defaults = (f"data.shards={shards}", "data.image_size=32", "data.workers=1", "monitor.every=0")
+    for setting in (*defaults, *settings):
         argv += ["--set", setting]
     return argv
 

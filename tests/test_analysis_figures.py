@@ -51,11 +51,48 @@ def test_embed_2d_separates_distinct_clusters_and_mixes_one_distribution(method)
     assert 0.3 <= maps.separation(maps.embed_2d(same, method), same_groups) <= 0.7
 
 
+HAS_UMAP = importlib.util.find_spec("umap") is not None
+
+
+@pytest.mark.skipif(
+    not HAS_UMAP, reason="umap-learn not installed (pip install 'xdtrain[umap]'): UMAP not run"
+)
 def test_embed_2d_umap_separates_two_clusters():
+    """The real UMAP (its first call compiles with numba for 10-30 s: it runs where the
+    optional extra is installed; the glue below runs everywhere)."""
     features, groups = clusters([50, 50])
     coords = maps.embed_2d(features, "umap")
     assert coords.shape == (100, 2) and coords.dtype == np.float32
     assert maps.separation(coords, groups) >= 0.95
+
+
+def test_embed_2d_hands_umap_the_standardised_pca_reduced_features(monkeypatch):
+    """What xdtrain gives UMAP: standardised columns, PCA to 50 dimensions, the seed, the
+    neighbours capped by the sample count (a stand-in module records the call)."""
+    import types
+
+    from sklearn.decomposition import PCA
+    from sklearn.preprocessing import StandardScaler
+
+    seen = {}
+
+    class UMAP:
+        def __init__(self, **kwargs):
+            seen["kwargs"] = kwargs
+
+        def fit_transform(self, x):
+            seen["x"] = x
+            return x[:, :2] * 2.0
+
+    monkeypatch.setitem(sys.modules, "umap", types.SimpleNamespace(UMAP=UMAP))
+    features, _ = clusters([6, 6], dims=80)
+    coords = maps.embed_2d(features, "umap", seed=5)
+    assert seen["kwargs"] == {"n_neighbors": 11, "random_state": 5, "n_jobs": 1}
+    reduced = PCA(n_components=11, random_state=5).fit_transform(
+        StandardScaler().fit_transform(features.astype(np.float64))
+    )
+    np.testing.assert_allclose(seen["x"], reduced, atol=1e-8)
+    np.testing.assert_allclose(coords, (reduced[:, :2] * 2.0).astype(np.float32), rtol=1e-6)
 
 
 @pytest.mark.parametrize("method", ["tsne", "pca"])

@@ -1,6 +1,6 @@
 """The documentation stays true: the config reference is generated from the schema, and the
 commands of README.md and docs/*.md run as written on generated data (training commands with
-settings appended that shrink them to seconds)."""
+settings appended that shrink them to seconds, analysis commands on small samples)."""
 
 from __future__ import annotations
 
@@ -41,8 +41,15 @@ TRAINING = re.compile(r"^(xd-train|torchrun|python -m (xdtrain\.train|torch\.dis
 SHRINK = [
     *("--set", "data.image_size=32", "--set", "data.batch_size=4", "--set", "data.workers=1"),
     *("--set", "train.epochs=1", "--set", "train.limit_batches=2"),
+    *("--set", "monitor.bank_samples=48", "--set", "monitor.query_samples=24"),
     "--force",
 ]
+
+
+# xd-analyze commands run as written on a small sample (the flags given later win): every
+# encoder, data config and output the command names must still be right.
+ANALYSIS = re.compile(r"^xd-analyze (features|cka|probe|map|grid)\s")
+SMALL_SAMPLE = {"probe": ["--train-samples", "48"], "grid": ["--train-samples", "48"]}
 
 
 def test_config_reference_is_generated_from_the_schema():
@@ -125,6 +132,9 @@ def test_documented_commands_run_as_written(sandbox):
             if command in trained:  # documented twice: once is proof enough
                 continue
             argv += SHRINK
+        analysis = ANALYSIS.match(command)
+        if analysis:
+            argv += ["--samples", "24", *SMALL_SAMPLE.get(analysis.group(1), [])]
         done = subprocess.run(argv, cwd=root, env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, f"{source}: `{command}` failed:\n{done.stderr[-2000:]}"
         if trains(command):
@@ -136,7 +146,7 @@ def test_documented_commands_run_as_written(sandbox):
         ran.append(command)
     assert len(ran) >= 20, ran
     kinds = {c.split()[0] if not c.startswith("python") else " ".join(c.split()[:3]) for c in ran}
-    assert {"xd-shard", "xd-synth", "xd-eval", "xd-report", "xd-queue"} <= kinds, kinds
+    assert {"xd-shard", "xd-synth", "xd-eval", "xd-report", "xd-queue", "xd-analyze"} <= kinds
     assert {"xd-train", "torchrun"} <= kinds, kinds
     # every training command of the docs ran but the few that need several GPUs or machines
     left = [c for c, _ in skipped if TRAINING.match(c)]

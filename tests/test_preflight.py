@@ -213,10 +213,14 @@ def test_the_advice_after_ctrl_c_and_for_an_unfinished_run_works(packed, tmp_pat
     run = tmp_path / "run"
     argv = demo_args("ft_lits.yaml", packed["lits"], run, "data.batch_size=2", "train.epochs=2")
     argv += ["--set", "train.checkpoint_minutes=1e-9"]  # last.pt after every step
+
     command = [sys.executable, "-m", "xdtrain.train", *argv]
     proc = subprocess.Popen([*command, "--force"], stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not rows(run, "train"):
+    # the first checkpoint (after the first step): the interrupt lands with most of the run
+    # still to go (waiting for the first train row, written at the epoch's end, left a
+    # loaded machine the time to finish the run first)
+    while time.monotonic() < deadline and not (run / "last.pt").exists():
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
