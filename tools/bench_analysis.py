@@ -5,7 +5,8 @@
 evaluation graph, every stage's pooled embedding, the ``.npz`` written) for untrained
 encoders of each ``--arch`` on ``--samples`` samples of a shard folder's split, as seconds
 per 1,000 samples; the loader's start is included, as a user pays it. Then linear CKA
-between two encoders' five stages (5 x 5 matrix) and the kNN and linear probes per stage.
+between two encoders' five stages (5 x 5 matrix), and the kNN and linear probes of every
+stage (a train-split bank, the val split as queries).
 
 ``--runs DIR``: for every run folder under DIR whose ``metrics.jsonl`` has ``monitor`` rows,
 the monitor's seconds against the epoch's training time (from the train rows' samples/s)
@@ -60,9 +61,14 @@ def bench_features(args) -> dict:
             start = time.perf_counter()
             cka_matrix(test.stages, noisy)
             cka_seconds = time.perf_counter() - start
-            (train_path,) = extract([enc], data, "train", samples=args.samples, out=Path(tmp) / "t")
+            # probes: a train-split bank against the val split (never a sample against itself)
+            bank = test
+            if args.split != "train":
+                (bank_path,) = extract([enc], data, "train", samples=args.samples, out=Path(tmp))
+                bank = Features.load(bank_path)
+            (query_path,) = extract([enc], data, "val", samples=args.samples, out=Path(tmp))
             start = time.perf_counter()
-            probes(Features.load(train_path), test)
+            probes(bank, Features.load(query_path))
             probe_seconds = time.perf_counter() - start
             out[arch] = {
                 "samples": n,

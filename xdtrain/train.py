@@ -555,7 +555,8 @@ class Trainer:
         self.console.print(
             f"kNN monitor ({self.monitor.name}) after epoch {epoch}: {metric} "
             f"{result[metric]:.4f} (chance {result['knn_chance']:.4f}), "
-            f"{result['knn_seconds']:.1f} s"
+            f"{result['knn_seconds']:.1f} s",
+            soft_wrap=True,  # one line in a job log too
         )
 
     def summary(self, row: dict) -> None:
