@@ -99,8 +99,8 @@ class KnnMonitor:
 
     @torch.no_grad()
     def __call__(self, encoder: torch.nn.Module, device: torch.device, amp) -> dict:
-        """``{knn_top1 | knn_auroc (+ knn_auroc_classes), knn_seconds}`` on rank 0 (``{}``
-        on the others). Every rank must call it: the embeddings are gathered."""
+        """``{knn_top1 | knn_auroc (+ knn_auroc_classes), knn_chance, knn_seconds}`` on rank 0
+        (``{}`` on the others). Every rank must call it: the embeddings are gathered."""
         start = time.perf_counter()
         was_training = encoder.training
         encoder.eval()
