@@ -147,3 +147,14 @@ def knn_metrics(
     ]
     mean = sum(aurocs) / len(aurocs) if aurocs else float("nan")
     return {"knn_auroc": mean, "knn_auroc_classes": float(len(aurocs))}
+
+
+def knn_chance(labels, num_classes: int) -> float:
+    """What guessing scores on these query labels: the majority class's share (class
+    indices (M,), the top-1 of always predicting it) or 0.5 (0/1 labels (M, C), the AUROC
+    of uninformative scores)."""
+    labels = torch.as_tensor(labels)
+    if labels.ndim == 2:
+        return 0.5
+    counts = torch.bincount(labels.long().reshape(-1), minlength=num_classes)
+    return float(counts.max()) / max(labels.numel(), 1)

@@ -34,7 +34,7 @@ from xdtrain import distributed
 from xdtrain.config import Config
 from xdtrain.data.batch import label_kind, sample_labels, scored_classes
 from xdtrain.errors import UserError
-from xdtrain.knn import knn_metrics
+from xdtrain.knn import knn_chance, knn_metrics
 
 
 def monitor_data(config: Config):
@@ -132,7 +132,7 @@ class KnnMonitor:
             k=m.k,
             temperature=m.temperature,
         )
-        chance = chance_level(query_y, len(self.columns))
+        chance = knn_chance(query_y, len(self.columns))
         return result | {"knn_chance": chance, "knn_seconds": time.perf_counter() - start}
 
     def _embed(self, loader, encoder, device, amp) -> tuple[np.ndarray, np.ndarray]:
@@ -149,13 +149,6 @@ class KnnMonitor:
             empty = np.zeros((0,) if width == 0 else (0, width), np.int64)
             return np.zeros((0, 0), np.float32), empty
         return np.concatenate(features), np.concatenate(labels)
-
-
-def chance_level(labels: np.ndarray, num_classes: int) -> float:
-    """What guessing scores: the majority class's share (class labels), 0.5 (AUROC)."""
-    if labels.ndim == 2:
-        return 0.5
-    return float(np.bincount(labels, minlength=num_classes).max() / max(len(labels), 1))
 
 
 def _joined(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:

@@ -101,7 +101,7 @@ class Run:
         return (self.task, self.fraction, self.mode)
 
 
-def _find(path: str, folder: Path) -> Path | None:
+def find_recorded(path: str, folder: Path) -> Path | None:
     """``path`` as a run's config wrote it: absolute, or relative to the folder training ran
     in, which is the current one or one above the run folder (``checkpoints/...``)."""
     candidate = Path(path)
@@ -128,7 +128,7 @@ class Inputs:
         recorded = (env.get("shards") or {}).get("content")
         if recorded:
             return recorded[:12]
-        found = _find(config.data.shards or f"shards/{config.data.dataset}", folder)
+        found = find_recorded(config.data.shards or f"shards/{config.data.dataset}", folder)
         if found is None:
             return "unknown"
         if found not in self._shards:
@@ -149,7 +149,7 @@ class Inputs:
         digest = recorded.get("sha256")
         source = Path(recorded["path"]) if recorded.get("path") else None
         if source is None or not source.exists():
-            source = _find(weights, folder)
+            source = find_recorded(weights, folder)
         if source is not None and digest and self.sha256(source) != digest:
             # changed since the run read it (its pretraining trained longer, or a copy over
             # it): the bytes it read are identified by their sha256, where they are kept

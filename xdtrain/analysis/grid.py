@@ -165,11 +165,11 @@ def _starts(grid: Grid) -> None:
 
 def _absolute(config: Config, folder: Path) -> DataConfig:
     """The run's data with its shard folder found (absolute in a config xd-train wrote)."""
-    from xdtrain.report import _find
+    from xdtrain.report import find_recorded
 
     data = config.data
     shards = data.shards or f"shards/{data.dataset}"
-    found = _find(shards, folder)
+    found = find_recorded(shards, folder)
     # the whole train split: probes train on a sample of it whatever fraction a run used
     return dataclasses.replace(data, shards=str(found or Path(shards).resolve()), fraction=1.0)
 

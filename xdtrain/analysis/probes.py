@@ -19,7 +19,7 @@ import warnings
 import numpy as np
 import torch
 
-from xdtrain.knn import knn_metrics
+from xdtrain.knn import knn_chance, knn_metrics
 
 
 def _labels(y, n: int, num_classes: int, name: str) -> np.ndarray:
@@ -161,7 +161,7 @@ def chance_level(test_y: np.ndarray, num_classes: int) -> dict[str, float]:
     if test_y.ndim == 0 or test_y.shape[0] == 0:
         raise ValueError("chance_level needs test labels")
     test_y = _labels(test_y, test_y.shape[0], num_classes, "test_y")
+    share = knn_chance(test_y, num_classes)
     if test_y.ndim == 2:
-        return {"knn_auroc": 0.5, "linear_auroc": 0.5}
-    share = float(np.bincount(test_y, minlength=num_classes).max() / len(test_y))
+        return {"knn_auroc": share, "linear_auroc": share}
     return {"knn_top1": share, "linear_top1": share}
