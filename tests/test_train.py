@@ -1,5 +1,6 @@
-"""xd-train end to end on generated shards: the run folder, resume after SIGKILL, non-finite
-losses, torchrun with two CPU processes, and config errors before any data is read."""
+"""xd-train end to end on generated shards: the run folder, resume after SIGKILL, stop
+signals, non-finite losses, torchrun with two CPU processes, and config errors before any
+data is read."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -24,10 +26,10 @@ from sklearn.metrics import roc_auc_score
 from xdtrain import tasks
 from xdtrain.config import load_config
 from xdtrain.data import build_loader
-from xdtrain.errors import UserError
+from xdtrain.errors import Stopped, UserError, run_cli
 from xdtrain.models import get_model
 from xdtrain.runlog import read_metrics
-from xdtrain.train import main
+from xdtrain.train import StopSignals, Trainer, main
 
 
 def args(config: str, shards: Path, run: Path, *extra: str) -> list[str]:
@@ -340,6 +342,120 @@ def test_sigkill_mid_epoch_then_resume_gives_identical_weights(packed, tmp_path)
     assert [r["loss"] for r in rows(killed, "val")] == [r["loss"] for r in rows(whole, "val")]
     assert len(rows(killed, "test")) == 1
     assert rows(killed, "test")[0]["loss"] == rows(whole, "test")[0]["loss"]
+
+
+def test_sigterm_mid_epoch_checkpoints_there_and_resume_gives_identical_weights(packed, tmp_path):
+    """SIGTERM (Slurm's preemption, requeue or scancel) in the second epoch: the run writes
+    last.pt at the step where it stops, says so in one line and exits with 143 (128 +
+    SIGTERM); --resume then ends bit for bit where a run that was never stopped ends."""
+    shards = packed["lits"]
+    # batch 2: six steps an epoch, so the stop lands mid-epoch however late it is seen
+    small = ("--set", "data.batch_size=2")
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    # one thread each: the reference run goes on meanwhile, on the other core
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    pipes = dict(stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    reference = subprocess.Popen(_train_command(whole, shards, 2, *small), **pipes)
+    proc = subprocess.Popen(_train_command(stopped, shards, 2, *small), **pipes)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if any(r["epoch"] == 2 for r in rows(stopped, "train")):
+            # frozen, it is sent SIGTERM once sure to stop before the epoch's last step (it
+            # stops after the step it is in, or the next one when past that step's check)
+            os.kill(proc.pid, signal.SIGSTOP)
+            train = rows(stopped, "train")
+            steps_per_epoch = max(r["step"] for r in train if r["epoch"] == 1)
+            if max(r["step"] for r in train) + 2 >= 2 * steps_per_epoch:
+                proc.kill()
+                pytest.fail("seen in its second epoch too late to stop it mid-epoch")
+            os.kill(proc.pid, signal.SIGTERM)
+            os.kill(proc.pid, signal.SIGCONT)
+            break
+        time.sleep(0.02)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]  # not -15: killed by it
+    state = torch.load(stopped / "last.pt", weights_only=True)
+    assert state["epoch"] == 1 and 0 < state["step_in_epoch"] < steps_per_epoch
+    assert state["global_step"] == steps_per_epoch + state["step_in_epoch"]
+    # stopped at the step it saved: no train row after it, no validation of epoch 2
+    assert max(r["step"] for r in rows(stopped, "train")) == state["global_step"]
+    assert [r["epoch"] for r in rows(stopped, "val")] == [1] and not rows(stopped, "test")
+    lines = err.rstrip("\n").splitlines()
+    assert "Traceback" not in err and sum(line.startswith("stopped:") for line in lines) == 1
+    assert lines[-1] == (
+        f"stopped: SIGTERM: checkpoint written at epoch 2 step {state['step_in_epoch']}; "
+        f"{stopped}: rerun the same command with --resume; it continues from last.pt"
+    )
+    resume = [*_train_command(stopped, shards, 2, *small), "--resume"]
+    subprocess.run(resume, check=True, capture_output=True, env=env)
+    _, err = reference.communicate(timeout=120)
+    assert reference.returncode == 0, err[-3000:]
+    a = torch.load(whole / "final.pt", weights_only=True)["model"]
+    b = torch.load(stopped / "final.pt", weights_only=True)["model"]
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["loss"] for r in rows(stopped, "train")] == [r["loss"] for r in rows(whole, "train")]
+
+
+def test_a_stop_signal_during_validation_stops_after_the_epochs_checkpoint(
+    packed, tmp_path, monkeypatch, capsys
+):
+    """SIGUSR1 (ahead of a time limit) during the first epoch's validation: the run stops
+    once that epoch is saved, before the next one, and exits with 138 (128 + SIGUSR1)."""
+    run = tmp_path / "run"
+    validate = Trainer.validate
+
+    def signalled(self):
+        signal.raise_signal(signal.SIGUSR1)
+        validate(self)
+
+    monkeypatch.setattr(Trainer, "validate", signalled)
+    before = signal.getsignal(signal.SIGUSR1)
+    base = args("ft_lits.yaml", packed["lits"], run, "--set", "data.batch_size=4")
+    assert run_cli(main, [*base, "--set", "train.epochs=2"]) == 128 + signal.SIGUSR1
+    assert signal.getsignal(signal.SIGUSR1) is before  # restored
+    state = torch.load(run / "last.pt", weights_only=True)
+    assert state["epoch"] == 1 and state["step_in_epoch"] == 0
+    assert [r["epoch"] for r in rows(run, "val")] == [1]
+    assert {r["epoch"] for r in rows(run, "train")} == {1} and not rows(run, "test")
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"stopped: SIGUSR1: checkpoint written after epoch 1; {run}: rerun the same command "
+        "with --resume; it continues from last.pt"
+    )
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2])
+def test_stop_signals_are_noted_then_their_handlers_restored(signum, capsys):
+    """The first stop signal is noted, Ctrl-C is left alone, the previous handlers are back
+    afterwards, and the command exits with 128 + the signal number."""
+    previous = {s: signal.getsignal(s) for s in (signum, signal.SIGINT)}
+    with StopSignals() as stop:
+        assert stop.signum is None
+        assert signal.getsignal(signal.SIGINT) is previous[signal.SIGINT]  # Ctrl-C as before
+        signal.raise_signal(signum)
+        signal.raise_signal(signal.SIGUSR2 if signum != signal.SIGUSR2 else signal.SIGTERM)
+        assert stop.signum == signum  # the first one
+    assert {s: signal.getsignal(s) for s in previous} == previous
+
+    def stopped(argv):
+        raise Stopped("checkpoint written", signum)
+
+    assert run_cli(stopped) == {"SIGTERM": 143, "SIGUSR1": 138, "SIGUSR2": 140}[signum.name]
+    assert capsys.readouterr().err == "stopped: checkpoint written\n"
+
+
+def test_stop_signals_install_nothing_outside_the_main_thread():
+    """``signal.signal`` fails outside the main thread: there, nothing is installed."""
+    seen = []
+
+    def train():
+        with StopSignals():
+            seen.append(signal.getsignal(signal.SIGTERM))
+
+    thread = threading.Thread(target=train)
+    thread.start()
+    thread.join()
+    assert seen == [signal.getsignal(signal.SIGTERM)]
 
 
 def torchrun2(*train_args: str, torchrun: tuple[str, ...] = ()):

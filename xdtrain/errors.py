@@ -2,6 +2,8 @@
 
 A :class:`UserError` is a problem with the user's input (a config, a path, a data set) that
 the user can fix; commands print it as one line and exit with status 2, never a traceback.
+A command stopped by Ctrl-C or by a stop signal (:class:`Stopped`) says in one line how to
+continue.
 """
 
 from __future__ import annotations
@@ -27,14 +29,32 @@ class Interrupted(KeyboardInterrupt):
         self.quiet = quiet
 
 
+class Stopped(Exception):
+    """A stop signal (SIGTERM, SIGUSR1, SIGUSR2: a scheduler's preemption, requeue, cancel or
+    coming time limit) that the command obeyed after saving what it needs to continue (its
+    message). ``quiet``: another rank says it.
+
+    The command exits with 128 + the signal number, the shell's status for "ended by that
+    signal": schedulers and queues read it as interrupted, neither finished nor failed."""
+
+    def __init__(self, advice: str, signum: int, quiet: bool = False):
+        super().__init__(advice)
+        self.signum, self.quiet = signum, quiet
+
+
 def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
-    """Run a command's ``main``; turn :class:`UserError` and Ctrl-C into a one-line exit."""
+    """Run a command's ``main``; turn :class:`UserError`, Ctrl-C and :class:`Stopped` into a
+    one-line exit."""
     try:
         return int(main(argv) or 0)
     except UserError as exc:
         if not exc.quiet:
             print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Stopped as exc:
+        if not exc.quiet:
+            print(f"stopped: {exc}", file=sys.stderr)
+        return 128 + exc.signum
     except KeyboardInterrupt as exc:
         advice = str(exc) or (
             "partial outputs were left under temporary names; rerun the same command to resume"

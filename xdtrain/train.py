@@ -4,6 +4,10 @@ Read top to bottom: resolve the config and the run folder, build data, model, op
 schedule, restore a checkpoint when resuming, then train epoch by epoch (validation, a
 checkpoint and the curves after each), and finally save ``final.pt`` and ``encoder.pt`` and
 score the test split with the final model.
+
+SIGTERM, SIGUSR1 and SIGUSR2 (a scheduler's preemption, requeue, cancel or coming time limit)
+stop the training at the next step boundary with a checkpoint, and the command exits with
+128 + the signal number (:class:`StopSignals`); ``--resume`` continues the run from there.
 """
 
 from __future__ import annotations
@@ -16,7 +20,9 @@ import math
 import os
 import random
 import shutil
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -35,7 +41,7 @@ from xdtrain.config import (
     save_config,
 )
 from xdtrain.data import build_loader, shard_folder
-from xdtrain.errors import Interrupted, UserError, run_cli
+from xdtrain.errors import Interrupted, Stopped, UserError, run_cli
 from xdtrain.evaluate import evaluate, precision, to_device
 from xdtrain.models import export_encoder, get_model
 from xdtrain.monitor import KnnMonitor
@@ -68,6 +74,47 @@ RESUMABLE_CHANGES = {
 
 class NonFiniteStop(UserError):
     """Too many non-finite losses in a row; the run is left resumable."""
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+
+
+class StopSignals:
+    """While entered, the signals of :data:`STOP_SIGNALS` only note that a stop was asked for.
+
+    Slurm sends SIGTERM to every process of a job it preempts, requeues or cancels (and
+    SIGKILL after ``KillWait``, about 30 s), and SIGUSR2 or SIGUSR1 ahead of a time limit when
+    asked to (submitit: ``--signal=USR2@90``). Their default action ends the run at once,
+    losing every step since the last checkpoint; noted instead, they let the training loop
+    stop at the next step boundary with a checkpoint (:meth:`Trainer.train_epoch`).
+    ``signum``: the first of them received, None before. Leaving restores the previous
+    handlers. Ctrl-C (SIGINT) is not one of them: it interrupts at once, as it always did.
+    Only the main thread can install handlers (Python runs them there); entered in another
+    thread, this installs none and the signals keep their effect.
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def _note(self, signum: int, frame) -> None:
+        if self.signum is None:
+            self.signum = signum
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for signum in STOP_SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._note)
+                # restart the system calls it interrupts (SA_RESTART): under the default
+                # action, the threads of C libraries (DALI, Gloo) never saw EINTR
+                signal.siginterrupt(signum, False)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, previous in self._previous.items():
+            # None: a handler not installed from Python, which cannot be put back
+            signal.signal(signum, signal.SIG_DFL if previous is None else previous)
+        self._previous = {}
 
 
 # --------------------------------------------------------------------------- set-up
@@ -194,6 +241,14 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 
 
 class Trainer:
+    """One run: :meth:`fit` trains it epoch by epoch and scores the test split.
+
+    A stop signal while it trains (:class:`StopSignals`) makes every rank stop together at
+    the next step boundary with ``last.pt`` written there, or after the epoch's checkpoint
+    when it lands in the epoch's last step or validation (the last epoch's too: the resumed
+    run then only scores the test split); :meth:`fit` then raises :class:`Stopped`. One
+    during the final test evaluation is ignored: the run finishes."""
+
     def __init__(self, config: Config, task: Task, world, folder: Path, resume: bool):
         self.config, self.task, self.world, self.folder = config, task, world, folder
         self.resume = resume
@@ -229,6 +284,7 @@ class Trainer:
         self.bad_samples = 0
         self.best: dict | None = None
         self.log: RunLog | None = None
+        self.stop = StopSignals()
 
     def _loaders(self) -> tuple:
         """The train, val and test loaders of this rank (the test split is opened now, so a
@@ -383,16 +439,34 @@ class Trainer:
         if self.monitor is not None and self.global_step == 0:
             self.watch(0)  # the untrained encoder: the baseline training must rise above
         progress = make_progress(self.console, enabled=world.main and sys.stderr.isatty())
-        with progress:
-            while self.epoch < cfg.train.epochs:
-                self.train_epoch(progress)
-                self.validate()
-                self.step_in_epoch = 0
-                self.epoch += 1
-                self.save("last.pt")
-                if world.main:
-                    plot_curves(self.folder, self.task.primary)
-        return self.finish()
+        with self.stop:
+            with progress:
+                while self.epoch < cfg.train.epochs:
+                    if self.train_epoch(progress):
+                        raise self.stopped()
+                    self.validate()
+                    self.step_in_epoch = 0
+                    self.epoch += 1
+                    self.save("last.pt")
+                    if world.main:
+                        plot_curves(self.folder, self.task.primary)
+                    # a signal during validation (or the epoch's last step) stops here
+                    if distributed.any_true([self.stop.signum is not None], world.device)[0]:
+                        raise self.stopped()
+            return self.finish()
+
+    def stopped(self) -> Stopped:
+        """What every rank raises once they agreed to stop, ``last.pt`` written: the signal
+        a rank received (perhaps another rank) and where the run stopped."""
+        signum = next(s for s in distributed.gather_objects(self.stop.signum) if s is not None)
+        if self.log is not None:
+            self.log.close()
+        if self.step_in_epoch:
+            where = f"at epoch {self.epoch + 1} step {self.step_in_epoch}"
+        else:
+            where = f"after epoch {self.epoch}"
+        name = signal.Signals(signum).name
+        return Stopped(f"{name}: checkpoint written {where}", signum, quiet=not self.world.main)
 
     def _inputs(self) -> dict | None:
         """Rank 0: the sha256 of what the run reads (:mod:`xdtrain.provenance`); a resume
@@ -407,7 +481,9 @@ class Trainer:
             provenance.check_resume(self.folder, identity)
         return identity
 
-    def train_epoch(self, progress) -> None:
+    def train_epoch(self, progress) -> bool:
+        """Train from ``step_in_epoch`` to the epoch's end; return whether a stop signal
+        ended it earlier, at a step boundary, once ``last.pt`` was written there."""
         cfg, world, train = self.config, self.world, self.config.train
         model = self.model
         model.train()
@@ -431,8 +507,11 @@ class Trainer:
                 loss, _ = self.task.forward(model, batch, cfg)
             value = float(loss.detach())  # the step's one wait for the device
             due = time.monotonic() - saved_at > train.checkpoint_minutes * 60
-            # one collective per step: every rank skips a non-finite step and saves together
-            nonfinite, due = distributed.any_true([not math.isfinite(value), due], world.device)
+            # one collective per step: every rank skips a non-finite step, saves and stops
+            # together (stops even when a stop signal reached one rank only)
+            nonfinite, due, stop = distributed.any_true(
+                [not math.isfinite(value), due, self.stop.signum is not None], world.device
+            )
             if nonfinite:
                 self.skip_step(value)
             else:
@@ -451,10 +530,13 @@ class Trainer:
             if self.global_step % train.log_every == 0 or last:
                 self.log_train(window)
                 window = _window()
-            if due and not last:
+            if (due or stop) and not last:  # at the last step, fit saves after validation
                 self.save("last.pt")
                 saved_at = time.monotonic()
+                if stop:
+                    break
         progress.remove_task(bar)
+        return self.step_in_epoch < self.steps_per_epoch
 
     def optimise(self, loss: torch.Tensor) -> None:
         self.scaler.scale(loss).backward()
@@ -632,6 +714,9 @@ def main(argv: list[str] | None = None) -> int:
         if world.main and args.force:
             clear_folder(folder)
         row = Trainer(config, task, world, folder, resume).fit()
+    except Stopped as stop:
+        advice = f"{stop}; {resume_advice(folder, args.force)}"
+        raise Stopped(advice, stop.signum, quiet=stop.quiet) from None
     except KeyboardInterrupt:
         raise Interrupted(resume_advice(folder, args.force), quiet=not world.main) from None
     finally:

@@ -17,6 +17,7 @@ with another worker count.
 from __future__ import annotations
 
 import logging
+import signal
 from typing import Any
 
 import albumentations as A
@@ -276,6 +277,7 @@ class AlbuLoader:
             shuffle=False,
             num_workers=self.workers,
             pin_memory=self.device.type == "cuda",
+            worker_init_fn=_ignore_stop_signals,
         )
         for raw in loader:
             batch = {
@@ -288,6 +290,14 @@ class AlbuLoader:
             self.bad_samples += batch["bad_samples"]
             yield batch
         self.epoch += 1
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """A worker ignores the stop signals a scheduler sends to every process of a job (SIGTERM
+    on preemption, SIGUSR1/2 before a time limit): the training process handles them, writes
+    its checkpoint and then ends its workers; a worker killed first would fail that step."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def _decode(data: bytes | None, flags: int):
