@@ -468,7 +468,9 @@ def _jobs(path: Path, commands: list[str]) -> Path:
     return path
 
 
-def test_queue_refuses_non_xd_commands_and_shell_syntax_before_running_anything(tmp_path):
+@pytest.mark.parametrize("executor", ["local", "slurm"])
+def test_queue_refuses_non_xd_commands_and_shell_syntax_before_running_anything(tmp_path, executor):
+    """Both executors check every line before the first job starts or is submitted."""
     ok = f"xd-synth imagenet --out {tmp_path / 'a'} --count 1 --quiet"
     for bad, message in [
         ("ls -la", "only xd-\\* commands run"),
@@ -478,7 +480,7 @@ def test_queue_refuses_non_xd_commands_and_shell_syntax_before_running_anything(
         jobs = _jobs(tmp_path / "jobs.csv", [ok, bad])
         before = jobs.read_text()
         with pytest.raises(UserError, match=message) as info:
-            queue_main([str(jobs)])
+            queue_main([str(jobs), "--executor", executor])
         assert "line 4" in str(info.value)
         assert jobs.read_text() == before and not (tmp_path / "a").exists()
 
@@ -510,8 +512,9 @@ def test_queue_survives_sigkill_and_resumes_with_the_interrupted_job(tmp_path):
     statuses = [line.status for line in parse(jobs) if line.command]
     assert statuses == ["done", "done", "done"]
     logs = jobs.with_name("jobs.csv.logs")
-    assert (logs / "job0002.log").read_text().count("$ xd-synth") == 1  # not rerun
-    assert (logs / "job0003.log").read_text().count("$ xd-synth") == 2  # rerun
+    # logs are named by the line's number in the file (its header is line 1)
+    assert (logs / "job0003.log").read_text().count("$ xd-synth") == 1  # not rerun
+    assert (logs / "job0004.log").read_text().count("$ xd-synth") == 2  # rerun
     assert (out / "brats").is_dir() and (out / "lits").is_dir()
 
 

@@ -1,0 +1,251 @@
+"""xd-queue without Slurm: which job waits for which, the local executor honouring it, the
+reconcile with Slurm's answers (fake squeue/sacct output), and the job command on a node."""
+
+from __future__ import annotations
+
+import pickle
+import subprocess
+from pathlib import Path
+
+import pytest
+from helpers import ROOT
+
+from xdtrain.errors import UserError
+from xdtrain.queue import main as queue_main
+from xdtrain.queue import parse
+from xdtrain.queue.accounting import Accounting
+from xdtrain.queue.depends import dependencies, order
+from xdtrain.queue.slurm import (
+    History,
+    SlurmOptions,
+    XdJob,
+    launch,
+    line_options,
+    minutes,
+    parameters,
+    reconcile,
+)
+
+
+def _write(path: Path, *commands: str, statuses: tuple[str, ...] = ()) -> Path:
+    rows = [f"{c},{statuses[i] if i < len(statuses) else ''}" for i, c in enumerate(commands)]
+    path.write_text("command,status\n" + "\n".join(rows) + "\n")
+    return path
+
+
+def test_grid_finetunings_wait_for_the_pretraining_whose_encoder_they_read(tmp_path):
+    """The jobs file xd-queue grid writes: each finetuning from an encoder waits for the
+    SimCLR line that writes it, scratch runs for nothing, and any order of the lines works."""
+    out = tmp_path / "grid"
+    argv = ["grid", "--pretrain", "none,imagenet,ct", "--tasks", "lits", "--seeds", "2"]
+    assert queue_main([*argv, "--configs", str(ROOT / "configs"), "--out", str(out)]) == 0
+    text = (out / "jobs.csv").read_text().splitlines()
+    # the pretrainings last: the order must come from what the lines read, not the file
+    jobs = [t for t in text[2:] if t.startswith("xd-train")]
+    reordered = _write(tmp_path / "jobs.csv", *[j.rstrip(",") for j in jobs[2:] + jobs[:2]])
+    lines = parse(reordered)
+    waits = dependencies(reordered, lines, tmp_path)
+    by_name = {Path(line.argv[1]).stem: line.number for line in lines if line.command}
+    for name, number in by_name.items():
+        if name.startswith("ft_lits_none"):
+            assert waits[number] == set(), name
+        elif name.startswith("ft_lits_imagenet"):
+            assert waits[number] == {by_name["pt_imagenet"]}, name
+        elif name.startswith("ft_lits_ct"):
+            assert waits[number] == {by_name["pt_ct"]}, name
+    ranked = order(waits)
+    for number, wanted in waits.items():
+        assert all(ranked.index(w) < ranked.index(number) for w in wanted)
+
+
+def test_after_names_a_line_or_a_run_and_cycles_are_refused(tmp_path):
+    base = str(ROOT / "configs" / "demo" / "ft_lits.yaml")
+    jobs = _write(
+        tmp_path / "jobs.csv",
+        f"xd-train {base} --run-dir runs/a",
+        f"xd-train {base} --run-dir runs/b --after 2",
+        f"xd-train {base} --run-dir runs/c --after b",
+        "xd-report runs --out report",
+        f"xd-synth lits --out data --after={tmp_path / 'runs' / 'a'}",
+    )
+    lines = parse(jobs)
+    assert lines[2].argv[-2:] == ["--run-dir", "runs/b"]  # --after is the queue's, not xd-train's
+    waits = dependencies(jobs, lines, tmp_path)
+    # xd-report reads runs/: it waits for every run written inside it
+    assert waits == {2: set(), 3: {2}, 4: {3}, 5: {2, 3, 4}, 6: {2}}
+    with pytest.raises(UserError, match="line 3: --after 9: line 9 holds no job"):
+        bad = _write(
+            tmp_path / "bad.csv", f"xd-train {base} --run-dir a", f"xd-train {base} --after 9"
+        )
+        dependencies(bad, parse(bad), tmp_path)
+    with pytest.raises(UserError, match="--after nothing: no xd-train line writes a run named so"):
+        bad = _write(tmp_path / "bad.csv", f"xd-train {base} --after nothing")
+        dependencies(bad, parse(bad), tmp_path)
+    loop = _write(
+        tmp_path / "loop.csv",
+        f"xd-train {base} --run-dir x --set model.encoder_weights=y/encoder.pt",
+        f"xd-train {base} --run-dir y --set model.encoder_weights=x/encoder.pt",
+    )
+    with pytest.raises(UserError, match=r"lines 2 → 3 → 2 wait for each other"):
+        dependencies(loop, parse(loop), tmp_path)
+
+
+def test_local_slots_start_no_job_before_the_one_whose_output_it_reads(tmp_path, monkeypatch):
+    """Three slots, the consumer first in the file: it waits for its producer (xd-shard reads
+    what xd-synth writes), and a consumer of a failed producer is not started."""
+    monkeypatch.chdir(tmp_path)
+    jobs = _write(
+        tmp_path / "jobs.csv",
+        "xd-shard --dataset lits --src data/lits --out shards/lits --quiet",
+        "xd-synth lits --out data --count 1 --quiet",
+        "xd-synth imagenet --out elsewhere --count 1 --quiet",
+    )
+    assert queue_main([str(jobs), "--gpus", "a,b,c"]) == 0
+    assert [line.status for line in parse(jobs) if line.command] == ["done"] * 3
+    assert (tmp_path / "shards" / "lits" / "manifest.json").is_file()
+    log = (tmp_path / "jobs.csv.logs" / "job0002.log").read_text()
+    assert "skipped" not in log and log.count("$ xd-shard") == 1  # ran once, on the data
+    # a producer that fails: its consumer stays to do
+    chain = _write(
+        tmp_path / "chain.csv",
+        "xd-shard --dataset lits --src data2/lits --out shards/lits2 --quiet",
+        "xd-shard --dataset lits --src gone/lits --out data2 --quiet",
+    )
+    assert queue_main([str(chain), "--gpus", "a,b,c"]) == 1
+    first, second = [line.status for line in parse(chain) if line.command]
+    assert first == "" and second.startswith("failed: ")
+
+
+class FakeSlurm:
+    """squeue and sacct answers from fixed tables, as a cluster would print them."""
+
+    def __init__(self, queued: list[str], accounted: list[str], squeue_rc: int = 0):
+        self.queued, self.accounted, self.squeue_rc = queued, accounted, squeue_rc
+        self.calls: list[list[str]] = []
+
+    def __call__(self, argv: list[str]) -> subprocess.CompletedProcess:
+        self.calls.append(argv)
+        if argv[0] == "squeue":
+            text = "\n".join(self.queued) + "\n"
+            err = "slurm_load_jobs error: Unable to contact slurm controller"
+            return subprocess.CompletedProcess(argv, self.squeue_rc, text, err)
+        if argv[0] == "sacct":
+            text = "JobID|State|Elapsed|JobName\n" + "\n".join(self.accounted) + "\n"
+            return subprocess.CompletedProcess(argv, 0, text, "")
+        if argv[0] == "scancel":
+            return subprocess.CompletedProcess(argv, 0, "", "")
+        raise AssertionError(argv)
+
+
+def test_reconcile_reads_slurm_states_and_resubmits_only_ended_jobs(tmp_path):
+    folder = tmp_path / "slurm"
+    folder.mkdir()
+    with open(folder / "16_0_result.pkl", "wb") as fh:  # a job Slurm forgot, that succeeded
+        pickle.dump(("success", 0), fh)
+    commands = [f"xd-synth lits --out d{n} --count 1" for n in range(9)]
+    statuses = (
+        "submitted: slurm 11",  # running
+        "submitted: slurm 12",  # completed (squeue still has it)
+        "submitted: slurm 13",  # failed
+        "submitted: slurm 14",  # only sacct knows it: timed out
+        "submitted: slurm 16",  # nobody knows it; its result file says success
+        "submitted: slurm 17",  # nobody knows it, no result: lost
+        "submitting: slurm xd-synth.00aa11bb",  # killed after sbatch: squeue has it as job 18
+        "submitting: slurm xd-synth.ffee0011 again",  # killed before sbatch, a retry
+        "submitted: slurm 19",  # pending on a dependency that failed
+    )
+    jobs = _write(tmp_path / "jobs.csv", *commands, statuses=statuses)
+    lines = parse(jobs)
+    fake = FakeSlurm(
+        [
+            "11|RUNNING|1:02|a.1|None",
+            "12|COMPLETED|3:00|a.2|None",
+            "13|FAILED|0:05|a.3|NonZeroExitCode",
+            "18|PENDING|0:00|xd-synth.00aa11bb|Priority",
+            "19|PENDING|0:00|a.9|DependencyNeverSatisfied",
+        ],
+        ["14|TIMEOUT|2:00:00|a.4"],
+    )
+    history = History(folder / "history.json")
+    seen, again = reconcile(lines, folder, Accounting(fake), history)
+    got = [line.status for line in lines if line.command]
+    assert got[:3] == ["submitted: slurm 11", "done", f"failed: {folder / '13_0_log.out'}"]
+    assert got[3] == f"failed: {folder / '14_0_log.out'}"
+    assert got[4] == "done"
+    assert got[5] == f"failed: {folder / '17_0_log.out'} (lost)"
+    assert got[6] == "submitted: slurm 18"  # adopted by its name: not submitted twice
+    assert got[7] == ""  # never reached Slurm: submitted now, resumed as it was a retry
+    assert got[8] == f"failed: {folder / '19_0_log.out'}"
+    assert ["scancel", "19"] in fake.calls  # it would never run; cancelled before a resubmit
+    assert again == {4, 5, 7, 9, 10}  # 13, 14, 17, the retry, 19: again with --resume
+    assert seen[2].state == "RUNNING" and seen[5].state == "TIMEOUT"
+
+
+def test_no_answer_from_slurm_changes_nothing(tmp_path):
+    jobs = _write(
+        tmp_path / "jobs.csv", "xd-synth lits --out d --count 1", statuses=("submitted: slurm 5",)
+    )
+    before = jobs.read_text()
+    fake = FakeSlurm([], [], squeue_rc=1)
+    with pytest.raises(
+        UserError, match="squeue failed .*Unable to contact slurm controller.*nothing"
+    ):
+        reconcile(parse(jobs), tmp_path, Accounting(fake), History(tmp_path / "h.json"))
+    assert jobs.read_text() == before
+
+
+def test_time_limits_and_the_command_each_node_runs():
+    assert [minutes(t) for t in ("90", "1:30", "02:00:00", "1-00", "1-02:30", "0-00:00:30")] == [
+        90,
+        2,
+        120,
+        1440,
+        1590,
+        1,
+    ]
+    with pytest.raises(UserError, match="--time 'soon'"):
+        minutes("soon")
+    train = ["xd-train", "cfg.yaml", "--set", "run.seed=1"]
+    env = {"SLURM_JOB_NODELIST": "gpu[03-04]", "SLURM_NODEID": "1", "SLURM_JOB_ID": "123456"}
+    command = launch(train, nodes=2, procs=4, env=env)
+    assert command[1:3] == ["-m", "torch.distributed.run"]
+    assert "--nnodes=2" in command and "--node-rank=1" in command
+    assert "--master-addr=gpu03" in command and "--nproc-per-node=4" in command
+    assert f"--master-port={15000 + 123456 % 20000}" in command
+    assert command[command.index("-m", 3) :] == ["-m", "xdtrain.train", *train[1:]]
+    single = launch(train, nodes=1, procs=2, env={})
+    assert "--standalone" in single and "--nnodes=2" not in single
+    assert Path(launch(train, 1, 1, {})[0]).name == "xd-train"
+    assert Path(launch(["xd-eval", "run"], 2, 4, env)[0]).name == "xd-eval"  # one process
+    # a requeued job continues its run folder; --force would start it over
+    job = XdJob(["xd-train", "cfg.yaml", "--force"], "/tmp")
+    assert job.command({})[-1] == "--force"
+    assert job.command({"SLURM_RESTART_COUNT": "1"})[-2:] == ["cfg.yaml", "--resume"]
+    assert XdJob(train, "/tmp", requeued=True).command({})[-1] == "--resume"
+
+
+def test_a_line_asks_slurm_for_its_own_resources(tmp_path):
+    """``--slurm KEY=VALUE`` on a line (what xd-queue grid --pretrain-slurm writes on the
+    SimCLR lines) replaces the queue's option for that job only; other keys go to sbatch."""
+    out = tmp_path / "grid"
+    argv = ["grid", "--pretrain", "none,imagenet", "--tasks", "lits", "--seeds", "1"]
+    argv += ["--pretrain-slurm", "gpus-per-job=8", "--pretrain-slurm", "time=3-00:00:00"]
+    argv += ["--pretrain-slurm", "constraint=a100"]
+    assert queue_main([*argv, "--configs", str(ROOT / "configs"), "--out", str(out)]) == 0
+    pretrain, scratch, finetune = [line for line in parse(out / "jobs.csv") if line.command]
+    assert pretrain.slurm == {"gpus-per-job": "8", "time": "3-00:00:00", "constraint": "a100"}
+    assert "--slurm" not in pretrain.argv and finetune.slurm == {}
+    base = SlurmOptions(gpus_per_job=1, cpus_per_gpu=4, time="12:00:00", extra={"qos": "x"})
+    mine = parameters(line_options(base, pretrain, out), None)
+    assert mine["gpus_per_node"] == 8 and mine["cpus_per_task"] == 32
+    assert mine["time"] == 3 * 24 * 60
+    assert line_options(base, pretrain, out).extra == {"qos": "x", "constraint": "a100"}
+    theirs = parameters(line_options(base, finetune, out), None)
+    assert theirs["gpus_per_node"] == 1 and theirs["time"] == 12 * 60
+    assert parameters(SlurmOptions(), None)["time"] is None  # no limit asked: none sent
+    assert parameters(SlurmOptions(), "2:00:00")["time"] == 120  # the partition's own
+    bad = _write(tmp_path / "bad.csv", "xd-synth lits --out d --slurm nodes=two")
+    with pytest.raises(UserError, match="line 2: --slurm nodes=two: a number"):
+        line_options(base, parse(bad)[1], bad)
+    with pytest.raises(UserError, match="--pretrain-slurm 'time=1 day'"):
+        queue_main([*argv, "--pretrain-slurm", "time=1 day", "--out", str(out)])

@@ -1,0 +1,186 @@
+"""Which job waits for which: a job that reads what another job writes runs after it.
+
+What a line reads and writes is taken from its command:
+
+- ``xd-train CONFIG [--set …] [--run-dir D]``: the config as ``xd-train`` resolves it; it writes
+  its run folder and reads ``data.shards``, ``model.encoder_weights`` and ``monitor.shards``.
+  So a finetuning whose encoder is another line's ``<run>/encoder.pt`` (what ``xd-queue grid``
+  writes) waits for that pretraining.
+- ``xd-synth NAME --out D`` writes ``D/NAME``; any other ``xd-*`` command writes its ``--out``
+  and reads its other arguments (``xd-shard --src``, ``xd-eval RUN``, ``xd-report RUNS``, …).
+
+A read waits for every line that writes the same path, a folder around it or a path inside it
+(``xd-report runs/`` waits for every run under ``runs/``); a line that writes where an earlier
+line writes runs after it. ``--after REF`` adds a wait by hand. A cycle is refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from xdtrain.errors import UserError
+from xdtrain.queue.jobsfile import Line, jobs
+
+
+@dataclass
+class Effects:
+    """The absolute paths a job reads and writes; ``run``: an ``xd-train`` run folder."""
+
+    reads: list[Path] = field(default_factory=list)
+    writes: list[Path] = field(default_factory=list)
+    run: Path | None = None
+
+
+def _train_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("config")
+    parser.add_argument("--set", action="append", default=[])
+    parser.add_argument("--run-dir")
+    return parser
+
+
+def effects(argv: list[str], cwd: Path, where: str) -> Effects:
+    """What the command ``argv``, started in ``cwd``, reads and writes; ``where`` names the
+    line in errors (a config that cannot be read)."""
+    if argv[0] == "xd-train":
+        return _train_effects(argv, cwd, where)
+    found = Effects()
+    values = iter(argv[1:])
+    positional = 0
+    for item in values:
+        if item == "--out" or item.startswith("--out="):
+            value = item.split("=", 1)[1] if "=" in item else next(values, None)
+            if value is not None:
+                target = cwd / value
+                if argv[0] == "xd-synth" and len(argv) > 1 and not argv[1].startswith("-"):
+                    target = target / argv[1]  # xd-synth NAME --out D writes D/NAME
+                found.writes.append(target.resolve())
+        elif item.startswith("-"):
+            continue  # an option: its value (if any) comes next and is read like an argument
+        else:
+            positional += 1
+            if argv[0] == "xd-synth" and positional == 1:
+                continue  # the data set's name
+            found.reads.append((cwd / item).resolve())
+    return found
+
+
+def _train_effects(argv: list[str], cwd: Path, where: str) -> Effects:
+    from xdtrain.config import load_config
+
+    args, _ = _train_parser().parse_known_args(argv[1:])
+    path = cwd / args.config
+    try:
+        config = load_config(path, args.set)
+    except UserError as exc:
+        raise UserError(f"{where}: {exc}") from None
+    if args.run_dir:
+        run = cwd / args.run_dir
+    else:
+        run = cwd / config.run.output_dir / (config.run.name or Path(args.config).stem)
+    run = run.resolve()
+    reads = [cwd / (config.data.shards or Path("shards") / config.data.dataset)]
+    for extra in (config.model.encoder_weights, config.monitor.shards):
+        if extra:
+            reads.append(cwd / Path(extra).expanduser())
+    return Effects([p.resolve() for p in reads], [run], run)
+
+
+def dependencies(path: Path, lines: list[Line], cwd: Path) -> dict[int, set[int]]:
+    """``{line number: the line numbers it waits for}`` for every job of the jobs file at
+    ``path``; raises :class:`UserError` for an unknown ``--after`` or a cycle."""
+    todo = jobs(lines)
+    found = {line.number: effects(line.argv, cwd, f"{path}: line {line.number}") for line in todo}
+    at: dict[Path, list[int]] = defaultdict(list)  # writers of exactly this path
+    below: dict[Path, list[int]] = defaultdict(list)  # writers of a path inside this folder
+    for number, effect in found.items():
+        for target in effect.writes:
+            at[target].append(number)
+            for parent in target.parents:
+                below[parent].append(number)
+
+    def writers(target: Path) -> set[int]:
+        out = set(at.get(target, ())) | set(below.get(target, ()))
+        for parent in target.parents:
+            out.update(at.get(parent, ()))
+        return out
+
+    waits: dict[int, set[int]] = {}
+    for line in todo:
+        effect = found[line.number]
+        wanted = set()
+        for target in effect.reads:
+            wanted |= writers(target)
+        for target in effect.writes:  # the same folder written twice: in the file's order
+            wanted |= {n for n in writers(target) if n < line.number}
+        for ref in line.after:
+            wanted.add(_resolve_after(ref, path, line, found, cwd))
+        wanted.discard(line.number)
+        waits[line.number] = wanted
+    check_cycles(path, waits)
+    return waits
+
+
+def _resolve_after(ref: str, path: Path, line: Line, found: dict[int, Effects], cwd: Path) -> int:
+    where = f"{path}: line {line.number}: --after {ref}"
+    if ref.isdigit():
+        if int(ref) not in found:
+            raise UserError(f"{where}: line {ref} holds no job; give a job's line number")
+        return int(ref)
+    target = (cwd / ref).resolve()
+    named = [
+        number
+        for number, effect in found.items()
+        if effect.run is not None and (effect.run.name == ref or effect.run == target)
+    ]
+    if len(named) != 1:
+        what = "no" if not named else "more than one"
+        raise UserError(
+            f"{where}: {what} xd-train line writes a run named so; give the run's name, its "
+            "folder or the line number"
+        )
+    return named[0]
+
+
+def check_cycles(path: Path, waits: dict[int, set[int]]) -> None:
+    """Refuses jobs that wait for each other, naming the lines of one cycle."""
+    state: dict[int, int] = {}  # 1: on the current path, 2: done
+    for start in waits:
+        if state.get(start):
+            continue
+        stack = [(start, iter(sorted(waits[start])))]
+        trail = [start]
+        state[start] = 1
+        while stack:
+            node, children = stack[-1]
+            child = next(children, None)
+            if child is None:
+                state[node] = 2
+                stack.pop()
+                trail.pop()
+            elif state.get(child) == 1:
+                cycle = trail[trail.index(child) :] + [child]
+                raise UserError(
+                    f"{path}: lines {' → '.join(map(str, cycle))} wait for each other (what one "
+                    "reads, another writes); break the cycle"
+                )
+            elif not state.get(child):
+                state[child] = 1
+                trail.append(child)
+                stack.append((child, iter(sorted(waits[child]))))
+
+
+def order(waits: dict[int, set[int]]) -> list[int]:
+    """The line numbers, each after the lines it waits for (the file's order otherwise)."""
+    placed: set[int] = set()
+    out: list[int] = []
+    remaining = sorted(waits)
+    while remaining:
+        ready = [n for n in remaining if waits[n] <= placed]
+        out += ready
+        placed.update(ready)
+        remaining = [n for n in remaining if n not in placed]
+    return out

@@ -1,0 +1,233 @@
+"""The jobs file: CSV ``command,status``, read, checked and written back atomically.
+
+Like the study's ``Jobs.csv``; lines starting with ``#`` and blank lines are kept as they are.
+Only ``xd-*`` commands run, as argument lists, never through a shell; every command is checked
+before the first one starts. The file is rewritten atomically (temporary file, rename) whenever a
+status changes, so neither Ctrl-C nor SIGKILL can leave it half written.
+
+Statuses:
+
+- empty or ``open``: to do;
+- ``running: pid N``: started by the local executor (a line found so when the queue starts was
+  interrupted and runs again, an ``xd-train`` job with ``--resume``);
+- ``submitting: slurm NAME``: about to be given to Slurm under the job name NAME (written before
+  ``sbatch``, so a queue killed in between finds the job by its name instead of submitting it
+  twice); ``… again``: a job that failed, submitted again (an ``xd-train`` job resumed);
+- ``submitted: slurm N``: Slurm job N;
+- ``done`` or ``completed``: finished, never rerun (the study's file says ``open``/``completed``;
+  a file that uses those words gets ``completed`` written back, any other ``done``);
+- ``failed: <log>``: runs again.
+
+Any other status stops the queue before a job starts: a misspelt word must not rerun a finished
+job. Two options of a line are the queue's, taken off before the command runs (repeatable):
+``--after REF``, the job waits for the line REF, a line number of this file or the run name (or
+run folder) of an ``xd-train`` line; ``--slurm KEY=VALUE``, what this job asks Slurm for in place
+of the queue's option of that name (``--slurm gpus-per-job=8 --slurm time=3-00:00:00``); the
+local executor ignores it.
+"""
+
+from __future__ import annotations
+
+import codecs
+import contextlib
+import csv
+import fcntl
+import io
+import os
+import re
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from xdtrain.errors import UserError
+from xdtrain.fileio import atomic_write
+
+HEADER = "command,status"
+TO_DO = ("", "open")
+FINISHED = ("done", "completed")
+SHELL = re.compile(r"[;&|`$<>(){}*?!~\\\n]")
+RUNNING = re.compile(r"running: pid (\d+)")
+SUBMITTING = re.compile(r"submitting: slurm (\S+)( again)?")
+SUBMITTED = re.compile(r"submitted: slurm (\d+(?:_\d+)?)")
+
+
+@dataclass
+class Line:
+    """One line of the jobs file; ``command`` is None for the header, comments and blanks."""
+
+    text: str  # the line as read
+    command: str | None = None
+    status: str = ""
+    argv: list[str] = field(default_factory=list)  # the command without the queue's options
+    after: list[str] = field(default_factory=list)  # the --after references
+    slurm: dict[str, str] = field(default_factory=dict)  # the --slurm KEY=VALUE settings
+    number: int = 0  # 1-based line number in the file
+
+    @property
+    def finished(self) -> bool:
+        return self.status in FINISHED
+
+    @property
+    def slurm_id(self) -> str | None:
+        """The Slurm job id of a ``submitted: slurm N`` line."""
+        match = SUBMITTED.fullmatch(self.status)
+        return match.group(1) if match else None
+
+    @property
+    def slurm_name(self) -> str | None:
+        """The job name of a ``submitting: slurm NAME`` line."""
+        match = SUBMITTING.fullmatch(self.status)
+        return match.group(1) if match else None
+
+    @property
+    def pid(self) -> int | None:
+        """The process id of a ``running: pid N`` line."""
+        match = RUNNING.fullmatch(self.status)
+        return int(match.group(1)) if match else None
+
+
+def parse(path: Path) -> list[Line]:
+    """Every line of the jobs file at ``path``; raises :class:`UserError` naming the line for a
+    bad header, row, status or command."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # spreadsheets write a byte-order mark
+    except FileNotFoundError:
+        raise UserError(
+            f"{path}: no jobs file; write one (command,status) or use xd-queue grid"
+        ) from None
+    lines = text.splitlines()
+    if not lines or lines[0].replace(" ", "").lower() != HEADER:
+        raise UserError(f"{path}: line 1 must be the header {HEADER!r}")
+    out = [Line(lines[0], number=1)]
+    for number, raw in enumerate(lines[1:], start=2):
+        if not raw.strip() or raw.lstrip().startswith("#"):
+            out.append(Line(raw, number=number))
+            continue
+        try:
+            (fields,) = list(csv.reader([raw]))
+        except ValueError:
+            raise UserError(f"{path}: line {number}: not a CSV row") from None
+        if len(fields) not in (1, 2):
+            raise UserError(f"{path}: line {number}: expected command,status; quote commas")
+        command = fields[0].strip()
+        status = fields[1].strip() if len(fields) == 2 else ""
+        argv, after, slurm = queue_options(check_command(command, path, number), path, number)
+        status = check_status(status, path, number)
+        out.append(Line(raw, command, status, argv, after, slurm, number))
+    return out
+
+
+def jobs(lines: list[Line]) -> list[Line]:
+    """The lines that hold a command."""
+    return [line for line in lines if line.command is not None]
+
+
+def check_status(status: str, path: Path, number: int) -> str:
+    """``status`` as the queue reads it (the words in lower case); refuses unknown words."""
+    word = status.lower()
+    if word in TO_DO or word in FINISHED:
+        return word
+    for pattern in (RUNNING, SUBMITTING, SUBMITTED):
+        if pattern.fullmatch(word):
+            return status
+    if word.startswith("failed"):
+        return status
+    raise UserError(
+        f"{path}: line {number}: unknown status {status!r}; write open (or leave it empty) to "
+        "run the job, completed or done to skip it"
+    )
+
+
+def check_command(command: str, path: Path, number: int) -> list[str]:
+    """The argument list of ``command``; refuses anything but a plain ``xd-*`` command."""
+    where = f"{path}: line {number}"
+    if SHELL.search(command):
+        raise UserError(
+            f"{where}: shell syntax is not run ({command[:60]!r}); write a plain xd-* command"
+        )
+    try:
+        argv = shlex.split(command)
+    except ValueError as exc:
+        raise UserError(f"{where}: {exc}") from None
+    if not argv or not re.fullmatch(r"xd-[a-z]+", argv[0]):
+        raise UserError(f"{where}: only xd-* commands run, not {argv[0] if argv else 'nothing'!r}")
+    return argv
+
+
+def queue_options(argv: list[str], path: Path, number: int):
+    """``argv`` without the queue's ``--after REF`` and ``--slurm KEY=VALUE`` options; the
+    REFs; the Slurm settings (keys without leading dashes)."""
+    kept, after, slurm = [], [], {}
+    items = iter(argv)
+    for item in items:
+        name, eq, value = item.partition("=")
+        if name not in ("--after", "--slurm"):
+            kept.append(item)
+            continue
+        if not eq:
+            value = next(items, None)
+        if not value:
+            raise UserError(
+                f"{path}: line {number}: {name} needs a value: --after 12 (a line number or run "
+                "name), --slurm gpus-per-job=8"
+            )
+        if name == "--after":
+            after.append(value)
+            continue
+        key, eq, setting = value.partition("=")
+        if not eq or not key.strip("-"):
+            raise UserError(f"{path}: line {number}: --slurm {value!r}: write KEY=VALUE")
+        slurm[key.strip().lstrip("-")] = setting
+    return kept, after, slurm
+
+
+def done_word(lines: list[Line]) -> str:
+    """``completed`` in a file that uses the study's words (open/completed), else ``done``."""
+    used = {line.status for line in jobs(lines)}
+    return "completed" if used & {"open", "completed"} else "done"
+
+
+def render(lines: list[Line], newline: str = "\n") -> str:
+    """The jobs file's text, each line ending in ``newline``."""
+    out = []
+    for line in lines:
+        if line.command is None:
+            out.append(line.text)
+            continue
+        buffer = io.StringIO()
+        csv.writer(buffer, lineterminator="").writerow([line.command, line.status])
+        out.append(buffer.getvalue())
+    return newline.join(out) + newline
+
+
+def writer(path: Path):
+    """A function that writes ``lines`` back to ``path`` as it was written: with its
+    byte-order mark and line endings (CRLF from Windows spreadsheets), atomically."""
+    raw = path.read_bytes()
+    mark = "\ufeff" if raw.startswith(codecs.BOM_UTF8) else ""
+    newline = "\r\n" if b"\r\n" in raw else "\n"
+    return lambda lines: atomic_write(path, mark + render(lines, newline))
+
+
+@contextlib.contextmanager
+def locked(logs: Path):
+    """Hold ``<logs>/queue.lock`` while a queue runs the jobs file of ``logs``: a second
+    ``xd-queue`` on the same file would start or submit its jobs twice. Released when the
+    process ends, however it ends."""
+    logs.mkdir(parents=True, exist_ok=True)
+    path = logs / "queue.lock"
+    with open(path, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "?"
+            raise UserError(
+                f"{path}: another xd-queue (pid {holder}) runs this jobs file; wait for it or "
+                "stop it (xd-queue status shows the jobs meanwhile)"
+            ) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"{os.getpid()}\n")
+        fh.flush()
+        yield
