@@ -84,3 +84,31 @@ def grid_runs(packed, tmp_path_factory):
         ]
         assert train_main(tiny("ft_lits.yaml", packed["lits"], root / f"pre{seed}", *weights)) == 0
     return root
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory):
+    """A single-node Slurm cluster (``tools/slurm_local.py``) for the session; its
+    ``SLURM_CONF`` is set for the tests and the commands they start. Skipped, with the reason,
+    where Slurm cannot start; with ``XD_REQUIRE_SLURM=1`` (CI) that is a failure instead."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+    import slurm_local
+
+    root = tmp_path_factory.mktemp("slurm")
+    try:
+        env = slurm_local.start(root)
+    except slurm_local.Unavailable as exc:
+        if os.environ.get("XD_REQUIRE_SLURM") == "1":
+            pytest.fail(f"Slurm did not start: {exc}")
+        pytest.skip(f"no local Slurm: {exc}")
+    before = os.environ.get("SLURM_CONF")
+    os.environ.update(env)
+    yield env
+    slurm_local.stop(root)
+    if before is None:
+        os.environ.pop("SLURM_CONF", None)
+    else:
+        os.environ["SLURM_CONF"] = before

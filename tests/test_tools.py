@@ -134,3 +134,16 @@ def test_bench_train_runs_xd_train_and_prints_its_json(packed, tmp_path):
     assert report["steps"] == 6 and report["rows_used"] == 5
     assert report["samples_per_s"] > 0 and 0 <= report["data_wait"] <= 1
     assert report["samples_per_s_within_epochs"] > 0
+
+
+def test_bench_queue_prints_its_json(tmp_path):
+    """Reading and reconciling a small grid's jobs file (fake squeue/sacct output)."""
+    done = subprocess.run(
+        [sys.executable, str(TOOLS / "bench_queue.py"), "--lines", "30", "--tmp", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    result = json.loads(done.stdout)
+    assert result["lines"] == 30 and 0 < result["waiting_lines"] < 30
+    assert result["read_s"] > 0 and result["reconcile_fake_s"] > 0
