@@ -4,6 +4,7 @@ reconcile with Slurm's answers (fake squeue/sacct output), and the job command o
 from __future__ import annotations
 
 import pickle
+import re
 import subprocess
 from pathlib import Path
 
@@ -15,7 +16,9 @@ from xdtrain.queue import main as queue_main
 from xdtrain.queue import parse
 from xdtrain.queue.accounting import Accounting
 from xdtrain.queue.depends import dependencies, order
+from xdtrain.queue.jobsfile import writer
 from xdtrain.queue.slurm import (
+    NO_LIMIT,
     History,
     SlurmOptions,
     XdJob,
@@ -23,6 +26,7 @@ from xdtrain.queue.slurm import (
     line_options,
     minutes,
     parameters,
+    plan,
     reconcile,
 )
 
@@ -242,10 +246,139 @@ def test_a_line_asks_slurm_for_its_own_resources(tmp_path):
     assert line_options(base, pretrain, out).extra == {"qos": "x", "constraint": "a100"}
     theirs = parameters(line_options(base, finetune, out), None)
     assert theirs["gpus_per_node"] == 1 and theirs["time"] == 12 * 60
-    assert parameters(SlurmOptions(), None)["time"] is None  # no limit asked: none sent
+    assert parameters(SlurmOptions(), None)["time"] == NO_LIMIT  # no limit: no --time sent
     assert parameters(SlurmOptions(), "2:00:00")["time"] == 120  # the partition's own
     bad = _write(tmp_path / "bad.csv", "xd-synth lits --out d --slurm nodes=two")
-    with pytest.raises(UserError, match="line 2: --slurm nodes=two: a number"):
+    with pytest.raises(UserError, match="line 2: --slurm nodes=two: a whole number, 1 or more"):
         line_options(base, parse(bad)[1], bad)
     with pytest.raises(UserError, match="--pretrain-slurm 'time=1 day'"):
         queue_main([*argv, "--pretrain-slurm", "time=1 day", "--out", str(out)])
+
+
+def test_default_folders_and_equals_options_are_followed(tmp_path):
+    """xd-synth and xd-shard write their default folders; --opt=VALUE reads VALUE; xd-eval
+    writes its scores into the run, so a report after it waits for it."""
+    base = str(ROOT / "configs" / "demo" / "ft_lits.yaml")
+    jobs = _write(
+        tmp_path / "jobs.csv",
+        "xd-synth all --out datasets --count 1",  # 2: writes datasets/
+        "xd-shard --dataset lits --src datasets/lits",  # 3: writes shards/lits
+        f"xd-train {base}",  # 4: reads shards/lits, writes checkpoints/demo/ft_lits
+        "xd-eval checkpoints/demo/ft_lits",  # 5
+        "xd-report checkpoints/demo --out report/demo",  # 6
+        "xd-shard --dataset=brats --src=datasets/brats --out=shards/b",  # 7
+        "xd-eval checkpoints/demo/ft_lits --split val --shards=shards/b",  # 8
+        "xd-shard verify shards/lits",  # 9
+    )
+    waits = dependencies(jobs, parse(jobs), tmp_path)
+    assert waits == {2: set(), 3: {2}, 4: {3}, 5: {4}, 6: {4, 5}, 7: {2}, 8: {4, 5, 7}, 9: {3}}
+
+
+def test_statuses_typed_by_hand_are_read_in_their_own_form(tmp_path):
+    jobs = _write(
+        tmp_path / "jobs.csv",
+        *[f"xd-synth lits --out d{n}" for n in range(4)],
+        statuses=(
+            "Submitted: Slurm 12",
+            "SUBMITTING: slurm lits.ab12 Again",
+            "Running: PID 7",
+            "FAILED: x",
+        ),
+    )
+    lines = [line for line in parse(jobs) if line.command]
+    assert [line.status for line in lines] == [
+        "submitted: slurm 12",
+        "submitting: slurm lits.ab12 again",
+        "running: pid 7",
+        "failed: x",
+    ]
+    assert lines[0].slurm_id == "12" and lines[1].slurm_name == "lits.ab12" and lines[2].pid == 7
+
+
+def test_a_file_edited_while_the_queue_runs_keeps_the_edits(tmp_path):
+    """The queue writes its statuses onto the file as it is now: lines added meanwhile stay."""
+    jobs = _write(tmp_path / "jobs.csv", "xd-synth lits --out a", "xd-synth lits --out b")
+    lines = parse(jobs)
+    save = writer(jobs)
+    jobs.write_text(jobs.read_text().replace("command,status\n", "command,status\n# mine\n"))
+    with jobs.open("a") as fh:
+        fh.write("xd-synth lits --out c,\n")
+    lines[1].status = "done"
+    save(lines)
+    lines[2].status = "running: pid 5"
+    save(lines)
+    assert jobs.read_text().splitlines() == [
+        "command,status",
+        "# mine",
+        "xd-synth lits --out a,done",
+        "xd-synth lits --out b,running: pid 5",
+        "xd-synth lits --out c,",
+    ]
+
+
+def test_options_are_checked_before_anything_runs_or_is_submitted(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    jobs = _write(tmp_path / "jobs.csv", "xd-synth lits --out a --count 1 --quiet")
+    before = jobs.read_text()
+    cases = [
+        (["--partition", "gpu"], "--partition: options of the Slurm executor; add --executor"),
+        (["--no-wait", "--gpus-per-job", "1"], "--gpus-per-job, --no-wait: options of the Slurm"),
+        (["--executor", "slurm", "--time", "soon"], "--time 'soon'"),
+        (["--executor", "slurm", "--poll", "0"], "--poll is more than 0"),
+        (["--executor", "slurm", "--slurm-arg", "gres=gpu:8"], "--gres is set by xd-queue"),
+        (["--executor", "slurm", "--slurm-arg", "array=0-3"], "--array is set by xd-queue"),
+    ]
+    for extra, message in cases:
+        with pytest.raises(UserError, match=re.escape(message)):
+            queue_main([str(jobs), *extra])
+    with pytest.raises(SystemExit):  # a line's --slurm is not an abbreviation of --slurm-arg
+        queue_main([str(jobs), "--executor", "slurm", "--slurm", "time=5"])
+    assert jobs.read_text() == before and not (tmp_path / "a").exists()
+    typo = _write(tmp_path / "typo.csv", "xd-synht lits --out a")
+    with pytest.raises(UserError, match="typo.csv: line 2: xd-synht: no such xd-\\* program"):
+        queue_main([str(typo)])
+
+
+def test_each_line_asks_only_for_what_its_program_uses(tmp_path):
+    jobs = _write(
+        tmp_path / "jobs.csv",
+        f"xd-train {ROOT / 'configs/demo/ft_lits.yaml'}",
+        "xd-eval runs/x --slurm hold",
+        "xd-shard --dataset lits",
+        "xd-synth lits --slurm nodes=2",
+        "xd-synth lits --slurm time=1:2:3:4",
+        "xd-synth lits --slurm ntasks=4",
+        "xd-synth lits --slurm time=1",
+    )
+    train, evaluate, pack, nodes, bad_time, tasks, short = [
+        line for line in parse(jobs) if line.command
+    ]
+    options = SlurmOptions(gpus_per_job=8, nodes=2, cpus_per_gpu=4)
+    assert parameters(line_options(options, train, jobs), None, "xd-train")["gpus_per_node"] == 8
+    mine = line_options(options, evaluate, jobs)
+    assert mine.extra == {"hold": True}
+    assert parameters(mine, None, "xd-eval")["gpus_per_node"] == 1
+    assert parameters(mine, None, "xd-eval")["nodes"] == 1
+    packing = parameters(line_options(options, pack, jobs), None, "xd-shard")
+    assert (
+        packing["gpus_per_node"] is None and packing["nodes"] == 1 and packing["cpus_per_task"] == 4
+    )
+    for line, message in [
+        (nodes, "line 5: nodes=2: only an xd-train job runs on several nodes"),
+        (bad_time, "line 6: --time '1:2:3:4'"),
+        (tasks, "line 7: --slurm ntasks: --ntasks is set by xd-queue"),
+    ]:
+        with pytest.raises(UserError, match=re.escape(message)):
+            line_options(SlurmOptions(), line, jobs)
+    with pytest.raises(UserError, match="line 8: a time limit of 1 min is no longer than"):
+        plan(jobs, [short], SlurmOptions(), Accounting(FakeSlurm([], [])))
+
+
+def test_grid_rows_quote_commas_and_spaces(tmp_path):
+    out = tmp_path / "my grid"
+    argv = ["grid", "--pretrain", "none,imagenet", "--tasks", "lits", "--seeds", "1"]
+    argv += ["--pretrain-slurm", "exclude=node1,node2", "--configs", str(ROOT / "configs")]
+    assert queue_main([*argv, "--out", str(out)]) == 0
+    lines = [line for line in parse(out / "jobs.csv") if line.command]
+    assert lines[0].slurm == {"exclude": "node1,node2"} and lines[0].status == ""
+    assert all(Path(line.argv[1]).is_file() for line in lines)  # the space survived

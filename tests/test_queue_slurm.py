@@ -14,11 +14,13 @@ import sys
 import time
 from pathlib import Path
 
+import cloudpickle
 import pytest
 import torch
 from helpers import demo_args
 
 from xdtrain.queue import parse
+from xdtrain.queue.slurm import NO_LIMIT
 from xdtrain.runlog import read_metrics
 from xdtrain.synth import generate
 
@@ -220,6 +222,13 @@ def test_a_killed_queue_submits_nothing_twice(slurm, tmp_path):
     assert again.returncode == 0 and "submitted:" not in again.stdout
     assert len(list(folder.glob("*_submitted.pkl"))) == 6
     assert all((out / str(n) / "lits").is_dir() for n in range(6))
+    # no time limit was asked for: sbatch got no --time, submitit a number for its bookkeeping
+    pickled = next(folder.glob("*_submitted.pkl"))
+    assert (
+        "--time" not in pickled.with_name(pickled.name.split("_")[0] + "_submission.sh").read_text()
+    )
+    with open(pickled, "rb") as fh:
+        assert cloudpickle.load(fh)._timeout_min == NO_LIMIT
 
 
 def test_a_failed_job_and_the_job_waiting_for_it_run_again_on_the_next_run(slurm, tmp_path):
@@ -245,3 +254,22 @@ def test_a_failed_job_and_the_job_waiting_for_it_run_again_on_the_next_run(slurm
     assert again.returncode == 0, again.stdout + again.stderr
     assert [line.status for line in parse(jobs) if line.command] == ["done", "done"]
     assert all(len(ids) == 2 for ids in _history(jobs).values())
+
+
+def test_a_job_sbatch_refuses_stops_the_queue_at_its_line(slurm, tmp_path):
+    """An unknown partition on line 3: line 2 is submitted, the queue stops there in one
+    line naming line 3 and sbatch's reason, and line 3 keeps its status."""
+    out = tmp_path / "out"
+    jobs = _jobs(
+        tmp_path / "jobs.csv",
+        [
+            f"xd-synth lits --out {out} --count 1 --quiet",
+            f"xd-synth imagenet --out {out} --count 1 --quiet --slurm partition=nope",
+        ],
+    )
+    done = _queue(jobs, "--no-wait")
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+    assert "line 3: sbatch refused the job" in done.stderr and "partition" in done.stderr.lower()
+    first, second = [line for line in parse(jobs) if line.command]
+    assert first.slurm_id and second.status == ""

@@ -12,7 +12,7 @@ from xdtrain.queue import depends
 from xdtrain.queue.grid import grid
 from xdtrain.queue.jobsfile import locked, parse
 from xdtrain.queue.local import run_jobs
-from xdtrain.queue.slurm import SlurmOptions, submit_jobs
+from xdtrain.queue.slurm import SlurmOptions, check_sbatch_key, minutes, submit_jobs
 from xdtrain.queue.status import show, table
 
 
@@ -49,6 +49,7 @@ def _grid_parser() -> argparse.ArgumentParser:
 def _queue_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="xd-queue",
+        allow_abbrev=False,  # --slurm (a line's option) must not pass for --slurm-arg
         description="Run the xd-* commands of a jobs file, resumably: here (one job per GPU "
         "slot) or on Slurm (one Slurm job per line). Jobs wait for the jobs whose outputs "
         "they read. Also: xd-queue status JOBS, xd-queue grid …",
@@ -63,9 +64,14 @@ def _queue_parser() -> argparse.ArgumentParser:
     slurm.add_argument("--account")
     slurm.add_argument("--qos")
     slurm.add_argument(
-        "--gpus-per-job", type=int, default=0, help="GPUs on each node of a job (default 0)"
+        "--gpus-per-job", type=int, default=None, help="GPUs on each node of a job (default 0)"
     )
-    slurm.add_argument("--nodes", type=int, default=1, help="nodes per job: torchrun on each")
+    slurm.add_argument(
+        "--nodes",
+        type=int,
+        default=None,
+        help="nodes per xd-train job (default 1): torchrun on each",
+    )
     slurm.add_argument(
         "--cpus-per-gpu", type=int, help="CPUs per GPU (per job, for a job without GPUs)"
     )
@@ -81,12 +87,12 @@ def _queue_parser() -> argparse.ArgumentParser:
     slurm.add_argument(
         "--signal-delay",
         type=int,
-        default=120,
+        default=None,
         metavar="S",
         help="seconds before the time limit that a job is told to checkpoint (default 120)",
     )
     slurm.add_argument(
-        "--poll", type=float, default=30.0, metavar="S", help="seconds between looks at Slurm"
+        "--poll", type=float, default=None, metavar="S", help="seconds between looks at Slurm"
     )
     slurm.add_argument(
         "--no-wait",
@@ -96,16 +102,43 @@ def _queue_parser() -> argparse.ArgumentParser:
     return parser
 
 
+SLURM_ONLY = (
+    "partition",
+    "account",
+    "qos",
+    "gpus_per_job",
+    "nodes",
+    "cpus_per_gpu",
+    "mem",
+    "time",
+    "slurm_arg",
+    "signal_delay",
+    "poll",
+    "no_wait",
+)
+
+
 def slurm_options(args) -> SlurmOptions:
+    """The Slurm options given, the defaults (``--signal-delay 120``, ``--poll 30``) filled
+    in; refuses values sbatch or the queue cannot use."""
+    args.signal_delay = 120 if args.signal_delay is None else args.signal_delay
+    args.poll = 30.0 if args.poll is None else args.poll
+    args.nodes = 1 if args.nodes is None else args.nodes
+    args.gpus_per_job = 0 if args.gpus_per_job is None else args.gpus_per_job
     extra = {}
     for item in args.slurm_arg:
         key, sep, value = item.partition("=")
         key = key.strip().lstrip("-")
-        if not key:
+        if not key or (sep and not value):
             raise UserError(f"--slurm-arg {item!r}: write KEY=VALUE, e.g. constraint=a100")
+        check_sbatch_key(key, f"--slurm-arg {item}")
         extra[key] = value if sep else True
     if args.nodes < 1 or args.gpus_per_job < 0:
         raise UserError("--nodes is 1 or more and --gpus-per-job 0 or more")
+    if args.time is not None:
+        minutes(args.time)  # refuses a format sbatch would not take
+    if args.poll <= 0 or args.signal_delay < 0:
+        raise UserError("--poll is more than 0 seconds and --signal-delay 0 or more")
     return SlurmOptions(
         partition=args.partition,
         account=args.account,
@@ -143,10 +176,17 @@ def main(argv: list[str] | None = None) -> int:
     logs = logs_of(path, args.logs)
     if args.executor == "slurm" and args.gpus:
         raise UserError("--gpus is for the local executor; on Slurm give --gpus-per-job")
+    given = [name for name in SLURM_ONLY if getattr(args, name) not in (None, False, [])]
+    if args.executor == "local" and given:
+        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        raise UserError(
+            f"{flags}: options of the Slurm executor; add --executor slurm (the local executor "
+            "runs the jobs on this machine)"
+        )
     options = slurm_options(args) if args.executor == "slurm" else None
     lines = parse(path)
     waits = depends.dependencies(path, lines, Path.cwd())
-    with locked(logs):
+    with locked(path):
         lines = parse(path)  # as it is now that this queue holds it
         if options is not None:
             return submit_jobs(path, lines, depends.order(waits), waits, options, logs)

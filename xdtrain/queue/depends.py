@@ -6,8 +6,12 @@ What a line reads and writes is taken from its command:
   its run folder and reads ``data.shards``, ``model.encoder_weights`` and ``monitor.shards``.
   So a finetuning whose encoder is another line's ``<run>/encoder.pt`` (what ``xd-queue grid``
   writes) waits for that pretraining.
-- ``xd-synth NAME --out D`` writes ``D/NAME``; any other ``xd-*`` command writes its ``--out``
-  and reads its other arguments (``xd-shard --src``, ``xd-eval RUN``, ``xd-report RUNS``, …).
+- ``xd-synth NAME --out D`` writes ``D/NAME`` (``all``: ``D``; ``D`` is ``datasets`` unless
+  given); ``xd-shard --dataset X`` reads ``--src`` (``datasets/X``) and writes ``--out``
+  (``shards/X``); any other ``xd-*`` command writes its ``--out`` and reads its other arguments
+  and option values (``xd-eval RUN``, ``xd-report RUNS``, ``xd-shard verify DIR``, …);
+  ``xd-eval RUN`` also writes into ``RUN`` (its scores), so a report of the runs after it in
+  the file waits for it.
 
 A read waits for every line that writes the same path, a folder around it or a path inside it
 (``xd-report runs/`` waits for every run under ``runs/``); a line that writes where an earlier
@@ -27,10 +31,12 @@ from xdtrain.queue.jobsfile import Line, jobs
 
 @dataclass
 class Effects:
-    """The absolute paths a job reads and writes; ``run``: an ``xd-train`` run folder."""
+    """The absolute paths a job reads, writes (makes) and writes into; ``run``: an
+    ``xd-train`` run folder."""
 
     reads: list[Path] = field(default_factory=list)
     writes: list[Path] = field(default_factory=list)
+    touches: list[Path] = field(default_factory=list)  # written into, not made (xd-eval RUN)
     run: Path | None = None
 
 
@@ -42,29 +48,52 @@ def _train_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _options(argv: list[str]) -> tuple[dict[str, str], list[str]]:
+    """``--name VALUE`` / ``--name=VALUE`` options (a flag followed by another option gets no
+    value) and the positional arguments of ``argv`` (without the program)."""
+    options, positional = {}, []
+    items = argv[1:]
+    i = 0
+    while i < len(items):
+        item = items[i]
+        if item.startswith("--"):
+            name, eq, value = item.partition("=")
+            if not eq and i + 1 < len(items) and not items[i + 1].startswith("-"):
+                value, i = items[i + 1], i + 1
+            options[name] = value
+        elif not item.startswith("-"):
+            positional.append(item)
+        i += 1
+    return options, positional
+
+
 def effects(argv: list[str], cwd: Path, where: str) -> Effects:
     """What the command ``argv``, started in ``cwd``, reads and writes; ``where`` names the
     line in errors (a config that cannot be read)."""
     if argv[0] == "xd-train":
         return _train_effects(argv, cwd, where)
+    options, positional = _options(argv)
     found = Effects()
-    values = iter(argv[1:])
-    positional = 0
-    for item in values:
-        if item == "--out" or item.startswith("--out="):
-            value = item.split("=", 1)[1] if "=" in item else next(values, None)
-            if value is not None:
-                target = cwd / value
-                if argv[0] == "xd-synth" and len(argv) > 1 and not argv[1].startswith("-"):
-                    target = target / argv[1]  # xd-synth NAME --out D writes D/NAME
-                found.writes.append(target.resolve())
-        elif item.startswith("-"):
-            continue  # an option: its value (if any) comes next and is read like an argument
-        else:
-            positional += 1
-            if argv[0] == "xd-synth" and positional == 1:
-                continue  # the data set's name
-            found.reads.append((cwd / item).resolve())
+    path = lambda value: (cwd / value).resolve()  # noqa: E731
+    if argv[0] == "xd-synth":  # xd-synth NAME [--out D] writes D/NAME (all: every NAME)
+        root = path(options.get("--out") or "datasets")
+        name = positional[0] if positional else "all"
+        found.writes.append(root if name == "all" else root / name)
+        return found
+    if argv[0] == "xd-shard" and not (positional and positional[0] in ("verify", "info", "locate")):
+        dataset = options.get("--dataset", "")
+        found.reads.append(path(options.get("--src") or Path("datasets") / dataset))
+        found.writes.append(path(options.get("--out") or Path("shards") / dataset))
+        reads = [v for k, v in options.items() if k not in ("--src", "--out", "--dataset") and v]
+        found.reads += [path(v) for v in reads]
+        return found
+    for name, value in options.items():
+        if value:
+            (found.writes if name == "--out" else found.reads).append(path(value))
+    subcommand = argv[0] in ("xd-shard", "xd-analyze")  # xd-shard verify DIR, xd-analyze cka …
+    found.reads += [path(p) for p in positional[1 if subcommand else 0 :]]
+    if argv[0] == "xd-eval" and positional:
+        found.touches.append(path(positional[0]))  # it writes eval_<split>.json into the run
     return found
 
 
@@ -86,42 +115,64 @@ def _train_effects(argv: list[str], cwd: Path, where: str) -> Effects:
     for extra in (config.model.encoder_weights, config.monitor.shards):
         if extra:
             reads.append(cwd / Path(extra).expanduser())
-    return Effects([p.resolve() for p in reads], [run], run)
+    return Effects(reads=[p.resolve() for p in reads], writes=[run], run=run)
 
 
 def dependencies(path: Path, lines: list[Line], cwd: Path) -> dict[int, set[int]]:
     """``{line number: the line numbers it waits for}`` for every job of the jobs file at
     ``path``; raises :class:`UserError` for an unknown ``--after`` or a cycle."""
     todo = jobs(lines)
-    found = {line.number: effects(line.argv, cwd, f"{path}: line {line.number}") for line in todo}
-    at: dict[Path, list[int]] = defaultdict(list)  # writers of exactly this path
-    below: dict[Path, list[int]] = defaultdict(list)  # writers of a path inside this folder
+    found = {}
+    for line in todo:
+        try:
+            found[line.number] = effects(line.argv, cwd, f"{path}: line {line.number}")
+        except UserError:
+            if not line.finished:
+                raise
+            found[line.number] = Effects()  # a finished line whose config is gone
+    made, touched = _Index(), _Index()  # what lines make; what they write into
     for number, effect in found.items():
         for target in effect.writes:
-            at[target].append(number)
-            for parent in target.parents:
-                below[parent].append(number)
-
-    def writers(target: Path) -> set[int]:
-        out = set(at.get(target, ())) | set(below.get(target, ()))
-        for parent in target.parents:
-            out.update(at.get(parent, ()))
-        return out
+            made.add(target, number)
+        for target in effect.touches:
+            touched.add(target, number)
 
     waits: dict[int, set[int]] = {}
     for line in todo:
         effect = found[line.number]
         wanted = set()
         for target in effect.reads:
-            wanted |= writers(target)
-        for target in effect.writes:  # the same folder written twice: in the file's order
-            wanted |= {n for n in writers(target) if n < line.number}
+            wanted |= made.writers(target)
+            # written into (xd-eval's scores in a run): by the lines before it in the file
+            wanted |= {n for n in touched.writers(target) if n < line.number}
+        for target in effect.writes:  # the same folder made twice: in the file's order
+            wanted |= {n for n in made.writers(target) if n < line.number}
         for ref in line.after:
             wanted.add(_resolve_after(ref, path, line, found, cwd))
         wanted.discard(line.number)
         waits[line.number] = wanted
     check_cycles(path, waits)
     return waits
+
+
+class _Index:
+    """Line numbers by the paths they write: exactly there, or somewhere inside a folder."""
+
+    def __init__(self) -> None:
+        self.at: dict[Path, list[int]] = defaultdict(list)
+        self.below: dict[Path, list[int]] = defaultdict(list)
+
+    def add(self, target: Path, number: int) -> None:
+        self.at[target].append(number)
+        for parent in target.parents:
+            self.below[parent].append(number)
+
+    def writers(self, target: Path) -> set[int]:
+        """The lines writing ``target``, a folder around it or a path inside it."""
+        out = set(self.at.get(target, ())) | set(self.below.get(target, ()))
+        for parent in target.parents:
+            out.update(self.at.get(parent, ()))
+        return out
 
 
 def _resolve_after(ref: str, path: Path, line: Line, found: dict[int, Effects], cwd: Path) -> int:

@@ -4,8 +4,11 @@ that pretraining (:mod:`xdtrain.queue.depends`)."""
 
 from __future__ import annotations
 
+import csv
+import io
 import os
 import re
+import shlex
 from pathlib import Path
 
 from xdtrain.errors import UserError
@@ -29,6 +32,14 @@ def finetuning_tasks(configs_root: Path) -> list[str]:
     tasks (imagenet, chestxray8, brats, lits) and data sets of one's own (``ct``: task
     ``classify`` on shards/ct)."""
     return sorted(p.stem[len(TASK_PREFIX) :] for p in configs_root.glob(f"{TASK_PREFIX}*.yaml"))
+
+
+def _row(argv: list[str]) -> str:
+    """A jobs-file row for ``argv``: shell-quoted arguments (a path with a space), the whole
+    command CSV-quoted where it holds a comma (``--slurm exclude=n1,n2``)."""
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="").writerow([shlex.join(argv)])
+    return buffer.getvalue()
 
 
 def grid(args) -> int:
@@ -88,8 +99,8 @@ def grid(args) -> int:
             configs_root / f"{PRETRAIN_PREFIX}{name}.yaml",
             {"run.name": f"pt_{name}", "run.output_dir": str(runs)},
         )
-        slurm = "".join(f" --slurm {setting}" for setting in args.pretrain_slurm)
-        jobs.append(f"xd-train {path}{slurm}")
+        slurm = [item for setting in args.pretrain_slurm for item in ("--slurm", setting)]
+        jobs.append(_row(["xd-train", str(path), *slurm]))
         encoders[name] = runs / f"pt_{name}" / "encoder.pt"
     modes = ["full", "linear"] if args.linear else ["full"]
     for task in tasks:
@@ -113,7 +124,7 @@ def grid(args) -> int:
                         if pretrain != "none":
                             overrides["model.encoder_weights"] = str(encoders[pretrain])
                         path = config(name, configs_root / f"ft_{task}.yaml", overrides)
-                        jobs.append(f"xd-train {path}")
+                        jobs.append(_row(["xd-train", str(path)]))
     atomic_write(out / "jobs.csv", "\n".join(jobs) + "\n")
     print(
         f"wrote {len(jobs) - 2} jobs to {out / 'jobs.csv'} and their configs to {out / 'configs'}/"

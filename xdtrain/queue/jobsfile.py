@@ -49,6 +49,13 @@ SHELL = re.compile(r"[;&|`$<>(){}*?!~\\\n]")
 RUNNING = re.compile(r"running: pid (\d+)")
 SUBMITTING = re.compile(r"submitting: slurm (\S+)( again)?")
 SUBMITTED = re.compile(r"submitted: slurm (\d+(?:_\d+)?)")
+# the same, as a person may type them (any case, any spacing): read back in the forms above
+TYPED = {
+    "running: pid {}": re.compile(r"running\s*:\s*pid\s+(\d+)", re.I),
+    "submitting: slurm {}{}": re.compile(r"submitting\s*:\s*slurm\s+(\S+)(\s+again)?", re.I),
+    "submitted: slurm {}": re.compile(r"submitted\s*:\s*slurm\s+(\d+(?:_\d+)?)", re.I),
+}
+AGAIN = re.compile(r"\s+again", re.I)
 
 
 @dataclass
@@ -95,6 +102,12 @@ def parse(path: Path) -> list[Line]:
         raise UserError(
             f"{path}: no jobs file; write one (command,status) or use xd-queue grid"
         ) from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: a folder, not a jobs file (command,status)") from None
+    except UnicodeDecodeError:
+        raise UserError(
+            f"{path}: not UTF-8 text; save it as CSV UTF-8 (a spreadsheet's 'CSV UTF-8' format)"
+        ) from None
     lines = text.splitlines()
     if not lines or lines[0].replace(" ", "").lower() != HEADER:
         raise UserError(f"{path}: line 1 must be the header {HEADER!r}")
@@ -127,11 +140,13 @@ def check_status(status: str, path: Path, number: int) -> str:
     word = status.lower()
     if word in TO_DO or word in FINISHED:
         return word
-    for pattern in (RUNNING, SUBMITTING, SUBMITTED):
-        if pattern.fullmatch(word):
-            return status
+    for form, pattern in TYPED.items():
+        match = pattern.fullmatch(status.strip())
+        if match:
+            values = [" again" if g and AGAIN.fullmatch(g) else g or "" for g in match.groups()]
+            return form.format(*values)
     if word.startswith("failed"):
-        return status
+        return "failed" + status[len("failed") :]
     raise UserError(
         f"{path}: line {number}: unknown status {status!r}; write open (or leave it empty) to "
         "run the job, completed or done to skip it"
@@ -175,9 +190,13 @@ def queue_options(argv: list[str], path: Path, number: int):
             after.append(value)
             continue
         key, eq, setting = value.partition("=")
-        if not eq or not key.strip("-"):
-            raise UserError(f"{path}: line {number}: --slurm {value!r}: write KEY=VALUE")
-        slurm[key.strip().lstrip("-")] = setting
+        key = key.strip().lstrip("-")
+        if not key or (eq and not setting):
+            raise UserError(
+                f"{path}: line {number}: --slurm {value!r}: write KEY=VALUE (or a KEY alone for "
+                "a flag such as hold)"
+            )
+        slurm[key] = setting if eq else True
     return kept, after, slurm
 
 
@@ -201,21 +220,52 @@ def render(lines: list[Line], newline: str = "\n") -> str:
 
 
 def writer(path: Path):
-    """A function that writes ``lines`` back to ``path`` as it was written: with its
-    byte-order mark and line endings (CRLF from Windows spreadsheets), atomically."""
+    """A function that writes the statuses of ``lines`` back to ``path`` as it was written:
+    with its byte-order mark and line endings (CRLF from Windows spreadsheets), atomically.
+
+    A queue follows its jobs for days: when the file was edited since the queue last read or
+    wrote it (lines added, removed or moved), the statuses are written into the file as it
+    is now, each onto the line with the same command (in order, for repeated commands), and
+    the edits are kept; lines added there run at the next ``xd-queue``."""
     raw = path.read_bytes()
     mark = "\ufeff" if raw.startswith(codecs.BOM_UTF8) else ""
     newline = "\r\n" if b"\r\n" in raw else "\n"
-    return lambda lines: atomic_write(path, mark + render(lines, newline))
+    state: dict = {"bytes": raw, "base": None}  # the file as last seen; its lines, once edited
+
+    def save(lines: list[Line]) -> None:
+        try:
+            now = path.read_bytes()
+        except FileNotFoundError:
+            now = state["bytes"]
+        if now != state["bytes"]:
+            # edited meanwhile: write into its lines (an edit that does not parse yet: into
+            # the last one that did)
+            with contextlib.suppress(UserError):
+                state["base"] = parse(path)
+        out = lines
+        if state["base"] is not None:
+            out = state["base"]
+            pending: dict[str, list[Line]] = {}
+            for line in jobs(lines):
+                pending.setdefault(line.command, []).append(line)
+            for line in jobs(out):
+                matched = pending.get(line.command)
+                if matched:
+                    line.status = matched.pop(0).status
+        text = (mark + render(out, newline)).encode("utf-8")
+        atomic_write(path, text)
+        state["bytes"] = text
+
+    return save
 
 
 @contextlib.contextmanager
-def locked(logs: Path):
-    """Hold ``<logs>/queue.lock`` while a queue runs the jobs file of ``logs``: a second
+def locked(jobs_file: Path):
+    """Hold ``.<jobs file>.lock`` beside the jobs file while a queue runs it: a second
     ``xd-queue`` on the same file would start or submit its jobs twice. Released when the
-    process ends, however it ends."""
-    logs.mkdir(parents=True, exist_ok=True)
-    path = logs / "queue.lock"
+    process ends, however it ends (an ``flock``: on a file system shared by several hosts it
+    holds where the file system supports it)."""
+    path = jobs_file.with_name(f".{jobs_file.name}.lock")
     with open(path, "a+") as fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)

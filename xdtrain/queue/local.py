@@ -30,8 +30,21 @@ def executable(name: str) -> str:
         return str(beside)
     found = shutil.which(name)
     if found is None:
-        raise UserError(f"{name}: not installed here; install xdtrain in this environment")
+        raise UserError(
+            f"{name}: no such xd-* program here (a typo, or xdtrain is not installed in this "
+            "environment)"
+        )
     return found
+
+
+def check_programs(path: Path, lines: list[Line]) -> None:
+    """Every job to do names an installed ``xd-*`` program; else one line naming the line."""
+    for line in jobs(lines):
+        if not line.finished:
+            try:
+                executable(line.argv[0])
+            except UserError as exc:
+                raise UserError(f"{path}: line {line.number}: {exc}") from None
 
 
 def resumed(argv: list[str]) -> list[str]:
@@ -60,8 +73,7 @@ def run_jobs(path: Path, lines: list[Line], waits: dict[int, set[int]], gpus, lo
     by_number = {line.number: line for line in jobs(lines)}
     todo = [line for line in jobs(lines) if not line.finished]
     word = done_word(lines)
-    for line in todo:
-        executable(line.argv[0])
+    check_programs(path, lines)
     logs.mkdir(parents=True, exist_ok=True)
     slots = gpus or [None]
     running: dict[subprocess.Popen, tuple[Line, str | None]] = {}

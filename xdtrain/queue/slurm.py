@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import json
 import os
 import re
@@ -40,11 +41,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from xdtrain.errors import UserError
+from xdtrain.errors import Interrupted, UserError
 from xdtrain.fileio import atomic_write
 from xdtrain.queue.accounting import ACTIVE, Accounting, JobState
 from xdtrain.queue.jobsfile import Line, done_word, jobs, writer
-from xdtrain.queue.local import alive, resumed
+from xdtrain.queue.local import alive, check_programs, resumed
 
 REQUEUE_SIGNAL = signal.SIGUSR2  # submitit's default (SUBMITIT_PREEMPT_SIGNAL changes it)
 
@@ -140,6 +141,7 @@ class XdJob:
         self.argv, self.cwd, self.nodes, self.procs = list(argv), str(cwd), nodes, procs
         self.grace_s, self.requeued = grace_s, requeued
         self._proc = None
+        self._status: int | None = None
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -160,7 +162,10 @@ class XdJob:
             time.sleep(0.5)  # polling, not wait(): the signal handler may wait for the child
         code = self._proc.returncode
         if code != 0:
-            raise JobFailed(f"{shlex.join(self.argv)} exited with status {code}")
+            why = ""
+            if code > 128 or code < 0:
+                why = " (stopped by a signal; an xd-train run wrote its checkpoint first)"
+            raise JobFailed(f"{shlex.join(self.argv)} exited with status {code}{why}")
         return code
 
     def checkpoint(self, *args, **kwargs):
@@ -170,24 +175,40 @@ class XdJob:
         from submitit.helpers import DelayedSubmission
 
         proc = self._proc
+        finished = False
         if proc is not None and proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(proc.pid, signal.SIGTERM)
             deadline = time.monotonic() + self.grace_s
-            while time.monotonic() < deadline and not _reaped(proc.pid):
+            while time.monotonic() < deadline and not self._reaped(proc.pid):
                 time.sleep(0.2)
-            if not _reaped(proc.pid):
+            if not self._reaped(proc.pid):
                 os.kill(proc.pid, signal.SIGKILL)
+            finished = self._status == 0
+        elif proc is not None:
+            finished = proc.returncode == 0
+        if finished:  # it ended well as the signal came: the requeued job has nothing to do
+            return DelayedSubmission(_Finished())
         again = XdJob(self.argv, self.cwd, self.nodes, self.procs, self.grace_s, requeued=True)
         return DelayedSubmission(again)
 
+    def _reaped(self, pid: int) -> bool:
+        """Whether the child ended (reaping it; its exit status in ``_status``)."""
+        try:
+            done, status = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return True
+        if done == pid:
+            self._status = os.waitstatus_to_exitcode(status)
+        return done == pid
 
-def _reaped(pid: int) -> bool:
-    try:
-        done, _ = os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        return True
-    return done == pid
+
+class _Finished:
+    """A requeued job whose command had already ended well: nothing left to run."""
+
+    def __call__(self) -> int:
+        print("the command had ended well before the job was requeued: nothing to run")
+        return 0
 
 
 # --------------------------------------------------------------------------- the queue
@@ -199,7 +220,14 @@ class History:
 
     def __init__(self, path: Path):
         self.path = path
-        self.ids: dict[str, list[str]] = json.loads(path.read_text()) if path.exists() else {}
+        self.ids: dict[str, list[str]] = {}
+        if path.exists():
+            try:
+                self.ids = json.loads(path.read_text())
+            except (ValueError, UnicodeDecodeError):
+                raise UserError(
+                    f"{path}: damaged; move it away (the jobs file keeps every live job id)"
+                ) from None
 
     def add(self, line: Line, job_id: str) -> None:
         known = self.ids.setdefault(line.command, [])
@@ -214,12 +242,32 @@ class History:
         atomic_write(self.path, json.dumps(self.ids, indent=1) + "\n")
 
 
+NO_LIMIT = 10**7  # minutes: what submitit is told when a job asks for no --time
+
+
+class _Executor:
+    """Builds submitit's ``SlurmExecutor`` (a subclass, so that a job without a time limit
+    sends no ``--time`` while submitit keeps a number for its own time-out bookkeeping)."""
+
+    @staticmethod
+    def make(folder: Path, max_requeues: int):
+        import submitit
+        from submitit.slurm.slurm import _make_sbatch_string
+
+        class Executor(submitit.SlurmExecutor):
+            def _make_submission_file_text(self, command: str, uid: str) -> str:
+                params = dict(self.parameters)
+                if params.get("time") == NO_LIMIT:
+                    params["time"] = None  # the partition's own limit: none
+                return _make_sbatch_string(command=command, folder=self.folder, **params)
+
+        return Executor(folder=folder, max_num_timeout=max_requeues)
+
+
 def executor(folder: Path, options: SlurmOptions):
     """A submitit ``SlurmExecutor`` writing into ``folder``."""
-    import submitit
-
     try:
-        return submitit.SlurmExecutor(folder=folder, max_num_timeout=options.max_requeues)
+        return _Executor.make(folder, options.max_requeues)
     except RuntimeError:
         raise UserError(
             "srun: not found; run xd-queue --executor slurm on a machine of the cluster"
@@ -228,36 +276,94 @@ def executor(folder: Path, options: SlurmOptions):
 
 NUMBERS = ("gpus_per_job", "nodes", "cpus_per_gpu")
 WORDS = ("partition", "account", "qos", "mem", "time")
+# sbatch options the queue sets itself, or that would break what it counts on (one task per
+# node, one job per line, the requeue and its signal): refused in --slurm and --slurm-arg
+MANAGED = {
+    "gpus-per-node": "gpus-per-job",
+    "gpus": "gpus-per-job",
+    "gres": "gpus-per-job (and constraint= for other resources)",
+    "gpus-per-task": "gpus-per-job",
+    "nodes": "nodes (--nodes, or --slurm nodes=N on a line)",
+    "ntasks": None,
+    "ntasks-per-node": None,
+    "array": None,
+    "dependency": "--after on a line",
+    "job-name": None,
+    "output": None,
+    "error": None,
+    "open-mode": None,
+    "signal": "--signal-delay",
+    "requeue": None,
+    "no-requeue": None,
+    "time": "--time (or --slurm time=T on a line)",
+    "wrap": None,
+}
+
+
+def check_sbatch_key(key: str, where: str) -> None:
+    """Refuses an sbatch option that the queue sets itself or that would break a job."""
+    if key in MANAGED:
+        instead = MANAGED[key]
+        raise UserError(
+            f"{where}: --{key} is set by xd-queue"
+            + (f"; use {instead}" if instead else " (one job, one task per node, per line)")
+        )
 
 
 def line_options(options: SlurmOptions, line: Line, path: Path) -> SlurmOptions:
     """``options`` with the line's ``--slurm KEY=VALUE`` settings: the queue's own options by
     their name (``gpus-per-job``, ``nodes``, ``cpus-per-gpu``, ``partition``, ``account``,
-    ``qos``, ``mem``, ``time``), any other sbatch option as it is."""
+    ``qos``, ``mem``, ``time``), any other sbatch option as it is (``hold``: a flag). Raises
+    :class:`UserError` naming the line for a value Slurm or the queue cannot use."""
+    where = f"{path}: line {line.number}"
     changes: dict = {}
     extra = dict(options.extra)
     for key, value in line.slurm.items():
         name = key.replace("-", "_")
+        if name in NUMBERS + WORDS and value is True:
+            raise UserError(f"{where}: --slurm {key} needs a value ({key}=…)")
         if name in NUMBERS:
-            if not value.isdigit() or (name == "nodes" and int(value) < 1):
-                raise UserError(f"{path}: line {line.number}: --slurm {key}={value}: a number")
+            least = 1 if name == "nodes" else 0
+            if not value.isdigit() or int(value) < least:
+                raise UserError(f"{where}: --slurm {key}={value}: a whole number, {least} or more")
             changes[name] = int(value)
         elif name in WORDS:
             changes[name] = value
         else:
+            check_sbatch_key(key, f"{where}: --slurm {key}")
             extra[key] = value
-    return dataclasses.replace(options, extra=extra, **changes)
+    mine = dataclasses.replace(options, extra=extra, **changes)
+    if mine.time is not None:
+        try:
+            minutes(mine.time)
+        except UserError as exc:
+            raise UserError(f"{where}: {exc}") from None
+    if "nodes" in changes and mine.nodes > 1 and line.argv[0] != "xd-train":
+        raise UserError(f"{where}: nodes={mine.nodes}: only an xd-train job runs on several nodes")
+    return mine
 
 
-def parameters(options: SlurmOptions, limit: str | None) -> dict:
-    """submitit's parameters for a job with ``options``: one task per node (``torchrun``
-    starts the processes of the node's GPUs); ``limit``: the time limit when the options give
-    none, the partition's own (submitit would ask for 5 minutes); None for no ``--time``."""
-    gpus = options.gpus_per_job
+def job_gpus(options: SlurmOptions, program: str) -> int:
+    """The GPUs a job of ``program`` asks for: ``xd-train`` all of ``--gpus-per-job``,
+    ``xd-eval`` and ``xd-analyze`` (one device) at most one, the others (packing, synthesis,
+    the report) none."""
+    if program == "xd-train":
+        return options.gpus_per_job
+    if program in ("xd-eval", "xd-analyze"):
+        return min(options.gpus_per_job, 1)
+    return 0
+
+
+def parameters(options: SlurmOptions, limit: str | None, program: str = "xd-train") -> dict:
+    """submitit's parameters for a job of ``program`` with ``options``: one task per node
+    (``torchrun`` starts the processes of the node's GPUs); ``limit``: the time limit when the
+    options give none, the partition's own (submitit would ask for 5 minutes); None: no
+    ``--time`` at all."""
+    gpus = job_gpus(options, program)
     cpus = options.cpus_per_gpu * max(gpus, 1) if options.cpus_per_gpu else None
     limit = options.time or limit
     return {
-        "nodes": options.nodes,
+        "nodes": options.nodes if program == "xd-train" else 1,
         "ntasks_per_node": 1,
         "gpus_per_node": gpus or None,
         "cpus_per_task": cpus,
@@ -266,7 +372,7 @@ def parameters(options: SlurmOptions, limit: str | None) -> dict:
         "qos": options.qos,
         "mem": options.mem,
         # no limit: no --time, and no time-limit signal (preemption sends SIGTERM)
-        "time": minutes(limit) if limit else None,
+        "time": minutes(limit) if limit else NO_LIMIT,
         "signal_delay_s": options.signal_delay_s,
         "stderr_to_stdout": True,
     }
@@ -341,6 +447,11 @@ def reconcile(
             else:
                 line.status = f"failed: {log_of(folder, job_id)} (lost)"
                 again.add(line.number)
+                print(
+                    f"again: line {line.number}: slurm {job_id} is unknown to Slurm and left no "
+                    "result; submitted again",
+                    flush=True,
+                )
             continue
         seen[line.number] = state
         if state.kind == "done":
@@ -350,6 +461,12 @@ def reconcile(
                 accounting.cancel(job_id)  # pending on a dependency that failed: never runs
             line.status = f"failed: {log_of(folder, job_id)}"
             again.add(line.number)
+            ended = state.reason if state.state in ACTIVE else state.state
+            print(
+                f"again: line {line.number}: slurm {job_id} ended {ended} (log "
+                f"{log_of(folder, job_id)}); submitted again",
+                flush=True,
+            )
     return seen, again
 
 
@@ -384,24 +501,48 @@ def submit_jobs(
         save_file(lines)
         history.save()
 
-    for line in jobs(lines):  # every line's own Slurm settings, before anything is submitted
-        line_options(options, line, path)
+    check_programs(path, lines)  # an xd-* program that is not installed: refused here
     _, again = reconcile(lines, folder, accounting, history)
     save()
     by_number = {line.number: line for line in jobs(lines)}
     todo = [by_number[n] for n in order if not by_number[n].finished and not by_number[n].slurm_id]
     if todo:
+        plans = plan(path, todo, options, accounting)
         made = executor(folder, options)
-        submit(path, todo, by_number, again, waits, options, made, history, save, accounting)
+        submit(path, todo, plans, by_number, again, waits, made, history, save)
     if not options.wait:
         return summary(path, lines, waiting=True)
-    return follow(path, lines, folder, accounting, history, options, save)
+    return follow(path, lines, folder, accounting, options, save)
 
 
-def submit(path, todo, by_number, again, waits, options, made, history, save, accounting):
+def plan(path: Path, todo: list[Line], options: SlurmOptions, accounting: Accounting) -> dict:
+    """Every line's options and submitit parameters, checked before anything is submitted or
+    written: its ``--slurm`` settings, the partition's own time limit where none is given, a
+    time-limit signal that comes before the limit."""
+    limits: dict[str | None, str | None] = {}
+    plans = {}
+    for line in todo:
+        mine = line_options(options, line, path)
+        if mine.time is None and mine.partition not in limits:
+            limits[mine.partition] = accounting.time_limit(mine.partition)
+        params = parameters(mine, limits.get(mine.partition), line.argv[0])
+        if params["time"] != NO_LIMIT and params["time"] * 60 <= mine.signal_delay_s:
+            raise UserError(
+                f"{path}: line {line.number}: a time limit of {params['time']} min is no longer "
+                f"than --signal-delay {mine.signal_delay_s} s: the job would be told to stop as "
+                "it starts; give more --time or a shorter --signal-delay"
+            )
+        plans[line.number] = (mine, params)
+    return plans
+
+
+def submit(path, todo, plans, by_number, again, waits, made, history, save) -> None:
     """Submit ``todo`` with the submitit executor ``made``, in the order given (each after the
-    lines it waits for)."""
-    limits: dict[str | None, str | None] = {}  # each partition's own time limit
+    lines it waits for). A submission Slurm refuses stops here with sbatch's message; the lines
+    not submitted get their statuses back."""
+    from submitit.core.utils import FailedJobError, FailedSubmissionError
+
+    before = {line.number: line.status for line in todo}
     for line in todo:  # the names first, in one write: a killed queue finds its jobs by them
         retry = " again" if line.number in again else ""
         line.status = f"submitting: slurm {_job_name(line)}{retry}"
@@ -412,27 +553,39 @@ def submit(path, todo, by_number, again, waits, options, made, history, save, ac
         after = []
         for number in sorted(waits.get(line.number, ())):
             dependency = by_number[number]
-            if dependency.finished:
-                continue
-            if dependency.slurm_id is None:  # it could not be submitted before this one
-                raise UserError(f"{path}: line {line.number} waits for line {number}: not in Slurm")
-            after.append(dependency.slurm_id)
+            if not dependency.finished:
+                after.append(dependency.slurm_id)  # submitted before it: the order says so
         argv = resumed(line.argv) if line.number in again else line.argv
-        mine = line_options(options, line, path)
-        if mine.time is None and mine.partition not in limits:
-            limits[mine.partition] = accounting.time_limit(mine.partition)
+        mine, params = plans[line.number]
         extra = {"requeue": True, **mine.extra}
         if after:
             extra["kill-on-invalid-dep"] = "yes"
         made.update_parameters(
-            **parameters(mine, limits.get(mine.partition)),
+            **params,
             job_name=line.slurm_name,
             dependency=f"afterok:{':'.join(after)}" if after else None,
             additional_parameters=extra,
         )
         grace = max(10.0, mine.signal_delay_s - 20.0)
-        procs = max(mine.gpus_per_job, 1)
-        job = made.submit(XdJob(argv, cwd, mine.nodes, procs, grace))
+        procs = max(params["gpus_per_node"] or 0, 1)
+        try:
+            # submitit prints sbatch's complaint itself; the one line below says it instead
+            with contextlib.redirect_stderr(io.StringIO()):
+                job = made.submit(XdJob(argv, cwd, params["nodes"], procs, grace))
+        except (FailedJobError, FailedSubmissionError, OSError) as exc:
+            for other in todo:
+                if other.slurm_name:  # not submitted: as it was
+                    other.status = before[other.number]
+            save()
+            said = [t for t in str(exc).splitlines() if t.strip()]
+            said = next(
+                (t for t in reversed(said) if "error" in t.lower()), said[-1] if said else ""
+            )
+            raise UserError(
+                f"{path}: line {line.number}: sbatch refused the job ({said.strip()}); the lines "
+                "before it were submitted, this one and the rest were not. Fix its options and "
+                "rerun"
+            ) from None
         line.status = f"submitted: slurm {job.job_id}"
         history.add(line, job.job_id)
         print(f"submitted: line {line.number}: slurm {job.job_id}: {line.command}", flush=True)
@@ -442,9 +595,24 @@ def submit(path, todo, by_number, again, waits, options, made, history, save, ac
     save()
 
 
-def follow(path, lines, folder, accounting, history, options, save) -> int:
-    """Poll Slurm until no job of the file is pending or running, writing each end."""
+WAITING = {  # pending reasons that need a person, not time
+    "PartitionConfig": "the partition cannot give what it asks for (nodes, GPUs, time)",
+    "PartitionNodeLimit": "more nodes than the partition allows",
+    "PartitionTimeLimit": "more time than the partition allows",
+    "BadConstraints": "no node has the asked constraints",
+    "InvalidAccount": "an account Slurm does not know",
+    "InvalidQOS": "a QOS Slurm does not know",
+    "JobHeldUser": "held (scontrol release <id>)",
+    "JobHeldAdmin": "held by an administrator",
+    "ReqNodeNotAvail": "the nodes it asks for are down or reserved",
+}
+
+
+def follow(path, lines, folder, accounting, options, save) -> int:
+    """Poll Slurm until no job of the file is pending or running, writing each end; a job
+    waiting for a person (held, asking what the partition cannot give) is said once."""
     word = done_word(lines)
+    said: set[str] = set()
     try:
         while True:
             active = [line for line in jobs(lines) if line.slurm_id]
@@ -455,6 +623,16 @@ def follow(path, lines, folder, accounting, history, options, save) -> int:
             for line in active:
                 state = states.get(line.slurm_id)
                 if state is not None and state.kind == "active":
+                    why = WAITING.get(state.reason) or (
+                        "held" if state.state in ("REQUEUE_HOLD", "SPECIAL_EXIT") else None
+                    )
+                    if why and line.slurm_id not in said:
+                        said.add(line.slurm_id)
+                        print(
+                            f"waiting: line {line.number}: slurm {line.slurm_id} is "
+                            f"{state.state} ({state.reason}): {why}",
+                            flush=True,
+                        )
                     continue
                 if state is None and not _succeeded(folder, line.slurm_id):
                     line.status = f"failed: {log_of(folder, line.slurm_id)} (lost)"
@@ -471,11 +649,10 @@ def follow(path, lines, folder, accounting, history, options, save) -> int:
             if any(line.slurm_id for line in jobs(lines)):
                 time.sleep(options.poll_s)
     except KeyboardInterrupt:
-        print(
-            f"{path}: stopped following; the jobs stay in Slurm. Rerun xd-queue to follow them",
-            file=sys.stderr,
-        )
-        raise
+        raise Interrupted(
+            f"{path}: stopped following; the jobs stay in Slurm. Rerun the same command (or "
+            "xd-queue status) to follow them"
+        ) from None
     return summary(path, lines)
 
 
