@@ -9,6 +9,7 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -119,31 +120,88 @@ def trains(command: str) -> bool:
     return bool(TRAINING.match(command)) and "--print-config" not in command
 
 
-def test_documented_commands_run_as_written(sandbox):
+def effects(argv: list[str], root: Path) -> tuple[set[Path], set[Path]]:
+    """What a documented command reads and writes, so that two commands run at once only when
+    neither writes what the other touches: the queue's own rule
+    (:func:`xdtrain.queue.depends.effects`), widened to be safe where a command writes beside
+    what it reads (xd-analyze stores features in the run folders it reads; xd-shard writes its
+    pseudonym key)."""
+    from xdtrain.queue.depends import effects as queue_effects
+
+    if "xdtrain.train" in argv:  # torchrun / python -m: the xd-train command it runs
+        argv = ["xd-train", *argv[argv.index("xdtrain.train") + 1 :]]
+    elif argv[0] == "python":  # python -m xdtrain.config / xdtrain.data CONFIG: reads its data
+        config = [a for a in argv[3:] if a.endswith(".yaml")][:1]
+        reads, _ = effects(["xd-train", *config, "--print-config"], root) if config else ({}, {})
+        return {(root / c).resolve() for c in config} | set(reads), set()
+    found = queue_effects(argv, root, "docs")
+    reads, writes = set(found.reads), set(found.writes) | set(found.touches)
+    if argv[0] in ("xd-analyze", "xd-shard"):
+        writes |= reads
+    if argv[0] == "xd-train" and "--print-config" in argv:
+        writes = set()
+    return reads, writes
+
+
+def _overlap(a: set[Path], b: set[Path]) -> bool:
+    return any(p == q or p in q.parents or q in p.parents for p in a for q in b)
+
+
+def conflict(a: tuple[set[Path], set[Path]], b: tuple[set[Path], set[Path]]) -> bool:
+    """Whether one of two commands writes what the other reads or writes."""
+    return _overlap(a[1], b[0] | b[1]) or _overlap(b[1], a[0])
+
+
+def test_documented_commands_run_as_written(sandbox, tmp_path):
+    """Every documented command, in the docs' order, two at a time where neither writes what
+    the other reads or writes (the sandbox runs one thread per process)."""
     root, env = sandbox
-    ran, skipped, trained = [], [], set()
+    ran, skipped, planned, seen = [], [], [], set()
     for source, command in commands():
         reason = long_reason(command)
         if reason:
             skipped.append((command, reason))
             continue
+        if trains(command) and command in seen:  # documented twice: once is proof enough
+            continue
+        seen.add(command)
         argv = shlex.split(command)
         if trains(command):
-            if command in trained:  # documented twice: once is proof enough
-                continue
             argv += SHRINK
         analysis = ANALYSIS.match(command)
         if analysis:
             argv += ["--samples", "24", *SMALL_SAMPLE.get(analysis.group(1), [])]
-        done = subprocess.run(argv, cwd=root, env=env, capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, f"{source}: `{command}` failed:\n{done.stderr[-2000:]}"
-        if trains(command):
-            # it trained and finished where it says, not merely started
-            folders = re.findall(r"^run: (.+)$", done.stdout, flags=re.M)
-            assert len(folders) == 1, f"{source}: `{command}`:\n{done.stdout[-2000:]}"
-            assert (root / folders[0] / "final.pt").is_file(), (command, folders[0])
-            trained.add(command)
-        ran.append(command)
+        planned.append((source, command, argv, effects(argv, root)))
+    waits = [
+        {j for j in range(i) if conflict(planned[j][3], planned[i][3])} for i in range(len(planned))
+    ]
+    finished: set[int] = set()
+    running: dict[int, tuple[subprocess.Popen, float]] = {}
+    todo = list(range(len(planned)))
+    while todo or running:
+        for i in [i for i in todo if waits[i] <= finished][: 2 - len(running)]:
+            todo.remove(i)
+            with open(tmp_path / f"{i}.out", "w") as out, open(tmp_path / f"{i}.err", "w") as err:
+                proc = subprocess.Popen(planned[i][2], cwd=root, env=env, stdout=out, stderr=err)
+            running[i] = (proc, time.monotonic())
+        for i, (proc, started) in list(running.items()):
+            if proc.poll() is None:
+                assert time.monotonic() - started < 300, f"`{planned[i][1]}` took over 300 s"
+                continue
+            del running[i]
+            source, command = planned[i][:2]
+            stdout = (tmp_path / f"{i}.out").read_text()
+            stderr = (tmp_path / f"{i}.err").read_text()
+            assert proc.returncode == 0, f"{source}: `{command}` failed:\n{stderr[-2000:]}"
+            if trains(command):
+                # it trained and finished where it says, not merely started
+                folders = re.findall(r"^run: (.+)$", stdout, flags=re.M)
+                assert len(folders) == 1, f"{source}: `{command}`:\n{stdout[-2000:]}"
+                assert (root / folders[0] / "final.pt").is_file(), (command, folders[0])
+            finished.add(i)
+            ran.append(command)
+        time.sleep(0.05)
+    trained = [c for c in ran if trains(c)]
     assert len(ran) >= 20, ran
     kinds = {c.split()[0] if not c.startswith("python") else " ".join(c.split()[:3]) for c in ran}
     assert {"xd-shard", "xd-synth", "xd-eval", "xd-report", "xd-queue", "xd-analyze"} <= kinds

@@ -70,57 +70,6 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_grid_on_slurm_runs_each_finetuning_after_its_encoder(slurm, packed, tmp_path):
-    """2 SimCLR runs and 4 finetunings from their encoders, the finetunings first in the
-    file: Slurm starts none before its encoder's job ended, and each read the final encoder."""
-    runs = tmp_path / "runs"
-    pretrain = {
-        name: _train("pt_simclr_imagenet.yaml", packed["imagenet"], runs / name, "train.epochs=1")
-        for name in ("pt_s0", "pt_s1")
-    }
-    pretrain["pt_s1"] += " --set run.seed=1"
-    # what a SimCLR line asks Slurm for by itself (xd-queue grid --pretrain-slurm writes it)
-    pretrain = {k: f"{v} --slurm time=20 --slurm comment=simclr" for k, v in pretrain.items()}
-    finetune = {
-        f"ft_{source}_{seed}": _train(
-            "ft_lits.yaml",
-            packed["lits"],
-            runs / f"ft_{source}_{seed}",
-            "train.epochs=1",
-            f"run.seed={seed}",
-            f"model.encoder_weights={runs / source / 'encoder.pt'}",
-        )
-        for source in ("pt_s0", "pt_s1")
-        for seed in (0, 1)
-    }
-    jobs = _jobs(tmp_path / "jobs.csv", [*finetune.values(), *pretrain.values()])
-    done = _queue(jobs)
-    print(done.stdout)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert [line.status for line in parse(jobs) if line.command] == ["done"] * 6
-    ids = {name: _history(jobs)[command] for name, command in {**finetune, **pretrain}.items()}
-    assert all(len(v) == 1 for v in ids.values()), ids  # one Slurm job per line
-    ids = {name: v[0] for name, v in ids.items()}
-    times = _times(list(ids.values()))
-    status = subprocess.run([str(BIN / "xd-queue"), "status", str(jobs)], capture_output=True)
-    print(status.stdout.decode())
-    for name in finetune:
-        source = name.rsplit("_", 1)[0][3:]
-        started, ended = times[ids[name]][0], times[ids[source]][1]
-        assert started >= ended, (name, started, source, ended)
-        env = json.loads((runs / name / "env.json").read_text())
-        assert env["encoder"]["sha256"] == _sha256(runs / source / "encoder.pt")
-        assert (runs / name / "final.pt").is_file()
-    assert _sha256(runs / "pt_s0" / "encoder.pt") != _sha256(runs / "pt_s1" / "encoder.pt")
-    folder = tmp_path / "jobs.csv.logs" / "slurm"
-    script = (folder / f"{ids['pt_s0']}_submission.sh").read_text()
-    assert "#SBATCH --time=20\n" in script and "#SBATCH --comment=simclr\n" in script
-    assert "#SBATCH --requeue\n" in script and "#SBATCH --signal=USR2@120\n" in script
-    script = (folder / f"{ids['ft_pt_s0_0']}_submission.sh").read_text()
-    assert f"#SBATCH --dependency=afterok:{ids['pt_s0']}\n" in script
-    assert "--time" not in script and "--comment" not in script
-
-
 def _pid_of(run: Path) -> int | None:
     found = subprocess.run(
         ["pgrep", "-f", "--", f"--run-dir {run} "], capture_output=True, text=True
@@ -129,18 +78,43 @@ def _pid_of(run: Path) -> int | None:
     return pids[0] if pids else None
 
 
-def test_requeued_mid_epoch_resumes_from_its_checkpoint_with_the_same_weights(
-    slurm, packed, tmp_path
-):
-    """``scontrol requeue`` of a job in the middle of its second epoch: xd-train writes its
-    checkpoint on Slurm's SIGTERM, the job runs again with --resume and ends bit for bit where
-    the same job never interrupted ends (deterministic mode)."""
-    # batches of 2: six steps an epoch, room to stop in the middle of one
-    settings = ("train.epochs=2", "train.deterministic=true", "train.log_every=1")
-    settings += ("data.batch_size=2",)
-    whole, requeued = tmp_path / "whole", tmp_path / "requeued"
-    commands = [_train("ft_lits.yaml", packed["lits"], run, *settings) for run in (whole, requeued)]
-    jobs = _jobs(tmp_path / "jobs.csv", commands)
+@pytest.fixture(scope="module")
+def grid_on_slurm(slurm, packed, tmp_path_factory):
+    """One jobs file, followed by one ``xd-queue --executor slurm`` on the two cores:
+
+    - a grid of 2 SimCLR runs and 4 finetunings from their encoders, the finetunings first in
+      the file;
+    - the same deterministic finetuning twice (6 steps an epoch, 2 epochs): ``whole`` runs
+      through, ``requeued`` gets ``scontrol requeue`` in the middle of its second epoch (held
+      with SIGSTOP while Slurm is asked, so that the signal lands mid-epoch).
+
+    Returns the folder, the jobs file, the commands by name, the queue's output and the
+    requeued job's id."""
+    root = tmp_path_factory.mktemp("grid_on_slurm")
+    runs = root / "runs"
+    once = ("train.epochs=2", "train.deterministic=true", "train.log_every=1")
+    once += ("data.batch_size=2",)  # six steps an epoch: room to stop in the middle of one
+    commands = {
+        name: _train("ft_lits.yaml", packed["lits"], runs / name, *once)
+        for name in ("whole", "requeued")
+    }
+    for source in ("pt_s0", "pt_s1"):
+        for seed in (0, 1):
+            commands[f"ft_{source}_{seed}"] = _train(
+                "ft_lits.yaml",
+                packed["lits"],
+                runs / f"ft_{source}_{seed}",
+                "train.epochs=1",
+                f"run.seed={seed}",
+                f"model.encoder_weights={runs / source / 'encoder.pt'}",
+            )
+    for seed, source in enumerate(("pt_s0", "pt_s1")):
+        commands[source] = _train(
+            "pt_simclr_imagenet.yaml", packed["imagenet"], runs / source, "train.epochs=1"
+        )
+        # what a SimCLR line asks Slurm for by itself (xd-queue grid --pretrain-slurm)
+        commands[source] += f" --set run.seed={seed} --slurm time=20 --slurm comment=simclr"
+    jobs = _jobs(root / "jobs.csv", list(commands.values()))
     queue = subprocess.Popen(
         [str(BIN / "xd-queue"), str(jobs), "--executor", "slurm", "--poll", "1"],
         stdout=subprocess.PIPE,
@@ -148,10 +122,10 @@ def test_requeued_mid_epoch_resumes_from_its_checkpoint_with_the_same_weights(
         text=True,
         env=_env(),
     )
+    requeued, job = runs / "requeued", None
     deadline = time.monotonic() + 240
-    job = None
     while time.monotonic() < deadline and not (requeued / "final.pt").exists():
-        job = job or (parse(jobs)[2].slurm_id)
+        job = job or parse(jobs)[2].slurm_id
         train = [r for r in read_metrics(requeued / "metrics.jsonl") if r["kind"] == "train"]
         pid = _pid_of(requeued)
         if job and pid and any(r["epoch"] == 2 for r in train):
@@ -167,27 +141,64 @@ def test_requeued_mid_epoch_resumes_from_its_checkpoint_with_the_same_weights(
     else:
         queue.kill()
         pytest.fail("the job was not caught in its second epoch")
-    # a requeued job waits 2 minutes before it is eligible again; no need to wait here
+    # a requeued job is eligible again after Slurm's requeue delay (2 min): released now
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        state = _slurm("squeue", "-h", "-j", job, "-o", "%T|%r").strip()
-        if state.startswith("PENDING"):
+        if _slurm("squeue", "-h", "-j", job, "-o", "%T").strip() == "PENDING":
             _slurm("scontrol", "update", f"JobId={job}", "StartTime=now")
             break
         time.sleep(0.2)
     output, _ = queue.communicate(timeout=300)
     print(output)
     assert queue.returncode == 0, output
-    log = (tmp_path / "jobs.csv.logs" / "slurm" / f"{job}_0_log.out").read_text()
+    return root, jobs, commands, job
+
+
+def test_grid_on_slurm_runs_each_finetuning_after_its_encoder(grid_on_slurm):
+    """Slurm starts no finetuning before its encoder's job ended, and each read the final
+    encoder of its own SimCLR run; a line's --slurm reaches its job script only."""
+    root, jobs, commands, _ = grid_on_slurm
+    runs = root / "runs"
+    assert [line.status for line in parse(jobs) if line.command] == ["done"] * 8
+    ids = {name: _history(jobs)[command] for name, command in commands.items()}
+    assert all(len(v) == 1 for v in ids.values()), ids  # one Slurm job per line
+    ids = {name: v[0] for name, v in ids.items()}
+    times = _times(list(ids.values()))
+    status = subprocess.run([str(BIN / "xd-queue"), "status", str(jobs)], capture_output=True)
+    print(status.stdout.decode())
+    for name in [n for n in commands if n.startswith("ft_")]:
+        source = name.rsplit("_", 1)[0][3:]
+        started, ended = times[ids[name]][0], times[ids[source]][1]
+        assert started >= ended, (name, started, source, ended)
+        env = json.loads((runs / name / "env.json").read_text())
+        assert env["encoder"]["sha256"] == _sha256(runs / source / "encoder.pt")
+        assert (runs / name / "final.pt").is_file()
+    assert _sha256(runs / "pt_s0" / "encoder.pt") != _sha256(runs / "pt_s1" / "encoder.pt")
+    folder = root / "jobs.csv.logs" / "slurm"
+    script = (folder / f"{ids['pt_s0']}_submission.sh").read_text()
+    assert "#SBATCH --time=20\n" in script and "#SBATCH --comment=simclr\n" in script
+    assert "#SBATCH --requeue\n" in script and "#SBATCH --signal=USR2@120\n" in script
+    script = (folder / f"{ids['ft_pt_s0_0']}_submission.sh").read_text()
+    assert f"#SBATCH --dependency=afterok:{ids['pt_s0']}\n" in script
+    assert "--time" not in script and "--comment" not in script
+
+
+def test_requeued_mid_epoch_resumes_from_its_checkpoint_with_the_same_weights(grid_on_slurm):
+    """After ``scontrol requeue`` in its second epoch, xd-train wrote its checkpoint on Slurm's
+    SIGTERM, the job ran again (the same job id) with --resume, and ended bit for bit where
+    the same job never interrupted ends (deterministic mode)."""
+    root, jobs, commands, job = grid_on_slurm
+    runs = root / "runs"
+    log = (root / "jobs.csv.logs" / "slurm" / f"{job}_0_log.out").read_text()
     print(log)
     stopped = [line for line in log.splitlines() if line.startswith("stopped: SIGTERM")]
     assert len(stopped) == 1 and "epoch 2 step" in stopped[0], log
     assert log.count("$ ") == 2 and "--resume" in log.split("$ ")[2].splitlines()[0]
-    assert _history(jobs)[commands[1]] == [job]  # requeued, not resubmitted: the same job
-    a = torch.load(whole / "final.pt", weights_only=True)["model"]
-    b = torch.load(requeued / "final.pt", weights_only=True)["model"]
+    assert _history(jobs)[commands["requeued"]] == [job]  # requeued, not submitted again
+    a = torch.load(runs / "whole" / "final.pt", weights_only=True)["model"]
+    b = torch.load(runs / "requeued" / "final.pt", weights_only=True)["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    train = [r for r in read_metrics(requeued / "metrics.jsonl") if r["kind"] == "train"]
+    train = [r for r in read_metrics(runs / "requeued" / "metrics.jsonl") if r["kind"] == "train"]
     assert [r["step"] for r in train] == list(range(1, len(train) + 1))  # each step once
 
 
