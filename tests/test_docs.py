@@ -152,9 +152,13 @@ def conflict(a: tuple[set[Path], set[Path]], b: tuple[set[Path], set[Path]]) -> 
     return _overlap(a[1], b[0] | b[1]) or _overlap(b[1], a[0])
 
 
+# Commands run at once: one per core, each with one thread (the sandbox's OMP_NUM_THREADS=1)
+WORKERS = 2
+
+
 def test_documented_commands_run_as_written(sandbox, tmp_path):
-    """Every documented command, in the docs' order, two at a time where neither writes what
-    the other reads or writes (the sandbox runs one thread per process)."""
+    """Every documented command, in the docs' order, several at a time where none writes what
+    another reads or writes (the sandbox runs one thread per process)."""
     root, env = sandbox
     ran, skipped, planned, seen = [], [], [], set()
     for source, command in commands():
@@ -179,7 +183,7 @@ def test_documented_commands_run_as_written(sandbox, tmp_path):
     running: dict[int, tuple[subprocess.Popen, float]] = {}
     todo = list(range(len(planned)))
     while todo or running:
-        for i in [i for i in todo if waits[i] <= finished][: 2 - len(running)]:
+        for i in [i for i in todo if waits[i] <= finished][: WORKERS - len(running)]:
             todo.remove(i)
             with open(tmp_path / f"{i}.out", "w") as out, open(tmp_path / f"{i}.err", "w") as err:
                 proc = subprocess.Popen(planned[i][2], cwd=root, env=env, stdout=out, stderr=err)

@@ -17,17 +17,14 @@ from xdtrain.queue import parse
 from xdtrain.queue.accounting import Accounting
 from xdtrain.queue.depends import dependencies, order
 from xdtrain.queue.jobsfile import writer
-from xdtrain.queue.slurm import (
+from xdtrain.queue.slurm import History, plan, reconcile
+from xdtrain.queue.slurm_job import XdJob, launch
+from xdtrain.queue.slurm_options import (
     NO_LIMIT,
-    History,
     SlurmOptions,
-    XdJob,
-    launch,
     line_options,
     minutes,
     parameters,
-    plan,
-    reconcile,
 )
 
 

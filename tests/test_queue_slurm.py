@@ -20,7 +20,7 @@ import torch
 from helpers import demo_args
 
 from xdtrain.queue import parse
-from xdtrain.queue.slurm import NO_LIMIT
+from xdtrain.queue.slurm_options import NO_LIMIT
 from xdtrain.runlog import read_metrics
 from xdtrain.synth import generate
 

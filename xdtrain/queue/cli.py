@@ -12,7 +12,8 @@ from xdtrain.queue import depends
 from xdtrain.queue.grid import grid
 from xdtrain.queue.jobsfile import locked, parse
 from xdtrain.queue.local import run_jobs
-from xdtrain.queue.slurm import SlurmOptions, check_sbatch_key, minutes, submit_jobs
+from xdtrain.queue.slurm import submit_jobs
+from xdtrain.queue.slurm_options import SlurmOptions, check_sbatch_key, minutes
 from xdtrain.queue.status import show, table
 
 

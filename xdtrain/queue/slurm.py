@@ -21,24 +21,18 @@ checkpoint and exits, Slurm puts the job back in the queue. A requeued job runs 
 ``--resume`` and continues from the checkpoint.
 
 A job on ``--nodes N`` (or with more than one GPU) runs ``torchrun`` on every node through one
-``srun`` task per node, the rendezvous taken from the SLURM_* environment (:func:`launch`).
+``srun`` task per node, the rendezvous taken from the SLURM_* environment
+(:mod:`xdtrain.queue.slurm_job`); what each job asks for is :mod:`xdtrain.queue.slurm_options`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import io
 import json
-import os
 import re
 import secrets
-import shlex
-import signal
-import subprocess
-import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from xdtrain.errors import Interrupted, UserError
@@ -46,172 +40,14 @@ from xdtrain.fileio import atomic_write
 from xdtrain.queue.accounting import ACTIVE, Accounting, JobState
 from xdtrain.queue.jobsfile import Line, done_word, jobs, writer
 from xdtrain.queue.local import alive, check_programs, resumed
-
-REQUEUE_SIGNAL = signal.SIGUSR2  # submitit's default (SUBMITIT_PREEMPT_SIGNAL changes it)
-
-
-@dataclass
-class SlurmOptions:
-    """What every job of the file asks Slurm for (``xd-queue --executor slurm`` options)."""
-
-    partition: str | None = None
-    account: str | None = None
-    qos: str | None = None
-    gpus_per_job: int = 0  # GPUs on each node of a job
-    nodes: int = 1
-    cpus_per_gpu: int | None = None  # CPUs per GPU; the job's CPUs when it has no GPU
-    mem: str | None = None  # per node, as sbatch takes it: 64G
-    time: str | None = None  # sbatch's formats: minutes, HH:MM:SS, D-HH:MM:SS
-    extra: dict[str, str] = field(default_factory=dict)  # --slurm-arg KEY=VALUE
-    signal_delay_s: int = 120
-    max_requeues: int = 100  # time-limit requeues of one job before it is given up
-    poll_s: float = 30.0
-    wait: bool = True
-
-
-def minutes(text: str) -> int:
-    """sbatch's ``--time`` formats (``MM``, ``MM:SS``, ``HH:MM:SS``, ``D-HH``, ``D-HH:MM``,
-    ``D-HH:MM:SS``) in whole minutes, rounded up; raises :class:`UserError`."""
-    match = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text.strip())
-    if not match or text.strip() in ("", "0"):
-        raise UserError(f"--time {text!r}: write minutes, HH:MM:SS or D-HH:MM:SS (e.g. 2-00:00:00)")
-    days, a, b, c = match.groups()
-    a, b, c = int(a), int(b or 0), int(c or 0)
-    if days is not None:  # D-HH[:MM[:SS]]
-        seconds = int(days) * 86400 + a * 3600 + b * 60 + c
-    elif match.group(4) is not None:  # HH:MM:SS
-        seconds = a * 3600 + b * 60 + c
-    else:  # MM or MM:SS
-        seconds = a * 60 + b
-    return max(1, -(-seconds // 60))
-
-
-def launch(argv: list[str], nodes: int, procs: int, env: dict[str, str]) -> list[str]:
-    """The command one node of a job runs: the ``xd-*`` program, or for an ``xd-train`` job
-    with ``nodes × procs`` > 1, ``torchrun`` with one process per GPU of the node. Node rank
-    ``SLURM_NODEID``; the rendezvous at the job's first node (``SLURM_JOB_NODELIST``) on a port
-    derived from ``SLURM_JOB_ID``, so two jobs sharing a node do not collide."""
-    program = str(Path(sys.executable).with_name(argv[0]))
-    if argv[0] != "xd-train" or nodes * procs == 1:
-        return [program, *argv[1:]]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={procs}"]
-    if nodes == 1:
-        torchrun.append("--standalone")
-    else:
-        first = first_node(env.get("SLURM_JOB_NODELIST", ""))
-        port = 15000 + int(env.get("SLURM_JOB_ID", "0")) % 20000
-        torchrun += [
-            f"--nnodes={nodes}",
-            f"--node-rank={env.get('SLURM_NODEID', '0')}",
-            f"--master-addr={first}",
-            f"--master-port={port}",
-        ]
-    return [*torchrun, "-m", "xdtrain.train", *argv[1:]]
-
-
-def first_node(nodelist: str) -> str:
-    """The first host of a Slurm node list (``gpu[03-05,07],cpu1`` → ``gpu03``)."""
-    if not nodelist:
-        raise UserError("SLURM_JOB_NODELIST is not set: a multi-node job runs inside Slurm")
-    from submitit.slurm.slurm import _parse_node_list
-
-    return _parse_node_list(nodelist)[0]
-
-
-def _ignore_user_signals() -> None:
-    """In the job's child: SIGUSR1/SIGUSR2 ignored until ``xd-train`` installs its own
-    handlers, so ``torchrun`` (which has none) is not killed by the time-limit signal that
-    Slurm sends to every process of the job."""
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
-
-
-class JobFailed(RuntimeError):
-    """The job's command ended with a non-zero status."""
-
-
-class XdJob:
-    """What submitit runs on the node: one jobs-file command, in the folder the queue ran in.
-
-    ``requeued``: the job was requeued by :meth:`checkpoint`; like a job Slurm requeued
-    (``SLURM_RESTART_COUNT`` > 0), it runs its command resumed (``xd-train … --resume``).
-    """
-
-    def __init__(self, argv, cwd, nodes=1, procs=1, grace_s=100.0, requeued=False):
-        self.argv, self.cwd, self.nodes, self.procs = list(argv), str(cwd), nodes, procs
-        self.grace_s, self.requeued = grace_s, requeued
-        self._proc = None
-        self._status: int | None = None
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_proc"] = None
-        return state
-
-    def command(self, env: dict[str, str]) -> list[str]:
-        argv = self.argv
-        if self.requeued or int(env.get("SLURM_RESTART_COUNT") or 0) > 0:
-            argv = resumed(argv)
-        return launch(argv, self.nodes, self.procs, env)
-
-    def __call__(self) -> int:
-        command = self.command(dict(os.environ))
-        print(f"$ {shlex.join(command)}", flush=True)
-        self._proc = subprocess.Popen(command, cwd=self.cwd, preexec_fn=_ignore_user_signals)
-        while self._proc.poll() is None:
-            time.sleep(0.5)  # polling, not wait(): the signal handler may wait for the child
-        code = self._proc.returncode
-        if code != 0:
-            why = ""
-            if code > 128 or code < 0:
-                why = " (stopped by a signal; an xd-train run wrote its checkpoint first)"
-            raise JobFailed(f"{shlex.join(self.argv)} exited with status {code}{why}")
-        return code
-
-    def checkpoint(self, *args, **kwargs):
-        """Called by submitit on the time-limit signal: stop the command (``xd-train``
-        writes its checkpoint on SIGTERM and exits) and hand submitit this job, resumed, to
-        requeue."""
-        from submitit.helpers import DelayedSubmission
-
-        proc = self._proc
-        finished = False
-        if proc is not None and proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGTERM)
-            deadline = time.monotonic() + self.grace_s
-            while time.monotonic() < deadline and not self._reaped(proc.pid):
-                time.sleep(0.2)
-            if not self._reaped(proc.pid):
-                os.kill(proc.pid, signal.SIGKILL)
-            finished = self._status == 0
-        elif proc is not None:
-            finished = proc.returncode == 0
-        if finished:  # it ended well as the signal came: the requeued job has nothing to do
-            return DelayedSubmission(_Finished())
-        again = XdJob(self.argv, self.cwd, self.nodes, self.procs, self.grace_s, requeued=True)
-        return DelayedSubmission(again)
-
-    def _reaped(self, pid: int) -> bool:
-        """Whether the child ended (reaping it; its exit status in ``_status``)."""
-        try:
-            done, status = os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            return True
-        if done == pid:
-            self._status = os.waitstatus_to_exitcode(status)
-        return done == pid
-
-
-class _Finished:
-    """A requeued job whose command had already ended well: nothing left to run."""
-
-    def __call__(self) -> int:
-        print("the command had ended well before the job was requeued: nothing to run")
-        return 0
-
-
-# --------------------------------------------------------------------------- the queue
+from xdtrain.queue.slurm_job import XdJob
+from xdtrain.queue.slurm_options import (
+    NO_LIMIT,
+    SlurmOptions,
+    executor,
+    line_options,
+    parameters,
+)
 
 
 class History:
@@ -240,142 +76,6 @@ class History:
 
     def save(self) -> None:
         atomic_write(self.path, json.dumps(self.ids, indent=1) + "\n")
-
-
-NO_LIMIT = 10**7  # minutes: what submitit is told when a job asks for no --time
-
-
-class _Executor:
-    """Builds submitit's ``SlurmExecutor`` (a subclass, so that a job without a time limit
-    sends no ``--time`` while submitit keeps a number for its own time-out bookkeeping)."""
-
-    @staticmethod
-    def make(folder: Path, max_requeues: int):
-        import submitit
-        from submitit.slurm.slurm import _make_sbatch_string
-
-        class Executor(submitit.SlurmExecutor):
-            def _make_submission_file_text(self, command: str, uid: str) -> str:
-                params = dict(self.parameters)
-                if params.get("time") == NO_LIMIT:
-                    params["time"] = None  # the partition's own limit: none
-                return _make_sbatch_string(command=command, folder=self.folder, **params)
-
-        return Executor(folder=folder, max_num_timeout=max_requeues)
-
-
-def executor(folder: Path, options: SlurmOptions):
-    """A submitit ``SlurmExecutor`` writing into ``folder``."""
-    try:
-        return _Executor.make(folder, options.max_requeues)
-    except RuntimeError:
-        raise UserError(
-            "srun: not found; run xd-queue --executor slurm on a machine of the cluster"
-        ) from None
-
-
-NUMBERS = ("gpus_per_job", "nodes", "cpus_per_gpu")
-WORDS = ("partition", "account", "qos", "mem", "time")
-# sbatch options the queue sets itself, or that would break what it counts on (one task per
-# node, one job per line, the requeue and its signal): refused in --slurm and --slurm-arg
-MANAGED = {
-    "gpus-per-node": "gpus-per-job",
-    "gpus": "gpus-per-job",
-    "gres": "gpus-per-job (and constraint= for other resources)",
-    "gpus-per-task": "gpus-per-job",
-    "nodes": "nodes (--nodes, or --slurm nodes=N on a line)",
-    "ntasks": None,
-    "ntasks-per-node": None,
-    "array": None,
-    "dependency": "--after on a line",
-    "job-name": None,
-    "output": None,
-    "error": None,
-    "open-mode": None,
-    "signal": "--signal-delay",
-    "requeue": None,
-    "no-requeue": None,
-    "time": "--time (or --slurm time=T on a line)",
-    "wrap": None,
-}
-
-
-def check_sbatch_key(key: str, where: str) -> None:
-    """Refuses an sbatch option that the queue sets itself or that would break a job."""
-    if key in MANAGED:
-        instead = MANAGED[key]
-        raise UserError(
-            f"{where}: --{key} is set by xd-queue"
-            + (f"; use {instead}" if instead else " (one job, one task per node, per line)")
-        )
-
-
-def line_options(options: SlurmOptions, line: Line, path: Path) -> SlurmOptions:
-    """``options`` with the line's ``--slurm KEY=VALUE`` settings: the queue's own options by
-    their name (``gpus-per-job``, ``nodes``, ``cpus-per-gpu``, ``partition``, ``account``,
-    ``qos``, ``mem``, ``time``), any other sbatch option as it is (``hold``: a flag). Raises
-    :class:`UserError` naming the line for a value Slurm or the queue cannot use."""
-    where = f"{path}: line {line.number}"
-    changes: dict = {}
-    extra = dict(options.extra)
-    for key, value in line.slurm.items():
-        name = key.replace("-", "_")
-        if name in NUMBERS + WORDS and value is True:
-            raise UserError(f"{where}: --slurm {key} needs a value ({key}=…)")
-        if name in NUMBERS:
-            least = 1 if name == "nodes" else 0
-            if not value.isdigit() or int(value) < least:
-                raise UserError(f"{where}: --slurm {key}={value}: a whole number, {least} or more")
-            changes[name] = int(value)
-        elif name in WORDS:
-            changes[name] = value
-        else:
-            check_sbatch_key(key, f"{where}: --slurm {key}")
-            extra[key] = value
-    mine = dataclasses.replace(options, extra=extra, **changes)
-    if mine.time is not None:
-        try:
-            minutes(mine.time)
-        except UserError as exc:
-            raise UserError(f"{where}: {exc}") from None
-    if "nodes" in changes and mine.nodes > 1 and line.argv[0] != "xd-train":
-        raise UserError(f"{where}: nodes={mine.nodes}: only an xd-train job runs on several nodes")
-    return mine
-
-
-def job_gpus(options: SlurmOptions, program: str) -> int:
-    """The GPUs a job of ``program`` asks for: ``xd-train`` all of ``--gpus-per-job``,
-    ``xd-eval`` and ``xd-analyze`` (one device) at most one, the others (packing, synthesis,
-    the report) none."""
-    if program == "xd-train":
-        return options.gpus_per_job
-    if program in ("xd-eval", "xd-analyze"):
-        return min(options.gpus_per_job, 1)
-    return 0
-
-
-def parameters(options: SlurmOptions, limit: str | None, program: str = "xd-train") -> dict:
-    """submitit's parameters for a job of ``program`` with ``options``: one task per node
-    (``torchrun`` starts the processes of the node's GPUs); ``limit``: the time limit when the
-    options give none, the partition's own (submitit would ask for 5 minutes); None: no
-    ``--time`` at all."""
-    gpus = job_gpus(options, program)
-    cpus = options.cpus_per_gpu * max(gpus, 1) if options.cpus_per_gpu else None
-    limit = options.time or limit
-    return {
-        "nodes": options.nodes if program == "xd-train" else 1,
-        "ntasks_per_node": 1,
-        "gpus_per_node": gpus or None,
-        "cpus_per_task": cpus,
-        "partition": options.partition,
-        "account": options.account,
-        "qos": options.qos,
-        "mem": options.mem,
-        # no limit: no --time, and no time-limit signal (preemption sends SIGTERM)
-        "time": minutes(limit) if limit else NO_LIMIT,
-        "signal_delay_s": options.signal_delay_s,
-        "stderr_to_stdout": True,
-    }
 
 
 def log_of(folder: Path, job_id: str) -> Path:
