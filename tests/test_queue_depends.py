@@ -379,3 +379,33 @@ def test_grid_rows_quote_commas_and_spaces(tmp_path):
     lines = [line for line in parse(out / "jobs.csv") if line.command]
     assert lines[0].slurm == {"exclude": "node1,node2"} and lines[0].status == ""
     assert all(Path(line.argv[1]).is_file() for line in lines)  # the space survived
+
+
+def test_a_cluster_without_accounting_falls_back_to_the_result_files(tmp_path):
+    """No slurmdbd and no job completion log: sacct and sacct -c both fail; a job gone from
+    squeue is done if its submitit result says so, else submitted again."""
+
+    def runner(argv):
+        if argv[0] == "squeue":
+            return subprocess.CompletedProcess(argv, 0, "", "")
+        if "-c" in argv:
+            return subprocess.CompletedProcess(argv, 1, "", "JobCompType is none")
+        return subprocess.CompletedProcess(argv, 1, "", "Slurm accounting storage is disabled")
+
+    folder = tmp_path / "slurm"
+    folder.mkdir()
+    with open(folder / "21_0_result.pkl", "wb") as fh:
+        pickle.dump(("success", 0), fh)
+    jobs = _write(
+        tmp_path / "jobs.csv",
+        "xd-synth lits --out a",
+        "xd-synth lits --out b",
+        statuses=("submitted: slurm 21", "submitted: slurm 22"),
+    )
+    lines = parse(jobs)
+    _, again = reconcile(lines, folder, Accounting(runner), History(folder / "h.json"))
+    assert [line.status for line in lines if line.command] == [
+        "done",
+        f"failed: {folder / '22_0_log.out'} (lost)",
+    ]
+    assert again == {3}

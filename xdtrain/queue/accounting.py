@@ -1,6 +1,7 @@
 """What Slurm knows of a set of jobs: ``squeue`` for the jobs the controller still holds,
 ``sacct`` for older ones (the accounting database, or the job completion log with ``sacct -c``
-on a cluster without one). ``sacct``'s output is parsed by submitit.
+on a cluster without one; on a cluster with neither, a job that ended is known by its
+submitit result file only). ``sacct``'s output is parsed by submitit.
 
 Slurm's job states (``man squeue``, JOB STATE CODES) fall into three kinds here: *active* (it
 will still run or is running: PENDING, RUNNING, REQUEUED, SUSPENDED, …), *done* (COMPLETED) and
@@ -122,7 +123,10 @@ class Accounting:
         query = ["-X", "--parsable2", "-o", "JobID,State,Elapsed,JobName", *query]
         done = self.runner(["sacct", *query])
         if done.returncode != 0 and "accounting storage is disabled" in done.stderr:
-            text = self._call(["sacct", "-c", *query])  # the job completion log
+            done = self.runner(["sacct", "-c", *query])  # the job completion log
+            if done.returncode != 0:
+                return {}  # neither: what ended is known from its submitit result only
+            text = done.stdout
         elif done.returncode != 0:
             text = self._call(["sacct", *query])  # raises with sacct's message
         else:
