@@ -135,11 +135,21 @@ def stop(root: Path) -> None:
     env = {**os.environ, "SLURM_CONF": str(root / "slurm.conf")}
     subprocess.run(["scancel", "--user", "root"], env=env, capture_output=True)
     subprocess.run(["scontrol", "shutdown"], env=env, capture_output=True)
-    time.sleep(1.0)
+    pids = []
     for name in ("slurmd", "slurmctld", "munged"):
-        pid_file = root / "run" / f"{name}.pid"
         with contextlib.suppress(OSError, ValueError, IndexError):
-            os.kill(int(pid_file.read_text().split()[0]), signal.SIGTERM)
+            pid = int((root / "run" / f"{name}.pid").read_text().split()[0])
+            if name in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace"):
+                pids.append(pid)  # still that daemon, not a reused pid
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() for pid in pids):
+        time.sleep(0.2)
+    for pid in pids:  # a daemon that waits for a job step that never ends (a stopped process)
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def main(argv: list[str] | None = None) -> int:
