@@ -519,6 +519,14 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     return config_from_dict(tree, str(path), origins)
 
 
+def run_folder(config: Config, config_path: str | Path, run_dir: str | None) -> Path:
+    """The run folder ``xd-train`` writes: ``--run-dir``, else ``run.output_dir/run.name``
+    (the config file's name when ``run.name`` is empty); relative to the working folder."""
+    if run_dir:
+        return Path(run_dir)
+    return Path(config.run.output_dir) / (config.run.name or Path(config_path).stem)
+
+
 def config_to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 

@@ -38,6 +38,7 @@ from xdtrain.config import (
     config_to_dict,
     dump_config,
     load_config,
+    run_folder,
     save_config,
 )
 from xdtrain.data import build_loader, shard_folder
@@ -162,12 +163,6 @@ def absolute_paths(config: Config) -> Config:
         model=dataclasses.replace(model, encoder_weights=weights),
         monitor=dataclasses.replace(monitor, shards=watched),
     )
-
-
-def run_folder(config: Config, config_path: str, run_dir: str | None) -> Path:
-    if run_dir:
-        return Path(run_dir)
-    return Path(config.run.output_dir) / (config.run.name or Path(config_path).stem)
 
 
 def prepare_folder(folder: Path, config: Config, resume: bool, force: bool) -> bool:

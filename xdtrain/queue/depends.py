@@ -98,20 +98,16 @@ def effects(argv: list[str], cwd: Path, where: str) -> Effects:
 
 
 def _train_effects(argv: list[str], cwd: Path, where: str) -> Effects:
-    from xdtrain.config import load_config
+    from xdtrain.config import load_config, run_folder
+    from xdtrain.data import shard_folder
 
     args, _ = _train_parser().parse_known_args(argv[1:])
-    path = cwd / args.config
     try:
-        config = load_config(path, args.set)
+        config = load_config(cwd / args.config, args.set)
     except UserError as exc:
         raise UserError(f"{where}: {exc}") from None
-    if args.run_dir:
-        run = cwd / args.run_dir
-    else:
-        run = cwd / config.run.output_dir / (config.run.name or Path(args.config).stem)
-    run = run.resolve()
-    reads = [cwd / (config.data.shards or Path("shards") / config.data.dataset)]
+    run = (cwd / run_folder(config, args.config, args.run_dir)).resolve()
+    reads = [cwd / shard_folder(config.data)]
     for extra in (config.model.encoder_weights, config.monitor.shards):
         if extra:
             reads.append(cwd / Path(extra).expanduser())

@@ -1,4 +1,6 @@
-"""The jobs file: CSV ``command,status``, read, checked and written back atomically.
+"""The jobs file: CSV ``command,status``, read, checked and written back atomically; the
+``xd-*`` programs its commands name, and a command run again (:func:`resumed`), as both
+executors need them.
 
 Like the study's ``Jobs.csv``; lines starting with ``#`` and blank lines are kept as they are.
 Only ``xd-*`` commands run, as argument lists, never through a shell; every command is checked
@@ -36,6 +38,8 @@ import io
 import os
 import re
 import shlex
+import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -198,6 +202,40 @@ def queue_options(argv: list[str], path: Path, number: int):
             )
         slurm[key] = setting if eq else True
     return kept, after, slurm
+
+
+def executable(name: str) -> str:
+    """The ``xd-*`` program beside this Python, else on PATH."""
+    beside = Path(sys.executable).with_name(name)
+    if beside.exists():
+        return str(beside)
+    found = shutil.which(name)
+    if found is None:
+        raise UserError(
+            f"{name}: no such xd-* program here (a typo, or xdtrain is not installed in this "
+            "environment)"
+        )
+    return found
+
+
+def check_programs(path: Path, lines: list[Line]) -> None:
+    """Every job to do names an installed ``xd-*`` program; else one line naming the line."""
+    for line in jobs(lines):
+        if not line.finished:
+            try:
+                executable(line.argv[0])
+            except UserError as exc:
+                raise UserError(f"{path}: line {line.number}: {exc}") from None
+
+
+def resumed(argv: list[str]) -> list[str]:
+    """``argv`` to run a job again that was interrupted or failed: an ``xd-train`` job
+    continues its run folder (``--resume``, in place of a ``--force`` that would start it
+    over)."""
+    if argv[0] != "xd-train":
+        return list(argv)
+    out = [a for a in argv if a != "--force"]
+    return out if "--resume" in out else [*out, "--resume"]
 
 
 def done_word(lines: list[Line]) -> str:

@@ -12,49 +12,21 @@ from __future__ import annotations
 import contextlib
 import os
 import shlex
-import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 from xdtrain.errors import UserError
-from xdtrain.queue.jobsfile import Line, done_word, jobs, writer
-
-
-def executable(name: str) -> str:
-    """The ``xd-*`` program beside this Python, else on PATH."""
-    beside = Path(sys.executable).with_name(name)
-    if beside.exists():
-        return str(beside)
-    found = shutil.which(name)
-    if found is None:
-        raise UserError(
-            f"{name}: no such xd-* program here (a typo, or xdtrain is not installed in this "
-            "environment)"
-        )
-    return found
-
-
-def check_programs(path: Path, lines: list[Line]) -> None:
-    """Every job to do names an installed ``xd-*`` program; else one line naming the line."""
-    for line in jobs(lines):
-        if not line.finished:
-            try:
-                executable(line.argv[0])
-            except UserError as exc:
-                raise UserError(f"{path}: line {line.number}: {exc}") from None
-
-
-def resumed(argv: list[str]) -> list[str]:
-    """``argv`` to run a job again that was interrupted or failed: an ``xd-train`` job
-    continues its run folder (``--resume``, in place of a ``--force`` that would start it
-    over)."""
-    if argv[0] != "xd-train":
-        return list(argv)
-    out = [a for a in argv if a != "--force"]
-    return out if "--resume" in out else [*out, "--resume"]
+from xdtrain.queue.jobsfile import (
+    Line,
+    check_programs,
+    done_word,
+    executable,
+    jobs,
+    resumed,
+    writer,
+)
 
 
 def refuse_slurm_lines(path: Path, lines: list[Line]) -> None:

@@ -38,8 +38,8 @@ from pathlib import Path
 from xdtrain.errors import Interrupted, UserError
 from xdtrain.fileio import atomic_write
 from xdtrain.queue.accounting import ACTIVE, Accounting, JobState
-from xdtrain.queue.jobsfile import Line, done_word, jobs, writer
-from xdtrain.queue.local import alive, check_programs, resumed
+from xdtrain.queue.jobsfile import Line, check_programs, done_word, jobs, resumed, writer
+from xdtrain.queue.local import alive
 from xdtrain.queue.slurm_job import XdJob
 from xdtrain.queue.slurm_options import (
     NO_LIMIT,

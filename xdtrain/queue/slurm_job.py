@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from xdtrain.errors import UserError
-from xdtrain.queue.local import resumed
+from xdtrain.queue.jobsfile import resumed
 
 
 def launch(argv: list[str], nodes: int, procs: int, env: dict[str, str]) -> list[str]:
