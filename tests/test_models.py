@@ -84,7 +84,7 @@ def test_encoder_weights_load_from_every_format(tmp_path, source):
 def test_weights_whose_keys_match_nothing_fail(tmp_path):
     path = tmp_path / "other.pt"
     torch.save({"transformer.blocks.0.attn.weight": torch.zeros(3, 3)}, path)
-    with pytest.raises(UserError, match="no key matches the encoder") as info:
+    with pytest.raises(UserError, match="no key matches the resnet18 encoder") as info:
         get_model("resnet18", num_classes=2, encoder_weights=str(path))
     assert "\n" not in str(info.value)
 
@@ -113,7 +113,7 @@ def test_damaged_or_missing_weights_give_one_line(tmp_path):
 
 def test_wrong_depth_names_the_key(tmp_path):
     export_encoder(get_model("resnet50", num_classes=2), tmp_path / "r50.pt")
-    with pytest.raises(UserError, match="same ResNet depth"):
+    with pytest.raises(UserError, match=r"same architecture as model.name \(resnet18\)"):
         get_model("resnet18", num_classes=2, encoder_weights=str(tmp_path / "r50.pt"))
 
 

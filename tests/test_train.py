@@ -269,6 +269,40 @@ def test_a_config_typo_fails_before_any_data_is_read(tmp_path):
         main([str(ROOT / "configs/demo/ft_brats.yaml"), "--set", "task=brat"])
     with pytest.raises(UserError, match="needs a unet model"):
         main([str(ROOT / "configs/demo/ft_brats.yaml"), "--set", "model.name=resnet18"])
+    # an image size the network cannot take: before the (missing) shards are looked at
+    for name, size, message in [
+        ("timm/test_vit", 72, "timm/test_vit cuts images into 16 px patches"),
+        ("timm/test_convnext", 48, "a U-Net on timm/test_convnext needs a multiple of 32"),
+        ("unet_resnet18", 48, "a U-Net on resnet18 needs a multiple of 32"),
+    ]:
+        argv = [str(ROOT / "configs/demo/ft_brats.yaml"), "--set", f"model.name={name}"]
+        argv += ["--set", f"data.image_size={size}", "--set", "data.shards=/nonexistent"]
+        with pytest.raises(UserError, match=f"data.image_size {size}: {message}"):
+            main([*argv, "--run-dir", str(tmp_path / "r")])
+
+
+def test_timm_backbone_pretrains_then_finetunes_a_unet(packed, tmp_path):
+    """SimCLR on a timm ConvNeXt, then a LiTS U-Net on it: encoder.pt has timm's keys and
+    every one of them reaches the U-Net's encoder."""
+    import timm
+
+    pre, ft = tmp_path / "pre", tmp_path / "ft"
+    name = ["--set", "model.name=timm/test_convnext", "--set", "train.epochs=1"]
+    common = ["--set", "data.batch_size=8", "--set", "data.image_size=64", *name]
+    assert main(args("pt_simclr_imagenet.yaml", packed["imagenet"], pre, *common)) == 0
+    reference = timm.create_model("test_convnext", pretrained=False, num_classes=0)
+    reference.load_state_dict(torch.load(pre / "encoder.pt", weights_only=True), strict=True)
+    weights = ["--set", f"model.encoder_weights={pre / 'encoder.pt'}"]
+    assert main(args("ft_lits.yaml", packed["lits"], ft, *common, *weights)) == 0
+    loaded = json.loads((ft / "env.json").read_text())["encoder_weights"]
+    assert loaded["missing"] == [] and loaded["unexpected"] == []
+    assert loaded["adapted"] == ["stem.0.weight"]  # RGB into LiTS's one channel
+    assert len(loaded["loaded"]) == len(reference.state_dict())
+    final = torch.load(ft / "final.pt", weights_only=True)["model"]
+    # the head norm, unused by the U-Net, was frozen: still the pretrained values
+    assert torch.equal(final["encoder.head.norm.weight"], reference.head.norm.weight)
+    test = rows(ft, "test")[0]
+    assert math.isfinite(test["loss"]) and 0 <= test["dice_liver"] <= 1
 
 
 def _train_command(run: Path, shards: Path, epochs: int, *extra: str) -> list[str]:
@@ -493,7 +527,13 @@ def torchrun2(*train_args: str, torchrun: tuple[str, ...] = ()):
                 "monitor.k=5",
             ],
         ),  # fmt: skip
-        ("ft_brats.yaml", "brats", ["--set", "data.batch_size=4"]),
+        # a timm ViT U-Net: the pyramid, and encoder parameters the U-Net never uses (the
+        # final norm), which DDP refuses unless they are frozen
+        (
+            "ft_brats.yaml",
+            "brats",
+            ["--set", "data.batch_size=4", "--set", "model.name=timm/test_vit"],
+        ),
     ],
 )
 def test_torchrun_with_two_cpu_processes(packed, tmp_path, config, data, extra):

@@ -68,10 +68,10 @@ class DataConfig:
 class ModelConfig:
     """The network: a name from the model registry and its options."""
 
-    name: str = "resnet50"  # resnet18|34|50, unet_resnet18|34|50, simclr_resnet18|34|50
+    name: str = "resnet50"  # resnet18|34|50, unet_/simclr_resnet18|34|50, timm/<any timm model>
     num_classes: int | None = None  # None: taken from the task
-    encoder_weights: str | None = None  # encoder.pt, a run checkpoint or a torchvision state dict
-    frozen_encoder: bool = False  # linear evaluation: frozen weights and batch-norm statistics
+    encoder_weights: str | None = None  # encoder.pt, a run checkpoint, a torchvision or timm file
+    frozen_encoder: bool = False  # linear evaluation: frozen weights and norm statistics
     projection_dims: list[int] = field(default_factory=lambda: [2048, 128])  # head widths
     projection_sigmoid: bool = False  # the study's head ends in a sigmoid
 

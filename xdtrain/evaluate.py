@@ -252,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
         in_channels=data.channels,
         projection_dims=config.model.projection_dims,
         projection_sigmoid=config.model.projection_sigmoid,
+        kind=task.model_kind,
+        image_size=data.image_size,
     )
     try:
         model.load_state_dict(state["model"])

@@ -1,9 +1,11 @@
 """Optimisers and learning-rate schedules, stepped every iteration.
 
 Weight decay and LARS's trust-ratio adaptation apply to weights of convolutions and linear
-layers only; biases and normalisation parameters (every parameter with one dimension) are
-excluded, as in SimCLR and in the LARS paper (the study's LARS adapted them too, and could
-divide by a zero norm).
+layers only; biases, the parameters of every normalisation layer (batch, layer, group,
+instance or RMS norm, whatever its class) and what a timm model lists in
+``no_weight_decay()`` (a ViT's position embedding and class token) are excluded, as in
+SimCLR, the LARS paper and timm's ``param_groups_weight_decay`` (the study's LARS adapted
+them too, and could divide by a zero norm).
 """
 
 from __future__ import annotations
@@ -64,13 +66,51 @@ class LARS(torch.optim.Optimizer):
         return loss
 
 
+def is_norm(module: nn.Module) -> bool:
+    """A normalisation layer: torch's batch/instance/layer/group/RMS norms and subclasses
+    (timm's ``BatchNormAct2d``, ``LayerNorm2d``), or any class whose name ends in ``Norm``
+    with a suffix of digits or ``d`` (timm's ``RmsNorm``, ``GroupNorm1``)."""
+    norms = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
+    if isinstance(module, norms):
+        return True
+    name = type(module).__name__.rstrip("0123456789").removesuffix("d")
+    return name.endswith("Norm")
+
+
+def no_decay_names(model: nn.Module) -> set[str]:
+    """Names of the parameters that get neither weight decay nor LARS adaptation: biases,
+    every parameter of a normalisation layer (:func:`is_norm`), every other parameter with
+    at most one dimension, and the names a submodule's ``no_weight_decay()`` returns (timm's
+    convention; a name there may also be a module whose parameters all count)."""
+    names = set()
+    for prefix, module in model.named_modules():
+        dot = f"{prefix}." if prefix else ""
+        own = [name for name, _ in module.named_parameters(recurse=False)]
+        if is_norm(module):
+            names.update(dot + name for name in own)
+        listed = getattr(module, "no_weight_decay", None)
+        if callable(listed):
+            for entry in listed():
+                names.update(
+                    name
+                    for name, _ in model.named_parameters()
+                    if name == dot + entry or name.startswith(f"{dot}{entry}.")
+                )
+    for name, param in model.named_parameters():
+        if param.ndim <= 1 or name.endswith(".bias"):
+            names.add(name)
+    return names
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups: weights (decayed, adapted) and biases/normalisation (neither)."""
+    """Two groups: weights (decayed, adapted) and the parameters of
+    :func:`no_decay_names` (neither)."""
     decay, plain = [], []
-    for _, param in model.named_parameters():
+    excluded = no_decay_names(model)
+    for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (plain if param.ndim <= 1 else decay).append(param)
+        (plain if name in excluded else decay).append(param)
     groups = [{"params": decay, "weight_decay": weight_decay, "adapt": True}]
     if plain:
         groups.append({"params": plain, "weight_decay": 0.0, "adapt": False})

@@ -19,8 +19,8 @@ from xdtrain.shards import manifest as manifests
 
 log = logging.getLogger("xdtrain.preflight")
 SPLITS = ("train", "val", "test")
-NO_FINDING = "No Finding"
-STRIDE = 32  # the ResNet encoders' total stride  # ChestX-ray8's output that is no finding
+NO_FINDING = "No Finding"  # ChestX-ray8's output that is no finding
+STRIDE = 32  # the ResNet encoders' total stride
 
 
 def check_config(config, task, world, source: str) -> None:
@@ -50,6 +50,23 @@ def check_config(config, task, world, source: str) -> None:
             "set data.batch_size=2 or more"
         )
     _check_batch_norm(config, world_size)
+    _check_model_input(config, task)
+
+
+def _check_model_input(config, task) -> None:
+    """The image size against the network: a ViT's patch size or a fixed-size timm model's
+    size (tried on a zero image), a U-Net's multiple of its deepest reduction."""
+    from xdtrain.models import backbones, parse_name  # noqa: PLC0415  (torch, timm: slow)
+    from xdtrain.models.unet import check_unet_encoder, check_unet_size  # noqa: PLC0415
+
+    size = config.data.image_size
+    _, backbone = parse_name(config.model.name)
+    if backbone.startswith("timm/"):
+        encoder = backbones.build(backbone, config.data.channels, size)
+        if task.model_kind == "unet":
+            check_unet_encoder(encoder, size)
+    elif task.model_kind == "unet":
+        check_unet_size(backbone, STRIDE, size)
 
 
 def _check_batch_norm(config, world_size: int) -> None:

@@ -44,7 +44,7 @@ from xdtrain.config import (
 from xdtrain.data import build_loader, shard_folder
 from xdtrain.errors import Interrupted, Stopped, UserError, run_cli
 from xdtrain.evaluate import evaluate, precision, to_device
-from xdtrain.models import export_encoder, get_model
+from xdtrain.models import export_encoder, get_model, parse_name
 from xdtrain.monitor import KnnMonitor
 from xdtrain.optim import build_optimizer, build_scheduler
 from xdtrain.progress import make_progress
@@ -131,11 +131,11 @@ def resolve(config: Config) -> tuple[Config, Task]:
         )
     prefix = {"simclr": "simclr_", "unet": "unet_", "classifier": ""}[task.model_kind]
     name = config.model.name
-    fits = name.startswith(prefix) if prefix else not name.startswith(("simclr_", "unet_"))
-    if not fits:
+    kind, _ = parse_name(name)  # None: a timm/<name> backbone, whose network is the task's
+    if kind is not None and kind != task.model_kind:
         raise UserError(
             f"model.name: task {task.name!r} needs a {task.model_kind} model "
-            f"({prefix or 'resnet'}…), not {name!r}"
+            f"({prefix or 'resnet'}… or timm/<name>), not {name!r}"
         )
     if not data.augment:
         config = dataclasses.replace(
@@ -303,6 +303,8 @@ class Trainer:
             frozen_encoder=cfg.model.frozen_encoder,
             projection_dims=cfg.model.projection_dims,
             projection_sigmoid=cfg.model.projection_sigmoid,
+            kind=self.task.model_kind,
+            image_size=cfg.data.image_size,
         )
         self.load_report = model.encoder_load_report
         model.to(world.device)

@@ -2,7 +2,19 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch import nn
+
+
+@dataclass(frozen=True)
+class Level:
+    """One feature map an encoder gives: its stage's name, channels and reduction (input
+    size / map size)."""
+
+    name: str
+    channels: int
+    reduction: int
 
 
 class EncoderModel(nn.Module):

@@ -1,9 +1,14 @@
-"""Encoder weights in and out, in plain torchvision ResNet keys.
+"""Encoder weights in and out, in the encoder library's own keys.
 
-Loading accepts an ``encoder.pt`` written by xdtrain, a full xdtrain checkpoint (its
-``model`` entry) or a torchvision ResNet state dict, with or without DDP's ``module.``
-prefix. It reports missing and unexpected keys and fails when no key matched, since a
-silent mismatch (the study's ``strict=False``) trains from scratch while claiming otherwise.
+Keys are torchvision's for a ResNet and timm's for a ``timm/<name>`` backbone. Loading
+accepts an ``encoder.pt`` written by xdtrain, a full xdtrain checkpoint (its ``model``
+entry), a torchvision state dict or a timm checkpoint (``.pth``/``.bin``, or
+``.safetensors`` as the Hugging Face hub stores them), with or without DDP's ``module.``
+prefix; a classifier in the file (``fc.*``, timm's ``head.*``) is left out. Weights of
+another shape are adapted where the library has a rule: the first convolution to other
+input channels, a ViT's position embeddings to another patch grid. It reports missing and
+unexpected keys and fails when no key matched, since a silent mismatch (the study's
+``strict=False``) trains from scratch while claiming otherwise.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from torch import nn
 
 from xdtrain.errors import UserError
 from xdtrain.fileio import atomic_write
+from xdtrain.models import backbones, timm_encoders
 from xdtrain.models.encoders import adapt_first_conv
 
 log = logging.getLogger("xdtrain.models")
@@ -41,7 +47,12 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise UserError(f"{path}: no such weights file; check model.encoder_weights")
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file  # noqa: PLC0415
+
+            data = load_file(path, device="cpu")
+        else:
+            data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a truncated zip, a pickle with arbitrary objects, ...
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"{path}: not a readable weights file ({first[:200]})") from None
@@ -55,8 +66,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def encoder_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Plain torchvision encoder keys: prefixes of wrappers removed, classifier and heads
-    dropped when the state is a whole network."""
+    """Plain encoder keys: prefixes of wrappers removed, heads and decoders dropped when
+    the state is a whole xdtrain network, a torchvision classifier (``fc.*``) dropped."""
     out = {}
     has_encoder = any(k.removeprefix("module.").startswith("encoder.") for k in state)
     for key, value in state.items():
@@ -76,26 +87,37 @@ def load_encoder(encoder: nn.Module, path: str | Path) -> LoadReport:
     """Load encoder weights from ``path`` into ``encoder`` (see the module docstring)."""
     state = encoder_keys(read_state_dict(path))
     own = encoder.state_dict()
+    timm = backbones.is_timm(encoder)
+    classifier = timm_encoders.classifier_prefixes(encoder) if timm else ()
     report = LoadReport(str(path))
     usable = {}
     for key, value in state.items():
         if key not in own:
-            report.unexpected.append(key)
+            if not key.startswith(classifier):  # a classifier the encoder lacks by design
+                report.unexpected.append(key)
             continue
-        if key == "conv1.weight" and value.shape[1] != own[key].shape[1]:
-            value = adapt_first_conv(value, own[key].shape[1])
-            report.adapted.append(key)
         if value.shape != own[key].shape:
-            raise UserError(
-                f"{path}: {key} has shape {tuple(value.shape)}, the model needs "
-                f"{tuple(own[key].shape)}; is it the same ResNet depth as model.name?"
-            )
+            if timm:
+                adapted = timm_encoders.adapt(encoder, key, value, own[key].shape)
+            elif key == "conv1.weight" and value.shape[0] == own[key].shape[0]:
+                adapted = adapt_first_conv(value, own[key].shape[1])
+            else:
+                adapted = None
+            if adapted is None or adapted.shape != own[key].shape:
+                raise UserError(
+                    f"{path}: {key} has shape {tuple(value.shape)}, the model needs "
+                    f"{tuple(own[key].shape)}; is it the same architecture as model.name "
+                    f"({backbones.name_of(encoder)})?"
+                )
+            value = adapted
+            report.adapted.append(key)
         usable[key] = value
     if not usable:
         sample = ", ".join(list(state)[:3]) or "none"
+        expected = ", ".join(list(own)[:2])
         raise UserError(
-            f"{path}: no key matches the encoder (first keys: {sample}); expected torchvision "
-            "ResNet keys such as conv1.weight, layer1.0.conv1.weight"
+            f"{path}: no key matches the {backbones.name_of(encoder)} encoder (first keys: "
+            f"{sample}); expected keys such as {expected}"
         )
     encoder.load_state_dict(usable, strict=False)
     report.loaded = sorted(usable)
@@ -114,13 +136,16 @@ def load_encoder(encoder: nn.Module, path: str | Path) -> LoadReport:
 
 
 def export_encoder(model: nn.Module, path: str | Path) -> Path:
-    """Write the encoder of ``model`` with plain torchvision keys (atomically).
+    """Write the encoder of ``model`` with its library's keys (atomically).
 
     ``torchvision.models.resnet50().load_state_dict(torch.load(path), strict=False)`` then
-    reports only ``fc.weight`` and ``fc.bias`` as missing."""
+    reports only ``fc.weight`` and ``fc.bias`` as missing; for ``timm/<name>``,
+    ``timm.create_model(name, num_classes=0, in_chans=C).load_state_dict(torch.load(path))``
+    loads every key (add ``img_size`` for a fixed-size model trained at another size)."""
     encoder = getattr(model, "encoder", model)
     state = {k: v.detach().cpu().clone() for k, v in encoder.state_dict().items()}
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    if not backbones.is_timm(encoder):
+        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     buffer = io.BytesIO()
     torch.save(state, buffer)
     return atomic_write(Path(path), buffer.getvalue())
