@@ -160,7 +160,7 @@ def test_encoder_sources_fail_in_one_line(tmp_path):
     torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7)}, bad)
     with pytest.raises(UserError, match="not a ResNet"):
         encoder_source(bad)
-    with pytest.raises(ValueError):
+    with pytest.raises(UserError, match="unknown encoder 'resnet99'"):
         encoder_source("random:resnet99")
     assert encoder_source("random:resnet18").weights is None
 
@@ -270,3 +270,35 @@ def test_resuming_may_switch_the_monitor_but_not_change_what_it_scores(tmp_path)
     assert resume(every=2) is False
     with pytest.raises(UserError, match="monitor.bank_samples"):
         resume(bank_samples=7)
+
+
+def test_timm_encoders_are_read_by_the_runs_model_name(packed, tmp_path):
+    """A run of ``timm/<name>``: the architecture comes from the run's config.yaml (timm's
+    keys say nothing of it); stages are its feature levels, then the pooled output."""
+    from xdtrain.models import backbones
+
+    run = tmp_path / "vit_run"
+    run.mkdir()
+    torch.manual_seed(3)
+    net = backbones.build("timm/test_vit", 3, 32)
+    torch.save(net.state_dict(), run / "encoder.pt")
+    (run / "config.yaml").write_text("task: simclr\nmodel:\n  name: timm/test_vit\n")
+    enc = encoder_source(run)
+    assert enc.arch == "timm/test_vit"
+    random = encoder_source("random:timm/test_vit")
+    data = data_of("ft_chestxray8.yaml", packed["chestxray8"])
+    mine, baseline = extract([enc, random], data, "val", samples=6, seed=0, out=tmp_path)
+    assert baseline.name.endswith("_random-timm-test_vit.npz")
+    features = Features.load(mine)
+    assert list(features.stages) == ["blocks.0", "blocks.2", "blocks.3", "blocks.5", "output"]
+    assert features.meta["stages"] == list(features.stages)
+    batch = next(iter(build_loader(data, "val", train=False, sample=6, sample_seed=0)))
+    net.eval()
+    with torch.no_grad():
+        expect = net(batch["image"]).numpy()
+    n = len(expect)  # the first batch
+    np.testing.assert_allclose(features.stages["output"][:n], expect, rtol=1e-5, atol=1e-5)
+    bare = tmp_path / "bare.pt"
+    torch.save(net.state_dict(), bare)
+    with pytest.raises(UserError, match="no run config.yaml beside it names the model"):
+        encoder_source(bare)

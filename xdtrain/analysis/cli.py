@@ -99,12 +99,15 @@ def cmd_cka(args) -> int:
             )  # fmt: skip
             result["figure"] = path.name
             results.append(result)
-            diagonals[name] = result["same_stage"]
-            print(f"{name}: same-stage CKA " + " ".join(f"{v:.3f}" for v in result["same_stage"]))
-    stages = list(loaded[0].stages)
-    figures.cka_diagonals(
-        diagonals, stages, out / "cka_same_stage.png", title="same-stage linear CKA"
-    )
+            if result["stages_a"] == result["stages_b"] == list(loaded[0].stages):
+                diagonals[name] = result["same_stage"]  # encoders of the first's architecture
+            same = " ".join(f"{v:.3f}" for v in result["same_stage"]) or "none (no common stage)"
+            print(f"{name}: same-stage CKA {same}")
+    if diagonals:
+        figures.cka_diagonals(
+            diagonals, list(loaded[0].stages), out / "cka_same_stage.png",
+            title="same-stage linear CKA",
+        )  # fmt: skip
     _write_json(out / "cka.json", {"pairs": results})
     print(f"wrote {out}/cka.json and figures")
     return 0

@@ -13,10 +13,12 @@ or for segmentation data which foreground classes the slice holds (``presence``,
 vector over the classes after background), so that kNN and linear probes can ask a frozen
 encoder whether it sees a tumour in a slice.
 
-An encoder is read with the data's channel count: weights trained on RGB meet a 4-channel
-BraTS slice through the same first-convolution adaptation finetuning uses
-(:func:`xdtrain.models.encoders.adapt_first_conv`), so the features are what finetuning
-starts from.
+Encoders are ResNets (stages stem, layer1-4) or timm backbones (the feature levels a U-Net
+reads, named by their modules, then ``output``, the pooled features;
+:func:`xdtrain.models.backbones.stage_embeddings`). An encoder is read with the data's
+channel count: weights trained on RGB meet a 4-channel BraTS slice through the same
+first-convolution adaptation finetuning uses (:mod:`xdtrain.models.weights`), so the
+features are what finetuning starts from.
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ from xdtrain.config import DataConfig
 from xdtrain.data.batch import label_kind, sample_labels
 from xdtrain.errors import UserError
 from xdtrain.fileio import atomic_write
-from xdtrain.models.encoders import STAGES, build_encoder, encoder_name_of, stage_embeddings
+from xdtrain.models import backbones, parse_name
+from xdtrain.models.encoders import encoder_name_of
 from xdtrain.models.weights import encoder_keys, load_encoder, read_state_dict
 from xdtrain.shards.tar import file_sha256
 
@@ -51,7 +54,7 @@ class Encoder:
     """An encoder to look at: where its weights are, what it is, where its features go."""
 
     label: str  # how tables and figures name it
-    arch: str  # resnet18|34|50
+    arch: str  # resnet18|34|50 or timm/<name>
     weights: Path | None  # None: randomly initialised (seeded), a baseline
     home: Path | None  # features go to <home>/features/; None: the caller's folder
     sha256: str  # of the weights file; "random-<seed>" for an untrained network
@@ -60,11 +63,13 @@ class Encoder:
 def encoder_source(spec: str | Path, seed: int = 0) -> Encoder:
     """The encoder ``spec`` names: a run folder (its ``encoder.pt``), a weights file
     (``encoder.pt``, a run's ``final.pt``/``last.pt``, a torchvision ResNet state dict) or
-    ``random:<resnet18|34|50>`` (untrained, seeded). :class:`UserError` for anything else."""
+    ``random:<resnet18|34|50|timm/name>`` (untrained, seeded). The architecture is the run's
+    ``model.name`` when the weights sit in a run folder, else a ResNet told by its blocks.
+    :class:`UserError` for anything else."""
     text = str(spec)
     if text.startswith(RANDOM):
         arch = text[len(RANDOM) :]
-        build_encoder(arch)  # raises for an unknown name
+        backbones.build(arch)  # raises for an unknown name
         return Encoder(f"random-init {arch}", arch, None, None, f"random-{seed}")
     path = Path(text)
     if path.is_dir():
@@ -86,20 +91,38 @@ def encoder_source(spec: str | Path, seed: int = 0) -> Encoder:
             f"{path}: no such run folder or weights file; pass a run folder, an encoder.pt "
             "or random:resnet18"
         )
-    arch = encoder_name_of(encoder_keys(read_state_dict(weights)))
+    arch = run_backbone(home) or encoder_name_of(encoder_keys(read_state_dict(weights)))
     if arch is None:
-        raise UserError(f"{weights}: not a ResNet-18/34/50 encoder (its layer blocks differ)")
+        raise UserError(
+            f"{weights}: not a ResNet-18/34/50 encoder (its layer blocks differ) and no run "
+            "config.yaml beside it names the model; pass the run folder that wrote it"
+        )
     return Encoder(label, arch, weights, home, file_sha256(weights))
 
 
-def build(encoder: Encoder, channels: int, seed: int = 0) -> torch.nn.Module:
-    """The encoder network with its weights, for ``channels``-channel input, in eval mode."""
+def run_backbone(folder: Path) -> str | None:
+    """The encoder named by ``model.name`` in ``folder/config.yaml`` (a run's), or None."""
+    import yaml  # noqa: PLC0415
+
+    path = folder / "config.yaml"
+    try:
+        name = (yaml.safe_load(path.read_text()) or {}).get("model", {}).get("name")
+        return parse_name(name)[1] if isinstance(name, str) else None
+    except (OSError, yaml.YAMLError, AttributeError, UserError):
+        return None
+
+
+def build(
+    encoder: Encoder, channels: int, seed: int = 0, image_size: int | None = None
+) -> torch.nn.Module:
+    """The encoder network with its weights, for ``channels``-channel input of
+    ``image_size`` px (None: the model's default), in eval mode."""
     if encoder.weights is None:
         with torch.random.fork_rng():
             torch.manual_seed(seed)
-            net = build_encoder(encoder.arch, channels)
+            net = backbones.build(encoder.arch, channels, image_size)
     else:
-        net = build_encoder(encoder.arch, channels)
+        net = backbones.build(encoder.arch, channels, image_size)
         report = load_encoder(net, encoder.weights)
         if report.missing:
             raise UserError(
@@ -190,7 +213,7 @@ def file_name(data: DataConfig, split: str, samples: int | None, seed: int, enc:
     name = f"{Path(shard_folder(data)).resolve().name}_{split}{tier}_{size}_s{seed}"
     name += f"_{data.image_size}px_{data.channels}ch"
     if enc.weights is None:
-        name += f"_random-{enc.arch}"
+        name += f"_random-{enc.arch.replace('/', '-')}"
     elif enc.weights.name not in ("encoder.pt", "final.pt"):
         name += f"_{enc.weights.stem}"
     return name + ".npz"
@@ -234,7 +257,6 @@ def extract(
             "augment": data.augment,
             "fraction": data.fraction if split == "train" else 1.0,
             "decoder": f"{data.backend}-{resolve_device(data.device)}",  # GPU decoding differs
-            "stages": list(STAGES),
             "xdtrain": __version__,
         }
         targets.append(path)
@@ -246,6 +268,7 @@ def extract(
             todo, _run(todo, data, split, samples, seed), strict=True
         ):
             features.meta = meta | {
+                "stages": list(features.stages),
                 "samples": len(features.keys),
                 "label_kind": features.meta["kind"],
             }
@@ -274,23 +297,24 @@ def _run(todo, data: DataConfig, split: str, samples: int | None, seed: int) -> 
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
     shardset = loader.shardset
-    nets = [build(enc, data.channels, seed).to(device) for enc, _, _ in todo]
-    parts: list[list[list[np.ndarray]]] = [[[] for _ in STAGES] for _ in nets]
+    nets = [build(enc, data.channels, seed, data.image_size).to(device) for enc, _, _ in todo]
+    names = [backbones.stage_names(net) for net in nets]
+    parts: list[list[list[np.ndarray]]] = [[[] for _ in stages] for stages in names]
     keys: list[str] = []
     labels: list[np.ndarray] = []
     kind, classes = label_kind(shardset.layout.kind, list(shardset.classes))
     for batch in loader:
         image = batch["image"].to(device, non_blocking=True)
         for net, part in zip(nets, parts, strict=True):
-            for stage, pooled in zip(part, stage_embeddings(net, image), strict=True):
+            for stage, pooled in zip(part, backbones.stage_embeddings(net, image), strict=True):
                 stage.append(pooled.cpu().numpy())
         keys += list(batch["keys"])
         labels.append(sample_labels(batch, kind, len(classes)))
     if not keys:
         raise UserError(f"{shardset.folder}: the {split} split gave no sample")
     out = []
-    for part in parts:
-        stages = {name: np.concatenate(chunks) for name, chunks in zip(STAGES, part, strict=True)}
+    for part, stage_list in zip(parts, names, strict=True):
+        stages = {n: np.concatenate(chunks) for n, chunks in zip(stage_list, part, strict=True)}
         out.append(
             Features(stages, np.array(keys), np.concatenate(labels), classes, {"kind": kind})
         )

@@ -247,14 +247,16 @@ def _task(name: str, task: Task, grid: Grid, out: Path, options: Options) -> tup
             title=f"{name}: {label}" + _seeds(len(results)),
             samples=first["samples"],
         )  # fmt: skip
-        diagonals[label] = [float(matrix[i, i]) for i in range(min(matrix.shape))]
+        if first["stages_a"] == first["stages_b"]:  # one architecture: a diagonal
+            diagonals[label] = [float(matrix[i, i]) for i in range(min(matrix.shape))]
         done["pairs"].append(
             {"pair": label, "seeds": len(results), "matrix": matrix.tolist(), "runs": members,
              "samples": first["samples"], "per_seed": [r["matrix"] for r in results]}
         )  # fmt: skip
         lines.append(f"![{label}]({path.name})")
+    stages = list(next(iter(test.values())).stages)
+    diagonals = {k: v for k, v in diagonals.items() if len(v) == len(stages)}
     if diagonals:
-        stages = list(next(iter(test.values())).stages)
         path = figures.cka_diagonals(
             diagonals, stages, out / f"{_slug('cka_' + name)}_same_stage.png",
             title=f"{name}: same-stage CKA per encoder pair (n = {n} {o.split} samples)",
