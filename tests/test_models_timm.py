@@ -229,6 +229,12 @@ def test_image_sizes_are_checked_in_one_line():
         build("test_maxvit", "classifier", size=72)
     with pytest.raises(UserError, match="'timm/not_a_model' is not a timm model"):
         get_model("timm/not_a_model", num_classes=2)
+    with pytest.raises(UserError, match="timm cannot build 'timm/test_vit.augreg_in21k': Inv"):
+        get_model("timm/test_vit.augreg_in21k", num_classes=2)  # a tag test_vit lacks
+    with pytest.raises(UserError, match="for a U-Net a multiple of 224, e.g. 224"):
+        build("eva02_tiny_patch14_224", "unet", size=256)
+    with pytest.raises(UserError, match="a U-Net on timm/eva02_tiny_patch14_224 needs a multi"):
+        build("eva02_tiny_patch14_224", "unet", size=252)
 
 
 def test_names_and_kinds():
@@ -268,3 +274,49 @@ def test_unet_fits_maps_of_unpadded_backbones_to_their_skips():
     assert out.shape == (2, 3, 96, 96)
     out.mean().backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_weights_of_another_size_go_through_timms_checkpoint_filter(tmp_path):
+    """MaxViT's relative-position tables depend on the image size: timm's own filter
+    resizes them, and the report says which tensors were adapted."""
+    small = build("test_maxvit", "simclr", size=64)
+    path = export_encoder(small, tmp_path / "maxvit64.pt")
+    model = build("test_maxvit", "classifier", size=96, encoder_weights=str(path))
+    report = model.encoder_load_report
+    assert report.missing == [] and report.unexpected == []
+    tables = [k for k in report.loaded if k.endswith("relative_position_bias_table")]
+    assert tables and set(tables) <= set(report.adapted)
+
+
+def test_a_timm_backbone_with_its_own_encoder_module_round_trips(tmp_path):
+    """Qwen3-ViT's top module is called ``encoder``: its file is read as a bare encoder,
+    not stripped as if it were a whole xdtrain network."""
+    from xdtrain.models.classifier import Classifier
+    from xdtrain.models.weights import load_encoder
+
+    def encoder():
+        net = timm.create_model("qwen3_vit_88m", pretrained=False, num_classes=0, depth=1)
+        net.backbone_name = "timm/qwen3_vit_88m"
+        return net
+
+    path = export_encoder(Classifier(encoder(), 768, 2), tmp_path / "encoder.pt")
+    bare = export_encoder(encoder(), tmp_path / "bare.pt")
+    for file in (path, bare):
+        keys = list(torch.load(file, weights_only=True))
+        assert keys == list(encoder().state_dict())  # encoder.pos_embed, ...: timm's keys
+        report = load_encoder(encoder(), file)
+        assert report.missing == [] and report.unexpected == []
+
+
+def test_a_timm_training_checkpoint_loads(tmp_path):
+    """timm's train.py saves ``{"state_dict", "args": argparse.Namespace, ...}``."""
+    import argparse
+
+    trained = timm.create_model("test_convnext", pretrained=False, num_classes=10)
+    torch.save(
+        {"epoch": 3, "state_dict": trained.state_dict(), "args": argparse.Namespace(lr=0.1)},
+        tmp_path / "checkpoint-3.pth.tar",
+    )
+    model = build("test_convnext", "unet", encoder_weights=str(tmp_path / "checkpoint-3.pth.tar"))
+    assert model.encoder_load_report.missing == [] == model.encoder_load_report.unexpected
+    assert torch.equal(model.encoder.stem[0].weight, trained.stem[0].weight)

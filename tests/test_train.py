@@ -288,7 +288,7 @@ def test_timm_backbone_pretrains_then_finetunes_a_unet(packed, tmp_path):
 
     pre, ft = tmp_path / "pre", tmp_path / "ft"
     name = ["--set", "model.name=timm/test_convnext", "--set", "train.epochs=1"]
-    common = ["--set", "data.batch_size=8", "--set", "data.image_size=64", *name]
+    common = ["--set", "data.batch_size=8", "--set", "train.limit_batches=3", *name]
     assert main(args("pt_simclr_imagenet.yaml", packed["imagenet"], pre, *common)) == 0
     reference = timm.create_model("test_convnext", pretrained=False, num_classes=0)
     reference.load_state_dict(torch.load(pre / "encoder.pt", weights_only=True), strict=True)

@@ -11,6 +11,7 @@ them too, and could divide by a zero norm).
 from __future__ import annotations
 
 import math
+from fnmatch import fnmatch
 
 import torch
 from torch import nn
@@ -80,8 +81,9 @@ def is_norm(module: nn.Module) -> bool:
 def no_decay_names(model: nn.Module) -> set[str]:
     """Names of the parameters that get neither weight decay nor LARS adaptation: biases,
     every parameter of a normalisation layer (:func:`is_norm`), every other parameter with
-    at most one dimension, and the names a submodule's ``no_weight_decay()`` returns (timm's
-    convention; a name there may also be a module whose parameters all count)."""
+    at most one dimension, and the names the model's or any submodule's
+    ``no_weight_decay()`` returns (timm's convention, with its wildcards; a name there may
+    also be a module whose parameters all count; XCiT's attention lists its temperature)."""
     names = set()
     for prefix, module in model.named_modules():
         dot = f"{prefix}." if prefix else ""
@@ -90,12 +92,11 @@ def no_decay_names(model: nn.Module) -> set[str]:
             names.update(dot + name for name in own)
         listed = getattr(module, "no_weight_decay", None)
         if callable(listed):
-            for entry in listed():
-                names.update(
-                    name
-                    for name, _ in model.named_parameters()
-                    if name == dot + entry or name.startswith(f"{dot}{entry}.")
-                )
+            patterns = list(listed())
+            for name, _ in module.named_parameters():
+                # timm's rule (fnmatch: "pos_embed.*"), and a module's name for all of it
+                if any(fnmatch(name, p) or name.startswith(f"{p}.") for p in patterns):
+                    names.add(dot + name)
     for name, param in model.named_parameters():
         if param.ndim <= 1 or name.endswith(".bias"):
             names.add(name)

@@ -10,6 +10,8 @@ library's keys; ``encoder.backbone_name`` says which backbone it is (``resnet50`
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -95,8 +97,9 @@ def stage_embeddings(encoder: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
 
 def unet_stride(encoder: nn.Module) -> int:
     """The U-Net's input must be a multiple of this: its deepest map's reduction (32 for a
-    ResNet or a ViT read through the pyramid, whose coarsest level is 1/32)."""
+    ResNet); for a ViT read through the pyramid, a multiple of both its patch size and the
+    pyramid's coarsest level, 1/32 (224 for 14 px patches)."""
     _, levels = feature_levels(encoder)
     if len({level.reduction for level in levels}) == 1:
-        return max(pyramid.REDUCTIONS)
+        return math.lcm(max(pyramid.REDUCTIONS), levels[0].reduction)
     return max(level.reduction for level in levels)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import inspect
 import math
+import sys
 
 import torch
 from torch import nn
@@ -57,34 +58,47 @@ def build_timm_encoder(name: str, in_channels: int = 3, image_size: int | None =
     Raises :class:`UserError` for a name timm does not know or a size the model refuses."""
     timm = _timm()
     arch = name.removeprefix(PREFIX)
+    family = arch.split("_")[0].split(".")[0]
     if not arch or not timm.is_model(arch):
         raise UserError(
-            f'model.name: {name!r} is not a timm model; python -c "import timm; '
-            f"print(timm.list_models('*vit*'))\" lists the names"
+            f"model.name: {name!r} is not a timm model; python -c 'import timm; "
+            f'print(timm.list_models("*{family}*"))\' lists the names'
         )
     kwargs = dict(pretrained=False, num_classes=0, in_chans=in_channels)
-    encoder = timm.create_model(arch, **kwargs)
+    encoder = _create(timm, name, arch, **kwargs)
     default = encoder.pretrained_cfg.get("input_size", (3, 224, 224))[-1]
     size = image_size or default
     if _constructor_takes(encoder, "dynamic_img_size"):
-        encoder = timm.create_model(arch, dynamic_img_size=True, **kwargs)
+        encoder = _create(timm, name, arch, dynamic_img_size=True, **kwargs)
     elif (
         size != default
         and encoder.pretrained_cfg.get("fixed_input_size")
         and _constructor_takes(encoder, "img_size")
     ):
-        encoder = timm.create_model(arch, img_size=size, **kwargs)
+        encoder = _create(timm, name, arch, img_size=size, **kwargs)
     try_size(encoder, name, in_channels, size)
     return encoder
+
+
+def _create(timm, name: str, arch: str, **kwargs) -> nn.Module:
+    """``timm.create_model``; what timm refuses (a pretrained tag it does not know, an
+    argument the model does not take) becomes one line."""
+    try:
+        return timm.create_model(arch, **kwargs)
+    except (RuntimeError, ValueError, TypeError, KeyError, AssertionError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise UserError(f"model.name: timm cannot build {name!r}: {first}") from None
 
 
 def try_size(encoder: nn.Module, name: str, in_channels: int, size: int) -> None:
     """Run ``encoder`` once on a zero ``size`` x ``size`` image: one line if it refuses."""
     patch = _patch_size(encoder)
     if patch and size % patch:
+        unet = math.lcm(patch, 32)
         raise UserError(
             f"data.image_size {size}: {name} cuts images into {patch} px patches; use a "
-            f"multiple of {patch} (e.g. {max(patch, size // patch * patch)})"
+            f"multiple of {patch} (e.g. {max(patch, size // patch * patch)}; for a U-Net a "
+            f"multiple of {unet}, e.g. {max(unet, size // unet * unet)})"
         )
     training = encoder.training
     try:
@@ -193,6 +207,21 @@ def classifier_prefixes(encoder: nn.Module) -> tuple[str, ...]:
     names = encoder.pretrained_cfg.get("classifier") or ()
     names = (names,) if isinstance(names, str) else tuple(names)
     return tuple(f"{n}." for n in names)
+
+
+def timm_filter(encoder: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` through the ``checkpoint_filter_fn`` of the model's timm module, the rules
+    timm applies to a checkpoint of another size (MaxViT's and Swin's relative-position
+    tables to other windows, a ViT's position embeddings); unchanged when the model has
+    none or it fails on this file (the shape check then names the key)."""
+    rule = getattr(sys.modules.get(type(encoder).__module__), "checkpoint_filter_fn", None)
+    if rule is None:
+        return state
+    try:
+        filtered = rule(dict(state), encoder)
+    except Exception:  # written for timm's own files; a foreign layout keeps its tensors
+        return state
+    return filtered if isinstance(filtered, dict) and filtered else state
 
 
 def adapt(encoder: nn.Module, key: str, value: torch.Tensor, shape: torch.Size):

@@ -78,9 +78,10 @@ class UNet(EncoderModel):
             reductions = [level.reduction for level in levels]
             widths = [level.channels for level in levels]
         self.reductions = tuple(reductions)
-        self.stride = max(reductions)
+        self.deepest = max(reductions)
+        self.stride = backbones.unet_stride(encoder)  # inputs are a multiple of it
         skips = dict(zip(reductions, widths, strict=True))
-        blocks, width, reduction = [], skips[self.stride], self.stride
+        blocks, width, reduction = [], skips[self.deepest], self.deepest
         while reduction > 1:
             reduction //= 2
             out = DECODER_CHANNELS.get(reduction, 256)
@@ -97,7 +98,7 @@ class UNet(EncoderModel):
         if self.adapter is not None:
             maps = self.adapter(maps, size)
         by_reduction = dict(zip(self.reductions, maps, strict=True))
-        y, reduction = by_reduction[self.stride], self.stride
+        y, reduction = by_reduction[self.deepest], self.deepest
         for block in self.decoder:
             reduction //= 2
             y = block(y, by_reduction.get(reduction))

@@ -13,8 +13,10 @@ unexpected keys and fails when no key matched, since a silent mismatch (the stud
 
 from __future__ import annotations
 
+import argparse
 import io
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from torch import nn
 from xdtrain.errors import UserError
 from xdtrain.fileio import atomic_write
 from xdtrain.models import backbones, timm_encoders
+from xdtrain.models.base import EncoderModel
 from xdtrain.models.encoders import adapt_first_conv
 
 log = logging.getLogger("xdtrain.models")
@@ -52,14 +55,17 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
             data = load_file(path, device="cpu")
         else:
-            data = torch.load(path, map_location="cpu", weights_only=True)
+            # timm's train.py stores its arguments (an argparse.Namespace) beside the weights
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a truncated zip, a pickle with arbitrary objects, ...
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()  # torch's bold and colours
+        first = text.splitlines()[0] if text else type(exc).__name__
         raise UserError(f"{path}: not a readable weights file ({first[:200]})") from None
     if isinstance(data, dict) and isinstance(data.get("model"), dict):
         data = data["model"]  # a full xdtrain checkpoint
     elif isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
-        data = data["state_dict"]
+        data = data["state_dict"]  # a timm or Lightning training checkpoint (not its EMA)
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise UserError(f"{path}: holds no state dict of tensors")
     return data
@@ -83,13 +89,32 @@ def encoder_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def plain_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Keys with only the wrappers' prefixes (``module.``, ``backbone.``) removed."""
+    return {k.removeprefix("module.").removeprefix("backbone."): v for k, v in state.items()}
+
+
+def matching_keys(state: dict[str, torch.Tensor], own: dict) -> dict[str, torch.Tensor]:
+    """``state`` read as a whole xdtrain network (:func:`encoder_keys`) or as a bare
+    encoder (:func:`plain_keys`), whichever names more of the encoder's ``own`` keys: a timm
+    backbone may itself hold a module named ``encoder`` (Qwen3-ViT), whose file a
+    whole-network reading would strip."""
+    whole, bare = encoder_keys(state), plain_keys(state)
+    return max((whole, bare), key=lambda keys: sum(k in own for k in keys))
+
+
 def load_encoder(encoder: nn.Module, path: str | Path) -> LoadReport:
     """Load encoder weights from ``path`` into ``encoder`` (see the module docstring)."""
-    state = encoder_keys(read_state_dict(path))
     own = encoder.state_dict()
+    state = matching_keys(read_state_dict(path), own)
     timm = backbones.is_timm(encoder)
-    classifier = timm_encoders.classifier_prefixes(encoder) if timm else ()
     report = LoadReport(str(path))
+    if timm:
+        before, state = state, timm_encoders.timm_filter(encoder, state)
+        report.adapted += [
+            k for k, v in state.items() if k in before and before[k].shape != v.shape
+        ]
+    classifier = timm_encoders.classifier_prefixes(encoder) if timm else ()
     usable = {}
     for key, value in state.items():
         if key not in own:
@@ -107,10 +132,11 @@ def load_encoder(encoder: nn.Module, path: str | Path) -> LoadReport:
                 raise UserError(
                     f"{path}: {key} has shape {tuple(value.shape)}, the model needs "
                     f"{tuple(own[key].shape)}; is it the same architecture as model.name "
-                    f"({backbones.name_of(encoder)})?"
+                    f"({backbones.name_of(encoder)}), built for the same image size?"
                 )
             value = adapted
-            report.adapted.append(key)
+            if key not in report.adapted:
+                report.adapted.append(key)
         usable[key] = value
     if not usable:
         sample = ", ".join(list(state)[:3]) or "none"
@@ -142,7 +168,7 @@ def export_encoder(model: nn.Module, path: str | Path) -> Path:
     reports only ``fc.weight`` and ``fc.bias`` as missing; for ``timm/<name>``,
     ``timm.create_model(name, num_classes=0, in_chans=C).load_state_dict(torch.load(path))``
     loads every key (add ``img_size`` for a fixed-size model trained at another size)."""
-    encoder = getattr(model, "encoder", model)
+    encoder = model.encoder if isinstance(model, EncoderModel) else model
     state = {k: v.detach().cpu().clone() for k, v in encoder.state_dict().items()}
     if not backbones.is_timm(encoder):
         state = {k: v for k, v in state.items() if not k.startswith("fc.")}
