@@ -97,3 +97,24 @@ def test_scheduler_steps_per_iteration():
         optimiser.step()
         scheduler.step()
     assert lrs == [1.0, 1.0, 0.5, 0.5, 0.25, 0.25]
+
+
+def test_any_norm_class_is_left_out_whatever_its_parameters_shape():
+    """A normalisation layer known only by its class name (LayerNorm2d, GroupNorm1, a 2-D
+    scale) gets neither decay nor adaptation; a plain layer's 2-D weight does."""
+    from xdtrain.optim import is_norm, no_decay_names
+
+    class ScaleNorm2d(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.ones(4, 4))
+
+    class GroupNorm1(ScaleNorm2d):
+        pass
+
+    class Mixer(ScaleNorm2d):
+        pass
+
+    model = torch.nn.Sequential(ScaleNorm2d(), GroupNorm1(), Mixer(), torch.nn.Linear(4, 4))
+    assert [is_norm(m) for m in model] == [True, True, False, False]
+    assert no_decay_names(model) == {"0.scale", "1.scale", "3.bias"}

@@ -74,7 +74,7 @@ def is_norm(module: nn.Module) -> bool:
     norms = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
     if isinstance(module, norms):
         return True
-    name = type(module).__name__.rstrip("0123456789").removesuffix("d")
+    name = type(module).__name__.removesuffix("d").rstrip("0123456789")
     return name.endswith("Norm")
 
 
