@@ -211,8 +211,8 @@ def classifier_prefixes(encoder: nn.Module) -> tuple[str, ...]:
 
 def timm_filter(encoder: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``state`` through the ``checkpoint_filter_fn`` of the model's timm module, the rules
-    timm applies to a checkpoint of another size (MaxViT's and Swin's relative-position
-    tables to other windows, a ViT's position embeddings); unchanged when the model has
+    timm applies to a checkpoint of another size (MaxViT's relative-position tables to
+    other windows, a ViT's position embeddings); unchanged when the model has
     none or it fails on this file (the shape check then names the key)."""
     rule = getattr(sys.modules.get(type(encoder).__module__), "checkpoint_filter_fn", None)
     if rule is None:
