@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from xdtrain.errors import UserError
+from xdtrain.errors import UserError, first_line
 from xdtrain.fileio import atomic_write
 
 
@@ -65,8 +65,7 @@ def load(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise UserError(
-            f"{path}: damaged checkpoint ({first[:160]}); delete it to restart from the one "
-            "before, or start over with --force"
+            f"{path}: damaged checkpoint ({first_line(exc, 160)}); delete it to restart from "
+            "the one before, or start over with --force"
         ) from None

@@ -8,8 +8,19 @@ continue.
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Callable
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")  # the bold and colours torch puts in some messages
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first line of ``exc``'s message, without terminal colours, at most ``limit``
+    characters; the exception's type name when the message is empty. For the parenthesis
+    of a one-line :class:`UserError` that wraps a library's exception."""
+    text = _ANSI.sub("", str(exc)).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:limit]
 
 
 class UserError(Exception):

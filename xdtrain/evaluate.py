@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     from xdtrain import checkpoint, provenance
     from xdtrain.config import load_config
     from xdtrain.data import build_loader
-    from xdtrain.errors import UserError
+    from xdtrain.errors import UserError, first_line
     from xdtrain.fileio import atomic_write
     from xdtrain.models import get_model
     from xdtrain.shards.tar import file_sha256
@@ -258,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model.load_state_dict(state["model"])
     except (RuntimeError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0][:160]
+        first = first_line(exc, 160)
         raise UserError(f"{path}: does not fit the run's {config.model.name} ({first})") from None
     model.to(world.device)
     if config.train.channels_last:

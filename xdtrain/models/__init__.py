@@ -24,8 +24,9 @@ from xdtrain.models.timm_encoders import PREFIX as TIMM
 from xdtrain.models.unet import UNet, check_unet_encoder
 from xdtrain.models.weights import LoadReport, export_encoder, load_encoder
 
-__all__ = ["get_model", "MODELS", "KINDS", "parse_name", "export_encoder", "load_encoder"]
-__all__ += ["LoadReport"]
+__all__ = [
+    "get_model", "MODELS", "KINDS", "parse_name", "export_encoder", "load_encoder", "LoadReport",
+]  # fmt: skip
 
 MODELS = sorted([*ENCODERS, *(f"unet_{e}" for e in ENCODERS), *(f"simclr_{e}" for e in ENCODERS)])
 KINDS = ("classifier", "simclr", "unet")

@@ -28,7 +28,7 @@ import sys
 import torch
 from torch import nn
 
-from xdtrain.errors import UserError
+from xdtrain.errors import UserError, first_line
 from xdtrain.models.base import Level
 
 PREFIX = "timm/"
@@ -86,8 +86,7 @@ def _create(timm, name: str, arch: str, **kwargs) -> nn.Module:
     try:
         return timm.create_model(arch, **kwargs)
     except (RuntimeError, ValueError, TypeError, KeyError, AssertionError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise UserError(f"model.name: timm cannot build {name!r}: {first}") from None
+        raise UserError(f"model.name: timm cannot build {name!r}: {first_line(exc)}") from None
 
 
 def try_size(encoder: nn.Module, name: str, in_channels: int, size: int) -> None:
@@ -105,7 +104,7 @@ def try_size(encoder: nn.Module, name: str, in_channels: int, size: int) -> None
         with torch.no_grad():
             encoder.eval()(torch.zeros(1, in_channels, size, size))
     except Exception as exc:  # timm's asserts and shape errors, whatever the family
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        first = first_line(exc, 160)
         default = encoder.pretrained_cfg.get("input_size", (3, 224, 224))[-1]
         raise UserError(
             f"data.image_size {size}: {name} does not take {size} x {size} images ({first}); "

@@ -16,14 +16,13 @@ from __future__ import annotations
 import argparse
 import io
 import logging
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from xdtrain.errors import UserError
+from xdtrain.errors import UserError, first_line
 from xdtrain.fileio import atomic_write
 from xdtrain.models import backbones, timm_encoders
 from xdtrain.models.base import EncoderModel
@@ -59,9 +58,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             with torch.serialization.safe_globals([argparse.Namespace]):
                 data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a truncated zip, a pickle with arbitrary objects, ...
-        text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()  # torch's bold and colours
-        first = text.splitlines()[0] if text else type(exc).__name__
-        raise UserError(f"{path}: not a readable weights file ({first[:200]})") from None
+        raise UserError(f"{path}: not a readable weights file ({first_line(exc)})") from None
     if isinstance(data, dict) and isinstance(data.get("model"), dict):
         data = data["model"]  # a full xdtrain checkpoint
     elif isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
