@@ -132,7 +132,8 @@ def effects(argv: list[str], root: Path) -> tuple[set[Path], set[Path]]:
         argv = ["xd-train", *argv[argv.index("xdtrain.train") + 1 :]]
     elif argv[0] == "python":  # python -m xdtrain.config / xdtrain.data CONFIG: reads its data
         config = [a for a in argv[3:] if a.endswith(".yaml")][:1]
-        reads, _ = effects(["xd-train", *config, "--print-config"], root) if config else ({}, {})
+        none: tuple[set, set] = (set(), set())
+        reads, _ = effects(["xd-train", *config, "--print-config"], root) if config else none
         return {(root / c).resolve() for c in config} | set(reads), set()
     found = queue_effects(argv, root, "docs")
     reads, writes = set(found.reads), set(found.writes) | set(found.touches)

@@ -88,8 +88,7 @@ def grid_on_slurm(slurm, packed, tmp_path_factory):
       through, ``requeued`` gets ``scontrol requeue`` in the middle of its second epoch (held
       with SIGSTOP while Slurm is asked, so that the signal lands mid-epoch).
 
-    Returns the folder, the jobs file, the commands by name, the queue's output and the
-    requeued job's id."""
+    Returns the folder, the jobs file, the commands by name and the requeued job's id."""
     root = tmp_path_factory.mktemp("grid_on_slurm")
     runs = root / "runs"
     once = ("train.epochs=2", "train.deterministic=true", "train.log_every=1")

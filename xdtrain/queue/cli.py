@@ -65,7 +65,11 @@ def _queue_parser() -> argparse.ArgumentParser:
     slurm.add_argument("--account")
     slurm.add_argument("--qos")
     slurm.add_argument(
-        "--gpus-per-job", type=int, default=None, help="GPUs on each node of a job (default 0)"
+        "--gpus-per-job",
+        type=int,
+        default=None,
+        help="GPUs per node of an xd-train job; xd-eval and xd-analyze get at most 1, other "
+        "programs none (default 0)",
     )
     slurm.add_argument(
         "--nodes",

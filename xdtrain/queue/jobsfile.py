@@ -204,6 +204,20 @@ def queue_options(argv: list[str], path: Path, number: int):
     return kept, after, slurm
 
 
+def alive(pid: int, program: str) -> bool:
+    """Whether process ``pid`` runs ``program`` (not a reused pid of another program)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return False
+    return program in cmdline
+
+
+def announce(line: Line) -> None:
+    """Say that a job ended: ``done: line 7: xd-train …`` or ``failed: line 7: …``."""
+    print(f"{line.status.split(':')[0]}: line {line.number}: {line.command}", flush=True)
+
+
 def executable(name: str) -> str:
     """The ``xd-*`` program beside this Python, else on PATH."""
     beside = Path(sys.executable).with_name(name)

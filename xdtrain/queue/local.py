@@ -20,6 +20,8 @@ from pathlib import Path
 from xdtrain.errors import UserError
 from xdtrain.queue.jobsfile import (
     Line,
+    alive,
+    announce,
     check_programs,
     done_word,
     executable,
@@ -91,9 +93,7 @@ def run_jobs(path: Path, lines: list[Line], waits: dict[int, set[int]], gpus, lo
                     line.status = f"failed: {log_path(logs, line)}"
                     failed.add(line.number)
                 save(lines)
-                print(
-                    f"{line.status.split(':')[0]}: line {line.number}: {line.command}", flush=True
-                )
+                announce(line)
             time.sleep(0.2)
     except KeyboardInterrupt:
         for proc in running:
@@ -155,15 +155,6 @@ def stop_leftover(line: Line, grace: float = 10.0) -> None:
         time.sleep(0.1)
     _signal_group(pid, signal.SIGKILL)
     time.sleep(0.2)
-
-
-def alive(pid: int, program: str) -> bool:
-    """Whether process ``pid`` runs ``program`` (not a reused pid of another program)."""
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except OSError:
-        return False
-    return program in cmdline
 
 
 def _die_with_parent() -> None:

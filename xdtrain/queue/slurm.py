@@ -20,8 +20,8 @@ checkpoint and exits, and the job is requeued (``scontrol requeue``). On preempt
 checkpoint and exits, Slurm puts the job back in the queue. A requeued job runs its command with
 ``--resume`` and continues from the checkpoint.
 
-A job on ``--nodes N`` (or with more than one GPU) runs ``torchrun`` on every node through one
-``srun`` task per node, the rendezvous taken from the SLURM_* environment
+An ``xd-train`` job on ``--nodes N`` (or with more than one GPU) runs ``torchrun`` on every
+node through one ``srun`` task per node, the rendezvous taken from the SLURM_* environment
 (:mod:`xdtrain.queue.slurm_job`); what each job asks for is :mod:`xdtrain.queue.slurm_options`.
 """
 
@@ -38,8 +38,16 @@ from pathlib import Path
 from xdtrain.errors import Interrupted, UserError
 from xdtrain.fileio import atomic_write
 from xdtrain.queue.accounting import ACTIVE, Accounting, JobState
-from xdtrain.queue.jobsfile import Line, check_programs, done_word, jobs, resumed, writer
-from xdtrain.queue.local import alive
+from xdtrain.queue.jobsfile import (
+    Line,
+    alive,
+    announce,
+    check_programs,
+    done_word,
+    jobs,
+    resumed,
+    writer,
+)  # fmt: skip
 from xdtrain.queue.slurm_job import XdJob
 from xdtrain.queue.slurm_options import (
     NO_LIMIT,
@@ -341,9 +349,7 @@ def follow(path, lines, folder, accounting, options, save) -> int:
                 else:
                     line.status = f"failed: {log_of(folder, line.slurm_id)}"
                 changed = True
-                print(
-                    f"{line.status.split(':')[0]}: line {line.number}: {line.command}", flush=True
-                )
+                announce(line)
             if changed:
                 save()
             if any(line.slurm_id for line in jobs(lines)):

@@ -11,10 +11,9 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 from xdtrain.errors import UserError
-from xdtrain.queue.jobsfile import resumed
+from xdtrain.queue.jobsfile import executable, resumed
 
 
 def launch(argv: list[str], nodes: int, procs: int, env: dict[str, str]) -> list[str]:
@@ -22,7 +21,7 @@ def launch(argv: list[str], nodes: int, procs: int, env: dict[str, str]) -> list
     with ``nodes × procs`` > 1, ``torchrun`` with one process per GPU of the node. Node rank
     ``SLURM_NODEID``; the rendezvous at the job's first node (``SLURM_JOB_NODELIST``) on a port
     derived from ``SLURM_JOB_ID``, so two jobs sharing a node do not collide."""
-    program = str(Path(sys.executable).with_name(argv[0]))
+    program = executable(argv[0])  # beside this Python, else on PATH, as the queue checked
     if argv[0] != "xd-train" or nodes * procs == 1:
         return [program, *argv[1:]]
     torchrun = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={procs}"]

@@ -19,7 +19,7 @@ class SlurmOptions:
     partition: str | None = None
     account: str | None = None
     qos: str | None = None
-    gpus_per_job: int = 0  # GPUs on each node of a job
+    gpus_per_job: int = 0  # per node of an xd-train job; xd-eval/xd-analyze at most 1 (job_gpus)
     nodes: int = 1
     cpus_per_gpu: int | None = None  # CPUs per GPU; the job's CPUs when it has no GPU
     mem: str | None = None  # per node, as sbatch takes it: 64G

@@ -10,8 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from xdtrain.queue.accounting import Accounting
-from xdtrain.queue.jobsfile import Line, jobs
-from xdtrain.queue.local import alive, log_path
+from xdtrain.queue.jobsfile import Line, alive, jobs
+from xdtrain.queue.local import log_path
 from xdtrain.queue.slurm import History, log_of
 
 
