@@ -394,3 +394,82 @@ def test_incomplete_cases_lists_volumes_scored_with_missing_slices():
         complete.update(
             zeros[:1], zeros[:1], torch.tensor([4]), torch.tensor([0]), torch.tensor([3])
         )
+
+
+def _monai_hd95(pred: np.ndarray, target: np.ndarray, spacing) -> tuple[float, float]:
+    """MONAI's HD95 of two 3-D boolean masks with voxel ``spacing`` (mm per axis), twice:
+    the 95th percentiles of MONAI's own surface distances (``get_edge_surface_distance``, a
+    KD-tree over edge voxels, float32) taken in float64, and ``compute_hausdorff_distance``,
+    which takes them with ``torch.quantile`` in float32: its interpolation position, rounded
+    to float32, moves the value by up to ~4e-6 relative on a few thousand distances."""
+    from monai.metrics import compute_hausdorff_distance
+    from monai.metrics.utils import get_edge_surface_distance
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # MONAI's warnings on empty masks
+        _, distances, _ = get_edge_surface_distance(
+            torch.tensor(pred), torch.tensor(target), spacing=spacing, symmetric=True
+        )
+        value = compute_hausdorff_distance(
+            torch.tensor(pred[None, None]),
+            torch.tensor(target[None, None]),
+            include_background=True,
+            percentile=95,
+            spacing=spacing,
+        )
+    exact = max(float(np.percentile(d.numpy().astype(np.float64), 95)) for d in distances)
+    return exact, float(value)
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("spacing", [(2.5, 0.8, 1.1), (1.0, 3.0, 0.45)])
+def test_hd95_in_mm_equals_monai_with_anisotropic_spacing(seed, spacing):
+    rng = np.random.default_rng(seed)
+    shape = [(7, 20, 18), (12, 16, 30), (5, 9, 11)][seed % 3]
+    if seed < 3:  # blobs: surfaces with interiors
+        pred = ndimage.binary_opening(rng.random(shape) < 0.5)
+        target = ndimage.binary_opening(rng.random(shape) < 0.5)
+    else:  # small structures away from the border: the crop to their bounding box counts
+        pred, target = np.zeros(shape, bool), np.zeros(shape, bool)
+        pred[1:3, 2:5, 3:6] = True
+        target[2:4, 4:8, 1:4] = True
+        target[rng.integers(0, shape[0]), rng.integers(0, shape[1]), rng.integers(0, shape[2])] = 1
+    exact, reference = _monai_hd95(pred, target, spacing)
+    assert hd95(pred, target, spacing) == pytest.approx(exact, rel=1e-6)
+    assert hd95(pred, target, spacing) == pytest.approx(reference, rel=1e-5)
+    assert hd95(target, pred, spacing) == pytest.approx(exact, rel=1e-6)  # symmetric
+    assert hd95(pred, target, (1, 1, 1)) == hd95(pred, target)  # voxels: unit spacing
+
+
+def test_hd95_refuses_a_spacing_that_does_not_fit():
+    mask = np.ones((2, 3, 3), bool)
+    for spacing in ((1.0, 1.0), (1.0, 0.0, 1.0), (1.0, float("nan"), 1.0)):
+        with pytest.raises(ValueError, match="positive voxel sizes in mm"):
+            hd95(mask, mask, spacing)
+    with pytest.raises(ValueError, match="masks of shapes"):
+        hd95(mask, mask[:1])
+
+
+def test_per_case_hd95_in_mm_equals_monai_with_each_cases_spacing():
+    """Slices fed shuffled and padded; each case's volume (slice, row, column) scored with its
+    own spacing, as the shard manifest stores it."""
+    cases = _cases(LITS_REGIONS, 2, shape=(33, 40))
+    spacing = {c: (1.0 + 0.5 * i, 0.7, 0.9 - 0.1 * i) for i, c in enumerate(cases)}
+    metric = SegmentationMetrics(LITS_REGIONS, hd95=True, spacing=spacing)
+    _feed(metric, cases, size=(40, 40))
+    regions = metric.compute()["regions"]
+    checked = 0
+    for name, labels in LITS_REGIONS.items():
+        for case, (pred, target) in cases.items():
+            ours = regions[name]["hd95_cases"][case]
+            p, t = np.isin(pred, labels), np.isin(target, labels)
+            if p.any() and t.any():
+                exact, reference = _monai_hd95(p, t, spacing[case])
+                assert ours == pytest.approx(exact, rel=1e-6)
+                assert ours == pytest.approx(reference, rel=1e-5)
+                checked += 1
+    assert checked >= 10
+    short = SegmentationMetrics(LITS_REGIONS, hd95=True, spacing={11: (1.0, 1.0, 1.0)})
+    _feed(short, cases)
+    with pytest.raises(ValueError, match="no voxel spacing given"):
+        short.compute()

@@ -17,11 +17,12 @@ out of the means (the count of classes averaged is reported).
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score
 
 from xdtrain.distributed import gather_objects, sum_tensor
 
@@ -52,7 +53,7 @@ class MultiLabelAUROC:
 
     ``mean`` averages the classes in ``findings`` (ChestX-ray8: the 14 findings, without
     ``No Finding``); ``mean_all`` every class, for comparison with the study, which averaged
-    ``No Finding`` in."""
+    ``No Finding`` in. ``left_out`` names each class ``mean`` did not average and why."""
 
     def __init__(self, names: list[str], findings: int | None = None):
         self.names = list(names)
@@ -65,6 +66,8 @@ class MultiLabelAUROC:
         self.targets.append(targets.detach().cpu().numpy().astype(np.int8))
 
     def compute(self) -> dict:
+        from sklearn.metrics import roc_auc_score  # here: its import takes ~2 s of a start
+
         parts = gather_objects((self.scores, self.targets))
         scores = np.concatenate([s for p in parts for s in p[0]] or [np.zeros((0, 0))])
         targets = np.concatenate([t for p in parts for t in p[1]] or [np.zeros((0, 0))])
@@ -78,8 +81,14 @@ class MultiLabelAUROC:
         values = list(per_class.values())
         findings = [v for v in values[: self.findings] if not np.isnan(v)]
         every = [v for v in values if not np.isnan(v)]
+        reasons = {n: "not a finding" for n in self.names[self.findings :]}
+        for name, value in per_class.items():
+            if np.isnan(value):
+                reasons.setdefault(name, "one label only")
+        left_out = [f"{n} ({reasons[n]})" for n in self.names if n in reasons]
         return {
             "auroc": per_class,
+            "left_out": left_out,
             "mean": float(np.mean(findings)) if findings else float("nan"),
             "mean_all": float(np.mean(every)) if every else float("nan"),
             "classes_averaged": len(findings),
@@ -109,17 +118,26 @@ class SegmentationMetrics:
     ``regions`` maps a name to the labels it contains (BraTS: WT = {1, 2, 3}, TC = {1, 3},
     ET = {3}; LiTS: liver = {1, 2}, tumour = {2}). Per-case scores are those of the 3-D
     volume made of all the case's slices, wherever (batch, rank) they were scored; ``hd95``
-    rebuilds the volumes from ``slice`` indices and adds the 95th-percentile Hausdorff
-    distance in voxels (:func:`hd95`).
+    rebuilds the volumes from ``slice`` indices (axes: slice, row, column) and adds the
+    95th-percentile Hausdorff distance (:func:`hd95`): in mm when ``spacing`` maps every
+    case id to its voxel size ``(slice, row, column)`` in mm (the shard manifest's
+    ``preprocessing.case_spacing_mm``), in voxels when ``spacing`` is None. ``compute``
+    raises ValueError when a case scored has no spacing there.
 
     Target pixels of -1 are padding, not pixels: they count in no region, whatever the
     prediction says there. When ``update`` gets ``slices`` (the number of slices of each
     sample's case volume) with ``slice_index``, ``compute`` also lists the cases scored with
     fewer distinct slices than their volume has (``incomplete_cases``)."""
 
-    def __init__(self, regions: dict[str, tuple[int, ...]], hd95: bool = False):
+    def __init__(
+        self,
+        regions: dict[str, tuple[int, ...]],
+        hd95: bool = False,
+        spacing: Mapping[int, Sequence[float]] | None = None,
+    ):
         self.regions = {name: tuple(labels) for name, labels in regions.items()}
         self.hd95 = hd95
+        self.spacing = None if spacing is None else {int(c): s for c, s in spacing.items()}
         self.cases: dict[int, np.ndarray] = defaultdict(lambda: np.zeros((len(regions), 3)))
         # case -> slice index -> (pred, target) label maps, for hd95
         self.volumes: dict[int, dict[int, tuple[np.ndarray, np.ndarray]]] = defaultdict(dict)
@@ -171,7 +189,11 @@ class SegmentationMetrics:
 
     def compute(self) -> dict:
         """``{"cases": n, "regions": {name: scores}}``, plus ``incomplete_cases`` (sorted
-        case ids) when slice counts were given; the same on every rank."""
+        case ids) and ``slices_scored`` (case id -> distinct slices scored) when slice counts
+        were given; the same on every rank. Per region: ``all_pixels`` and ``<metric>_per_case``
+        (means), ``dice_cases`` and ``scores_cases`` (case id -> Dice, or -> the four
+        scores), with ``hd95``: ``hd95_per_case`` (mean of the finite ones) and
+        ``hd95_cases``."""
         merged: dict[int, np.ndarray] = defaultdict(lambda: np.zeros((len(self.regions), 3)))
         parts = gather_objects((dict(self.cases), dict(self.seen), self.depth))
         for counts_part, _, _ in parts:
@@ -180,7 +202,8 @@ class SegmentationMetrics:
         result: dict = {"cases": len(merged), "regions": {}}
         names = list(self.regions)
         total = sum(merged.values()) if merged else np.zeros((len(names), 3))
-        distances = self._hd95(names) if self.hd95 else {}
+        depths = {c: n for _, _, part in parts for c, n in part.items()}
+        distances = self._hd95(names, depths) if self.hd95 else {}
         for r, name in enumerate(names):
             per_case = [overlap_scores(*merged[c][r]) for c in sorted(merged)]
             entry = {"all_pixels": overlap_scores(*total[r])}
@@ -190,6 +213,7 @@ class SegmentationMetrics:
             entry["dice_cases"] = {
                 int(c): s["dice"] for c, s in zip(sorted(merged), per_case, strict=True)
             }
+            entry["scores_cases"] = dict(zip(map(int, sorted(merged)), per_case, strict=True))
             if distances:
                 finite = [d for d in distances[name].values() if np.isfinite(d)]
                 entry["hd95_per_case"] = float(np.mean(finite)) if finite else float("nan")
@@ -198,21 +222,40 @@ class SegmentationMetrics:
         incomplete = _incomplete_cases([(seen, depth) for _, seen, depth in parts])
         if incomplete is not None:
             result["incomplete_cases"] = incomplete
+            scored: dict[int, set[int]] = defaultdict(set)
+            for _, seen, _ in parts:
+                for case, indices in seen.items():
+                    scored[int(case)] |= indices
+            result["slices_scored"] = {c: len(scored[c]) for c in sorted(scored)}
         return result
 
-    def _hd95(self, names: list[str]) -> dict[str, dict[int, float]]:
+    def _hd95(self, names: list[str], depths: dict[int, int]) -> dict[str, dict[int, float]]:
+        """HD95 per region and case; NaN for a case whose volume lacks slices (its depth
+        known from ``slices``, or a gap in its indices): surface distances across a missing
+        slice would be understated."""
         volumes: dict[int, dict[int, tuple]] = defaultdict(dict)
         for part in gather_objects(dict(self.volumes)):
             for case, slices in part.items():
                 volumes[case].update(slices)
         out: dict[str, dict[int, float]] = {name: {} for name in names}
         for case, slices in volumes.items():
+            spacing = None
+            if self.spacing is not None:
+                spacing = self.spacing.get(int(case))
+                if spacing is None:
+                    raise ValueError(f"case {case}: no voxel spacing given for its HD95")
             order = sorted(slices)
+            whole = range(depths.get(int(case), order[-1] + 1))
+            if order != list(whole):
+                for name in names:
+                    out[name][int(case)] = float("nan")
+                continue
             pred = np.stack([slices[s][0] for s in order])
             target = np.stack([slices[s][1] for s in order])
             for name in names:
                 labels = list(self.regions[name])
-                out[name][int(case)] = hd95(np.isin(pred, labels), np.isin(target, labels))
+                distance = hd95(np.isin(pred, labels), np.isin(target, labels), spacing)
+                out[name][int(case)] = distance
         return out
 
 
@@ -245,30 +288,58 @@ def _incomplete_cases(parts: list[tuple[dict, dict]]) -> list[int] | None:
     return sorted(int(c) for c, n in depth.items() if len(seen[c] & set(range(n))) < n)
 
 
-def hd95(pred: np.ndarray, target: np.ndarray) -> float:
-    """95th-percentile Hausdorff distance of two boolean masks, in voxels (unit spacing).
+def hd95(pred: np.ndarray, target: np.ndarray, spacing: Sequence[float] | None = None) -> float:
+    """95th-percentile Hausdorff distance of two boolean masks of one shape, in millimetres
+    when ``spacing`` gives the voxel size along each axis (mm, in the arrays' axis order: a
+    rebuilt volume's slice, row, column), else in voxels (unit spacing).
 
-    MONAI's definition (``monai.metrics.compute_hausdorff_distance(percentile=95)``): the
-    surface of a mask is its voxels that binary erosion (6-connected in 3-D, outside the
-    array counts as background) removes; each directed distance set holds, for every
-    surface voxel of one mask, the Euclidean distance to the nearest surface voxel of the
-    other; the result is the larger of the two sets' 95th percentiles (linear
-    interpolation). medpy instead pools both sets before taking the percentile. 0 when both
-    masks are empty, inf when exactly one is (MONAI: NaN or inf)."""
+    MONAI's definition (``monai.metrics.compute_hausdorff_distance(percentile=95,
+    spacing=...)``): the surface of a mask is its voxels that binary erosion (6-connected in
+    3-D, outside the array counts as background) removes; each directed distance set holds,
+    for every surface voxel of one mask, the Euclidean distance (scipy's
+    ``distance_transform_edt`` with ``sampling=spacing``) to the nearest surface voxel of the
+    other; the result is the larger of the two sets' 95th percentiles (linear interpolation).
+    medpy instead pools both sets before taking the percentile. 0 when both masks are empty,
+    inf when exactly one is (MONAI: NaN or inf). Both masks are cropped to the bounding box
+    of their union (a voxel of margin, within the array) first: every surface voxel and every
+    nearest one lies inside it, so the distances are exact, and much cheaper on volumes whose
+    structures are small. Raises ValueError when the shapes differ or ``spacing`` has another
+    length or a value that is not a positive finite number."""
     from scipy import ndimage
 
+    pred, target = np.asarray(pred, bool), np.asarray(target, bool)
+    if pred.shape != target.shape:
+        raise ValueError(f"hd95: masks of shapes {pred.shape} and {target.shape}")
+    if spacing is not None:
+        spacing = tuple(float(s) for s in spacing)
+        if len(spacing) != pred.ndim or not all(math.isfinite(s) and s > 0 for s in spacing):
+            raise ValueError(
+                f"hd95: spacing {spacing} is not {pred.ndim} positive voxel sizes in mm"
+            )
     if not pred.any() and not target.any():
         return 0.0
     if not pred.any() or not target.any():
         return float("inf")
+    box = _bounding_box(pred | target, margin=1)
+    pred, target = pred[box], target[box]
 
     def surface(mask):
         return mask & ~ndimage.binary_erosion(mask)
 
     sp, st = surface(pred), surface(target)
-    to_target = ndimage.distance_transform_edt(~st)[sp]
-    to_pred = ndimage.distance_transform_edt(~sp)[st]
+    to_target = ndimage.distance_transform_edt(~st, sampling=spacing)[sp]
+    to_pred = ndimage.distance_transform_edt(~sp, sampling=spacing)[st]
     return float(max(np.percentile(to_target, 95), np.percentile(to_pred, 95)))
+
+
+def _bounding_box(mask: np.ndarray, margin: int) -> tuple[slice, ...]:
+    """The smallest box holding every True voxel of ``mask`` (one at least), grown by
+    ``margin`` voxels on each side where the array allows."""
+    box = []
+    for axis in range(mask.ndim):
+        hits = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        box.append(slice(max(hits[0] - margin, 0), min(hits[-1] + 1 + margin, mask.shape[axis])))
+    return tuple(box)
 
 
 # classes, then the regions each challenge ranks by

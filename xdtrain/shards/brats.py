@@ -10,7 +10,10 @@ Sample ``BraTS20_Training_001_075`` (case, slice index)::
 
 Every file is brought to the LPS voxel orientation from its affine, and a case is packed
 only when its five files agree in world space (or, with ``--geometry image``, every file
-takes the flair's affine); see :mod:`xdtrain.shards.orientation`.
+takes the flair's affine); see :mod:`xdtrain.shards.orientation`. Slices are stored at the
+file's own voxel grid (never resampled); the manifest's ``preprocessing.case_spacing_mm``
+holds each case's voxel size in mm, in the order of ``cases`` and of a rebuilt volume's axes
+(slice, PNG row, PNG column: LPS axes 2, 1, 0), from the flair's affine, for HD95 in mm.
 
 Intensities are clipped per volume and modality to robust percentiles of the brain voxels
 (0.5–99.5 by default) and scaled to the full 8- or 16-bit range; outside the brain stays 0.
@@ -119,6 +122,7 @@ def scan(src: Path, options: dict) -> Scan:
             notes.append({"input": rel(renamed, src), "note": note})
         notes += [{"input": where, "note": note} for note in headers.notes]
         original[case] = headers.image.codes
+        spacing = headers.image.spacing  # mm along LPS axes 0, 1, 2
         sources.append(
             Source(
                 key=case,
@@ -130,6 +134,7 @@ def scan(src: Path, options: dict) -> Scan:
                     "transforms": headers.transforms(),
                     "reoriented": headers.reoriented,
                     "grade": grades.get(case, ""),
+                    "spacing_mm": _volume_spacing(spacing),
                 },
             )
         )
@@ -143,6 +148,7 @@ def scan(src: Path, options: dict) -> Scan:
         "slice_selection": SLICE_SELECTION,
         "label_map": {str(k): v for k, v in LABEL_MAP.items()},
         "cases": [s.key for s in sources],
+        "case_spacing_mm": [s.params["spacing_mm"] for s in sources],
         "geometry": orientation.GEOMETRY[options["geometry"]],
         "orientation": orientation.orientation_record(
             original, sum(s.params["reoriented"] for s in sources)
@@ -151,6 +157,14 @@ def scan(src: Path, options: dict) -> Scan:
         "(anterior at the top), columns LPS axis 0 (the patient's right on the left)",
     }
     return Scan(sources, CLASSES, skipped, notes, info)
+
+
+def _volume_spacing(spacing) -> list[float]:
+    """Voxel size in mm along the axes of a volume rebuilt from the stored slices (slice,
+    PNG row, PNG column) from ``spacing``, the (3,) size along LPS axes 0, 1, 2
+    (:attr:`xdtrain.shards.orientation.Geometry.spacing`): a PNG is ``volume[:, :, k].T``, so
+    its rows run along LPS axis 1 and its columns along axis 0. Rounded to 1e-6 mm."""
+    return [round(float(spacing[axis]), 6) for axis in (2, 1, 0)]
 
 
 def _case_files(folder: Path) -> tuple[dict[str, Path], Path | None]:

@@ -18,6 +18,11 @@ Sample ``volume-3_042`` (volume, slice index; at least three digits)::
     pos.i32    int32 [volume index in the manifest's ``cases``, slice index, slices in volume]
     json       {"case", "slice", "slices"}
 
+Slices are stored at the file's own grid (never resampled). The manifest's
+``preprocessing.case_spacing_mm`` holds each volume's voxel size in mm, in the order of
+``cases`` and of a rebuilt volume's axes (slice, PNG row, PNG column: LPS axes 2, 1, 0), from
+the CT volume's affine; null for the PNG release, which stores no spacing.
+
 ``--slices liver`` (default) keeps the training split's slices that hold liver or tumour;
 ``all`` keeps every slice. Validation and test volumes always keep every slice: selecting by
 the ground truth would let the labels decide what is scored (a false positive on a slice
@@ -135,8 +140,10 @@ def scan(src: Path, options: dict) -> Scan:
             "axial: LPS axis 2 (slice 0 most inferior); PNG rows are LPS axis 1 (anterior at "
             "the top), columns LPS axis 0 (the patient's right on the left)"
         )
+        info["case_spacing_mm"] = [s.params["spacing_mm"] for s in sources]
     else:
         info["slice_axis"] = "as stored in the PNGs"
+        info["case_spacing_mm"] = None  # the PNG release stores no voxel size
     return Scan(sources, CLASSES, skipped, notes, info)
 
 
@@ -170,9 +177,17 @@ def _scan_nifti(src: Path, files: list[Path], geometry: str):
             "transforms": case.transforms(),
             "orientation": case.image.codes,
             "reoriented": case.reoriented,
+            "spacing_mm": _volume_spacing(case.image.spacing),
         }
         sources.append(Source(key, key, params))
     return sources, skipped, notes
+
+
+def _volume_spacing(spacing) -> list[float]:
+    """Voxel size in mm along a rebuilt volume's axes (slice, PNG row, PNG column) from the
+    (3,) size along LPS axes 0, 1, 2: a PNG is ``volume[:, :, k].T``, as in BraTS. Rounded
+    to 1e-6 mm."""
+    return [round(float(spacing[axis]), 6) for axis in (2, 1, 0)]
 
 
 def _scan_png(src: Path, files: list[Path]):

@@ -47,11 +47,23 @@ def forward(model, batch: dict, config):
 
 
 class RegionScores(Metrics):
-    """Per-case (3-D) Dice, IoU, precision, recall per region; Dice over all pixels too."""
+    """Per-case (3-D) Dice, IoU, precision, recall per region; Dice over all pixels too.
+
+    HD95 is off: it rebuilds every volume and costs a distance transform per case and
+    region, too slow for every epoch's validation; ``xd-eval`` switches it on
+    (:meth:`score_distances`) for its per-case table. It lands in ``details`` only, never in
+    the flat metrics, so xd-eval's scores still equal the run's own ``test`` row."""
 
     def __init__(self, regions: dict[str, tuple[int, ...]]):
         self.metric = SegmentationMetrics(regions)
+        self.names = list(regions)
         self.details: dict | None = None  # the full result of the last compute()
+
+    def score_distances(self, spacing: dict[int, tuple[float, float, float]]) -> None:
+        """Also compute each case's HD95 in mm, ``spacing`` mapping every case id (the index
+        into the manifest's ``cases``) to its voxel size (slice, row, column) in mm. Call it
+        before the first ``update``: it starts the scores afresh."""
+        self.metric = SegmentationMetrics(self.metric.regions, hd95=True, spacing=spacing)
 
     def update(self, outputs, batch: dict) -> None:
         self.metric.update(outputs, batch["mask"], batch["case"], batch["slice"], batch["slices"])
