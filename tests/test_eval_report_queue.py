@@ -344,27 +344,35 @@ def test_report_heatmap_and_curves_keep_every_row_apart(tmp_path, capsys):
     rows = cells(find_runs([root]))
     lines = curve_series(rows)["lits"]
     assert set(lines) == {
-        "scratch [world_size=1]",
-        "simclr-imagenet [world_size=1]",
-        "simclr-imagenet [world_size=2]",
-        "simclr-imagenet 1 linear",
-        "simclr-imagenet 0.1 full",
+        "scratch, full, 100% train [world_size=1] (n=2)",
+        "simclr-imagenet, full, 100% train [world_size=1] (n=2)",
+        "simclr-imagenet, full, 100% train [world_size=2] (n=2)",
+        "simclr-imagenet, linear, 100% train (n=2)",
+        "simclr-imagenet, full, 10% train (n=2)",
     }
     for label, expected in [("[world_size=2]", (0.605, 0.805)), ("[world_size=1]", (0.305, 0.505))]:
-        epochs, values = zip(*lines[f"simclr-imagenet {label}"], strict=True)
+        epochs, values, stds = zip(
+            *lines[f"simclr-imagenet, full, 100% train {label} (n=2)"], strict=True
+        )
         assert epochs == (0, 1) and values == pytest.approx(expected, abs=1e-12)  # seed mean
+        assert stds == pytest.approx((np.std((0, 0.01), ddof=1),) * 2)  # over the seeds
     values, pretrains, columns, texts = heatmap_table(rows)
-    assert pretrains == ["simclr-imagenet"]
+    assert pretrains == ["scratch", "simclr-imagenet"]
     assert columns == [
-        "lits\nworld_size=1",
-        "lits\nworld_size=2",
-        "lits\n1 linear",
-        "lits\n0.1 full",
+        "lits: dice_liver\nfull, 100% train\nworld_size=1",
+        "lits: dice_liver\nfull, 100% train\nworld_size=2",
+        "lits: dice_liver\nlinear, 100% train",
+        "lits: dice_liver\nfull, 10% train",
     ]
     delta = f"{np.mean(PRE) - np.mean(SCRATCH):+.3f}"
-    assert texts == [[f"{delta} (n=2)", "–", "–", "–"]]
-    assert values[0, 0] == pytest.approx(np.mean(PRE) - np.mean(SCRATCH))
-    assert np.isnan(values[0, 1:]).all()
+    p = f"{_welch(list(PRE), list(SCRATCH)):.2g}"
+    pre, scratch = (f"{np.mean(v):.3f} ± {np.std(v, ddof=1):.3f}" for v in (PRE, SCRATCH))
+    assert texts == [
+        [f"{scratch}\nn=2\n(reference)", "–", "–", "–"],
+        [f"Δ {delta}\n{pre}\nn=2, p={p}"] + [f"{pre}\nn=2, no scratch"] * 3,
+    ]
+    assert values[1, 0] == pytest.approx(np.mean(PRE) - np.mean(SCRATCH))
+    assert np.isnan(values[1, 1:]).all() and np.isnan(values[0]).all()
 
 
 def _pretraining(folder: Path, *settings: str) -> Path:

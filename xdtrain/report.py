@@ -61,6 +61,12 @@ NOT_DEFINING = {
     "data.device": "where the same decoding graph runs: speed only",
     "train.log_every": "how often train rows are logged",
     "train.checkpoint_minutes": "how often last.pt is written",
+    "train.checkpoint_epochs": "how often last.pt is written",
+    "train.keep_last": "whether last.pt stays once the run finished",
+    "train.save_best": "whether best.pt is written; never the model of the test score",
+    "train.figures_every": "validation figures in TensorBoard: what is shown only",
+    "run.mlflow": "a copy of the log in MLflow",
+    "run.mlflow_uri": "where that copy goes",
     "train.max_nonfinite": "a guard that stops a diverged run; a finished run never hit it",
     "train.compile": "the same model, compiled: speed only",
     "train.channels_last": "memory layout of the same tensors: speed only",
@@ -674,64 +680,144 @@ def write_csv(rows: list[dict], runs: list[Run]) -> tuple[str, str]:
     return table.getvalue(), per_run.getvalue()
 
 
+def _share(fraction: float) -> str:
+    """``"10% train"``: a training fraction as written in figures."""
+    return f"{fraction * 100:g}% train"
+
+
 def _column(row: dict) -> str:
-    """Heatmap column name of a row: the task, with fraction, mode and settings when not the
-    defaults."""
-    parts = [row["task"]]
-    if (row["fraction"], row["mode"]) != (1.0, "full"):
-        parts.append(f"{row['fraction']:g} {row['mode']}")
+    """Heatmap column name of a row: the task and its metric, mode and training fraction,
+    and the settings that split the task's rows when any."""
+    parts = [f"{row['task']}: {row['metric']}", f"{row['mode']}, {_share(row['fraction'])}"]
     if row["settings"]:
         parts.append(row["settings"].replace(", ", "\n"))
     return "\n".join(parts)
 
 
+def _mean_std(row: dict) -> str:
+    """``"0.912 ± 0.004"`` (the mean alone with one seed)."""
+    std = row["std"]
+    return f"{row['mean']:.3f}" if std is None else f"{row['mean']:.3f} ± {std:.3f}"
+
+
+def _p_text(p: float | None) -> str:
+    """``"p=0.03"``; ``"p=n/a"`` where Welch's test had too few seeds or no variance."""
+    return "p=n/a" if p is None else f"p={p:.2g}"
+
+
+def _cell_text(row: dict, scratch: dict | None) -> str:
+    """What a heatmap cell says: scratch, its score and n; a pretrained row, its Δ, score, n
+    and Welch's p against ``scratch`` (its own scratch row), or that there is none."""
+    score = f"{_mean_std(row)}\nn={row['seeds']}"
+    if row["pretrain"] == SCRATCH:
+        return f"{score}\n(reference)"
+    if scratch is None or row["delta_vs_scratch"] is None:
+        return f"{score}, no scratch"
+    return f"Δ {row['delta_vs_scratch']:+.3f}\n{score}, {_p_text(row['p_welch'])}"
+
+
 def heatmap_table(rows: list[dict]) -> tuple[np.ndarray, list[str], list[str], list[list[str]]]:
-    """Δ against scratch as a pretraining × (task, fraction, mode, settings) matrix:
-    ``(values [P, C] with NaN where there is no Δ, pretrainings, column names, cell texts
-    "+0.012 (n=3)" with n the pretraining's distinct seeds, "–" where there is no Δ)``."""
-    pretrained = [r for r in rows if r["pretrain"] != SCRATCH]
-    pretrains = sorted({r["pretrain"] for r in pretrained})
-    keys = sorted({(r["task"], -r["fraction"], r["mode"], r["settings"]) for r in pretrained})
+    """The test scores as a pretraining × (task, fraction, mode, settings) matrix, coloured
+    by Δ against scratch: ``(values [P, C]: Δ, NaN where there is none (scratch itself, or no
+    scratch with the same settings); pretrainings, scratch first; column names; cell texts)``.
+    A cell says the row's mean ± std over its n distinct seeds, and for a pretrained row Δ and
+    Welch's p against the scratch row it was compared with (:func:`_compare`), which sits in
+    the same column; "–" where no row is."""
+    scratch = {
+        (r["task"], r["fraction"], r["mode"], r["settings_all"]): r
+        for r in rows
+        if r["pretrain"] == SCRATCH
+    }
+    columns: dict[tuple, dict[str, dict]] = defaultdict(dict)
+    placed = set()
+    for r in rows:
+        if r["pretrain"] == SCRATCH:
+            continue
+        cell = columns[(r["task"], -r["fraction"], r["mode"], r["settings"])]
+        cell[r["pretrain"]] = r
+        match = scratch.get((r["task"], r["fraction"], r["mode"], r["settings_all"]))
+        if match is not None:
+            cell[SCRATCH] = match
+            placed.add(id(match))
+    for r in scratch.values():  # scratch rows no pretrained row was compared with
+        if id(r) not in placed:
+            columns[(r["task"], -r["fraction"], r["mode"], r["settings"])][SCRATCH] = r
+    keys = sorted(columns)
+    others = sorted({r["pretrain"] for r in rows if r["pretrain"] != SCRATCH})
+    pretrains = ([SCRATCH] if scratch else []) + others
     values = np.full((len(pretrains), len(keys)), np.nan)
     texts = [["–"] * len(keys) for _ in pretrains]
-    names = [""] * len(keys)
-    for r in pretrained:
-        j = keys.index((r["task"], -r["fraction"], r["mode"], r["settings"]))
-        names[j] = _column(r)
-        if r["delta_vs_scratch"] is not None:
-            i = pretrains.index(r["pretrain"])
-            values[i, j] = r["delta_vs_scratch"]
-            texts[i][j] = f"{r['delta_vs_scratch']:+.3f} (n={r['seeds']})"
+    names = []
+    for j, key in enumerate(keys):
+        cell = columns[key]
+        names.append(_column(next(iter(cell.values()))))
+        for pretrain, r in cell.items():
+            i = pretrains.index(pretrain)
+            texts[i][j] = _cell_text(r, cell.get(SCRATCH))
+            if pretrain != SCRATCH and r["delta_vs_scratch"] is not None:
+                values[i, j] = r["delta_vs_scratch"]
     return values, pretrains, names, texts
 
 
-def curve_series(rows: list[dict]) -> dict[str, dict[str, list[tuple[int, float]]]]:
-    """Validation curves, one panel per task and one line per row (pretraining, fraction,
-    mode, settings): ``{task: {line label: [(epoch, mean over seeds)]}}``."""
+def _curve_label(row: dict) -> str:
+    """``"simclr-imagenet, linear, 10% train [world_size=2] (n=3)"``: one line of curves.png."""
+    label = f"{row['pretrain']}, {row['mode']}, {_share(row['fraction'])}"
+    if row["settings"]:
+        label += f" [{row['settings']}]"
+    return f"{label} (n={row['seeds']})"
+
+
+def curve_series(rows: list[dict]) -> dict[str, dict[str, list[tuple[int, float, float | None]]]]:
+    """Validation curves, one panel per task and one line per row (pretraining, mode,
+    fraction, settings), labelled with its n seeds: ``{task: {line label: [(epoch, mean over
+    seeds, std over seeds or None with fewer than 2)]}}``; the mean is the row's ``curve``."""
     out: dict[str, dict[str, list]] = defaultdict(dict)
     for r in rows:
-        label = r["pretrain"]
-        if (r["fraction"], r["mode"]) != (1.0, "full"):
-            label += f" {r['fraction']:g} {r['mode']}"
-        if r["settings"]:
-            label += f" [{r['settings']}]"
-        out[r["task"]][label] = r["curve"]
+        label = _curve_label(r)
+        while label in out[r["task"]]:  # never merge two rows into one line
+            label += "'"
+        curves = [seed_curve(runs) for runs in r["seed_runs"].values()]
+        points = []
+        for epoch, mean in r["curve"]:
+            seeds = [c[epoch] for c in curves if epoch in c]
+            std = float(np.std(seeds, ddof=1)) if len(seeds) > 1 else None
+            points.append((epoch, mean, std))
+        out[r["task"]][label] = points
     return dict(out)
 
 
+HEATMAP_TITLE = (
+    "Test score of the final model: mean ± std over n seeds\n"
+    "Δ and p (Welch's t-test) against scratch of the same task, mode, fraction and settings"
+)
+
+
 def figures(rows: list[dict], out: Path) -> list[Path]:
+    """``heatmap.png`` (every row's score, n and p; coloured by Δ against scratch) and
+    ``curves.png`` (validation curves: mean over seeds, ± std band)."""
     from xdtrain import plots
 
     written = []
     values, pretrains, names, texts = heatmap_table(rows)
     if values.size:
-        title = "Δ test score vs. scratch (n: distinct seeds)"
         written.append(
-            plots.heatmap(values, pretrains, names, title, out / "heatmap.png", texts=texts)
+            plots.heatmap(
+                values,
+                pretrains,
+                names,
+                HEATMAP_TITLE,
+                out / "heatmap.png",
+                colorbar="Δ test score vs scratch (the task's primary metric)",
+                texts=texts,
+                xlabel="task: metric, mode, training fraction [settings]",
+                ylabel="pretraining",
+            )
         )
     curves = curve_series(rows)
     if curves:
-        written.append(plots.grouped_curves(curves, out / "curves.png"))
+        ylabels = {r["task"]: f"val {r['metric']}" for r in rows}
+        title = "Validation metric by epoch: mean over n seeds, band ± 1 std (n ≥ 2)"
+        written.append(plots.grouped_curves(curves, out / "curves.png", ylabels, title))
     return written
 
 
