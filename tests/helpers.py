@@ -28,10 +28,16 @@ DEVICES = ["cpu", on_gpu("gpu")]
 def demo_args(config: str, shards: Path, run: Path, *settings: str) -> list[str]:
     """``xd-train`` arguments for ``configs/demo/<config>`` on ``shards``, written to ``run``,
     shrunk for tests (32 px, one DALI thread, no kNN monitor); ``settings`` are more
-    ``KEY=VALUE`` (later ones win)."""
+    ``KEY=VALUE`` (later ones win). The checkpoints are the library's defaults (last.pt
+    every epoch and kept), not the demo's disk budget; no best.pt and no TensorBoard
+    figures (their own tests switch them on)."""
     argv = [str(ROOT / "configs" / "demo" / config), "--run-dir", str(run)]
     # the demo's SimCLR configs watch kNN every epoch; the tests of the monitor switch it on
-    defaults = (f"data.shards={shards}", "data.image_size=32", "data.workers=1", "monitor.every=0")
+    defaults = (
+        f"data.shards={shards}", "data.image_size=32", "data.workers=1", "monitor.every=0",
+        "train.checkpoint_epochs=1", "train.keep_last=true", "train.save_best=false",
+        "train.figures_every=0",
+    )  # fmt: skip
     for setting in (*defaults, *settings):
         argv += ["--set", setting]
     return argv

@@ -108,7 +108,7 @@ def sandbox(packed, tmp_path_factory):
         train_main(["configs/demo/pt_simclr_imagenet.yaml", *tiny])
         for task in ("brats", "chestxray8", "lits"):
             train_main(
-                [f"configs/demo/ft_{task}.yaml", "--set", f"run.name=ft_{task}_scratch", *tiny]
+                [f"configs/demo/ft_{task}.yaml", "--set", f"run.name=ft_{task}_scratch_s0", *tiny]
             )
     finally:
         os.chdir(cwd)

@@ -409,3 +409,24 @@ def test_a_cluster_without_accounting_falls_back_to_the_result_files(tmp_path):
         f"failed: {folder / '22_0_log.out'} (lost)",
     ]
     assert again == {3}
+
+
+def test_a_line_with_seeds_writes_one_run_per_seed_and_xd_eval_touches_each(tmp_path):
+    base = str(ROOT / "configs" / "demo" / "ft_lits.yaml")
+    weights = "--set model.encoder_weights=runs/pre_s1/encoder.pt"
+    jobs = _write(
+        tmp_path / "jobs.csv",
+        f"xd-train {base} --run-dir runs/pre --seeds 0 1",
+        f"xd-train {base} --run-dir runs/ft {weights}",
+        f"xd-train {base} --run-dir runs/other --after pre_s0",
+        "xd-eval runs/ft runs/pre_s0 --split test",
+        "xd-report runs/pre_s0 --out report",
+    )
+    waits = dependencies(jobs, parse(jobs), tmp_path)
+    # line 3 reads pre_s1's encoder, line 4 names pre_s0, xd-report waits for what xd-eval
+    # writes into the runs it reads
+    assert waits == {2: set(), 3: {2}, 4: {2}, 5: {2, 3}, 6: {2, 5}}
+    with pytest.raises(UserError, match="--after pre: no xd-train line writes a run named so"):
+        bad = _write(tmp_path / "bad.csv", *[f"xd-train {base} --run-dir runs/pre --seeds 0 1",
+                                             f"xd-train {base} --after pre"])  # fmt: skip
+        dependencies(bad, parse(bad), tmp_path)

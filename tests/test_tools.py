@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from helpers import ROOT, demo_args
 
 TOOLS = Path(__file__).parent.parent / "tools"
@@ -147,3 +149,22 @@ def test_bench_queue_prints_its_json(tmp_path):
     result = json.loads(done.stdout)
     assert result["lines"] == 30 and 0 < result["waiting_lines"] < 30
     assert result["read_s"] > 0 and result["reconcile_fake_s"] > 0
+
+
+def test_demo_cost_counts_what_a_command_wrote_and_each_file_once(tmp_path):
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        import demo_cost
+    finally:
+        sys.path.pop(0)
+    write = ["dd", "if=/dev/zero", "of=big", "bs=1M", "count=8", "conv=fsync", "status=none"]
+    result = demo_cost.timed(write, tmp_path, tmp_path / "log")
+    # every byte passed to write() is counted, in this shell's children too
+    assert result["wchar_bytes"] >= 8 * 2**20 and result["wall_s"] >= 0
+    assert (tmp_path / "big").stat().st_size == 8 * 2**20
+    os.link(tmp_path / "big", tmp_path / "same")  # a hard link is the same bytes on disk
+    assert demo_cost.folder_bytes(tmp_path) == (tmp_path / "big").stat().st_blocks * 512 + (
+        (tmp_path / "log").stat().st_blocks * 512
+    )
+    with pytest.raises(SystemExit, match="failed"):
+        demo_cost.timed(["false"], tmp_path, tmp_path / "log")

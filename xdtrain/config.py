@@ -44,6 +44,8 @@ class RunConfig:
     seed: int = 0  # seeds weights, data order and augmentation (rank r uses seed + r)
     debug: bool = False  # anomaly detection, loader in the main process, raise on bad data
     pretrain: str = ""  # label of the pretraining for xd-report; empty: from encoder_weights
+    mlflow: bool = False  # also log to MLflow (pip install 'xdtrain[mlflow]')
+    mlflow_uri: str = ""  # MLflow tracking store; empty: the file store <output_dir>/mlruns
 
 
 @dataclass
@@ -120,7 +122,11 @@ class TrainConfig:
     sync_bn: bool = False  # batch-norm statistics over all GPUs (SyncBatchNorm)
     limit_batches: int | None = None  # shortens every epoch to this many batches
     log_every: int = 50  # steps between train rows in metrics.jsonl
-    checkpoint_minutes: float = 30.0  # last.pt at least this often, and every epoch
+    checkpoint_minutes: float = 30.0  # last.pt at least this often
+    checkpoint_epochs: int = 1  # last.pt after every N-th epoch too; 0: by the minutes only
+    keep_last: bool = True  # keep last.pt of a finished run (to train it longer)
+    save_best: bool = True  # best.pt: weights of the best validation epoch (not the test's)
+    figures_every: int = 5  # validation figures in TensorBoard every N epochs, the last; 0: off
     max_nonfinite: int = 10  # non-finite losses in a row that stop the run
     deterministic: bool = False  # deterministic kernels: bit-identical reruns, slower
 
@@ -210,6 +216,8 @@ RANGES: dict[tuple[str, str], Range] = {
     ("train", "grad_clip"): POSITIVE,
     ("train", "limit_batches"): AT_LEAST_1,
     ("train", "log_every"): AT_LEAST_1,
+    ("train", "figures_every"): NON_NEGATIVE,
+    ("train", "checkpoint_epochs"): NON_NEGATIVE,
     ("train", "checkpoint_minutes"): POSITIVE,
     ("train", "max_nonfinite"): AT_LEAST_1,
     ("monitor", "every"): NON_NEGATIVE,
@@ -525,6 +533,26 @@ def run_folder(config: Config, config_path: str | Path, run_dir: str | None) -> 
     if run_dir:
         return Path(run_dir)
     return Path(config.run.output_dir) / (config.run.name or Path(config_path).stem)
+
+
+def seed_runs(
+    config: Config, config_path: str | Path, run_dir: str | None, seeds: list[int] | None
+) -> list[tuple[Config, Path]]:
+    """``[(config, run folder)]`` of ``xd-train --seeds``: one run per seed, with
+    ``run.seed`` set and the folder's name suffixed ``_s<seed>`` (``run.name`` too, when
+    the folder comes from it); without seeds, the one run :func:`run_folder` names. Raises
+    UserError for a seed given twice."""
+    base = run_folder(config, config_path, run_dir)
+    if not seeds:
+        return [(config, base)]
+    if len(set(seeds)) != len(seeds):
+        raise UserError(f"--seeds {' '.join(map(str, seeds))}: each seed once")
+    out = []
+    for seed in seeds:
+        name = config.run.name if run_dir else f"{base.name}_s{seed}"
+        run = dataclasses.replace(config.run, seed=seed, name=name)
+        out.append((dataclasses.replace(config, run=run), base.with_name(f"{base.name}_s{seed}")))
+    return out
 
 
 def config_to_dict(cfg: Config) -> dict:

@@ -67,16 +67,24 @@ def evaluate(
     limit: int | None = None,
     collect=None,
     metrics=None,
+    progress=None,
+    label: str = "eval",
 ) -> dict:
     """Loss and task metrics of ``model`` over ``loader`` (every rank's part, reduced).
 
     ``collect(batch, outputs)``, if given, sees every batch (for plots); ``metrics`` replaces
-    the task's fresh metrics object, so the caller can read its details afterwards."""
+    the task's fresh metrics object, so the caller can read its details afterwards;
+    ``progress`` (:func:`xdtrain.progress.make_progress`) shows the batches scored, as
+    ``label``."""
     model = getattr(model, "module", model)  # no DDP collectives: ranks differ in batches
     model.eval()
     config = replace(config, loss=replace(config.loss, gather=False))
     metrics = metrics if metrics is not None else task.metrics(classes, config)
     loss_sum, count = 0.0, 0
+    total = len(loader) if hasattr(loader, "__len__") else None
+    if limit is not None and total is not None:
+        total = min(total, limit)
+    bar = progress.add_task(label, total=total, lines=True) if progress is not None else None
     for index, batch in enumerate(loader):
         if limit is not None and index >= limit:
             break
@@ -89,6 +97,10 @@ def evaluate(
         metrics.update(outputs, batch)
         if collect is not None:
             collect(batch, outputs)
+        if bar is not None:
+            progress.update(bar, advance=1)
+    if bar is not None:
+        progress.remove_task(bar)
     result = {
         "loss": distributed.total(loss_sum, device) / max(distributed.total(count, device), 1)
     }
@@ -109,13 +121,14 @@ def evaluate(
 # --------------------------------------------------------------------------- xd-eval
 
 
-class _Collector:
+class Collector:
     """What the plots need, gathered batch by batch (a few samples, scores, labels)."""
 
     def __init__(self, kind: str, overlays: int):
         self.kind, self.overlays = kind, overlays
         self.scores: list = []
         self.labels: list = []
+        # segmentation: (image, truth, prediction, case index or None, slice index or None)
         self.samples: list = []
 
     def __call__(self, batch: dict, outputs) -> None:
@@ -141,63 +154,91 @@ class _Collector:
                             image[0, 0].cpu().numpy(),
                             mask[:h, :w].cpu().numpy(),
                             outputs[i, :h, :w].cpu().numpy(),
+                            int(batch["case"][i]) if "case" in batch else None,
+                            int(batch["slice"][i]) if "slice" in batch else None,
                         )
                     )
 
 
-def _plots(collector, metrics, classes, folder: Path, split: str) -> list[str]:
-    """Plots named ``<kind>_<split>.png`` (``split`` carries a checkpoint suffix)."""
+def _sample_title(case: int | None, index: int | None, cases: list[str], key: str) -> str:
+    """``"BraTS20_Training_001, slice 75"``: a sample's case id (the manifest's ``cases``
+    entry) and slice index; the sample key where they are not known."""
+    if case is None:
+        return key
+    name = cases[case] if 0 <= case < len(cases) else f"case {case}"
+    return name if index is None else f"{name}, slice {index}"
+
+
+def write_plots(collector, metrics, classes, folder: Path, split: str, shardset=None) -> list[str]:
+    """Plots named ``<kind>_<split>.png`` (``split`` carries a checkpoint suffix);
+    ``shardset``: the split read, whose manifest names the cases of the overlays."""
     import numpy as np
 
     from xdtrain import plots
+    from xdtrain.shards import manifest as manifests
 
     written = []
     if collector.kind == "multilabel" and collector.scores:
         scores, labels = np.concatenate(collector.scores), np.concatenate(collector.labels)
-        written.append(plots.roc_curves(scores, labels, classes, folder / f"roc_{split}.png"))
+        path = folder / f"roc_{split}.png"
+        written.append(plots.roc_curves(scores, labels, classes, path, f"ROC per class, {split}"))
     elif collector.kind == "multiclass" and collector.scores:
         pred, true = np.concatenate(collector.scores), np.concatenate(collector.labels)
         matrix = np.zeros((len(classes), len(classes)), dtype=np.int64)
         np.add.at(matrix, (true, pred), 1)
-        written.append(plots.confusion(matrix, classes, folder / f"confusion_{split}.png"))
+        title = f"Confusion matrix, {split}"
+        written.append(plots.confusion(matrix, classes, folder / f"confusion_{split}.png", title))
     elif collector.kind == "segmentation":
         if collector.samples:
-            images, truths, preds = zip(*collector.samples, strict=True)
+            record = manifests.load(shardset.folder, missing_ok=True) if shardset else None
+            cases = list(((record or {}).get("preprocessing") or {}).get("cases") or [])
+            images, truths, preds, case, index = zip(*collector.samples, strict=True)
+            titles = [
+                _sample_title(c, s, cases, f"sample {k}")
+                for k, (c, s) in enumerate(zip(case, index, strict=True))
+            ]
             written.append(
                 plots.overlays(
-                    images, truths, preds, folder / f"overlays_{split}.png", len(classes)
+                    images,
+                    truths,
+                    preds,
+                    folder / f"overlays_{split}.png",
+                    classes,
+                    titles,
+                    f"Segmentation, {split}: first slices with a target",
                 )
             )
         details = getattr(metrics, "details", None)
         if details:
             values = {n: list(r["dice_cases"].values()) for n, r in details["regions"].items()}
-            written.append(plots.box_plot(values, "Dice per case", folder / f"dice_{split}.png"))
+            path = folder / f"dice_{split}.png"
+            written.append(plots.box_plot(values, path, title=f"Dice per case, {split}"))
     return [str(p) for p in written]
 
 
 def main(argv: list[str] | None = None) -> int:
     import argparse
-    import json
     import os
 
-    from rich.console import Console
-    from rich.table import Table
-
-    from xdtrain import checkpoint, provenance
-    from xdtrain.config import load_config
-    from xdtrain.data import build_loader
-    from xdtrain.errors import UserError, first_line
-    from xdtrain.fileio import atomic_write
-    from xdtrain.models import get_model
-    from xdtrain.shards.tar import file_sha256
-    from xdtrain.train import resolve
+    from xdtrain import casetables
+    from xdtrain.errors import UserError
 
     parser = argparse.ArgumentParser(
         prog="xd-eval", description="Score a trained run on a split; write metrics and plots."
     )
-    parser.add_argument("run", help="run folder written by xd-train (checkpoints/<run>)")
+    parser.add_argument(
+        "run",
+        nargs="+",
+        help="run folder written by xd-train (checkpoints/<run>); several are scored one after "
+        "the other in this process",
+    )
     parser.add_argument("--split", default="test", choices=["test", "val", "train"])
-    parser.add_argument("--checkpoint", default="final", help="final, last, or a path")
+    parser.add_argument(
+        "--checkpoint",
+        default="final",
+        help="final (the model xd-train scored and xd-report reports), last, best (the best "
+        "validation epoch's, with train.save_best), or a path",
+    )
     parser.add_argument("--batch-size", type=int, help="default: the run's data.batch_size")
     parser.add_argument("--device", choices=["auto", "cpu", "gpu"], help="default: the run's")
     parser.add_argument(
@@ -207,12 +248,43 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--force", action="store_true", help="replace scores written for another checkpoint"
     )
+    parser.add_argument(
+        "--bootstrap",
+        type=int,
+        default=casetables.RESAMPLES,
+        metavar="N",
+        help="patient-level bootstrap resamples of the per-class AUROC intervals (default "
+        f"{casetables.RESAMPLES}; 0: none)",
+    )
     args = parser.parse_args(argv)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         refused = UserError("xd-eval scores a run in one process; run it without torchrun")
         refused.quiet = os.environ.get("RANK", "0") != "0"  # rank 0 says it
         raise refused
-    folder = Path(args.run)
+    named = args.checkpoint not in ("final", "last", "best")
+    if named and len(args.run) > 1:
+        raise UserError(f"--checkpoint {args.checkpoint}: a file belongs to one run; pass one run")
+    for run in args.run:
+        score_run(Path(run), args)
+    return 0
+
+
+def score_run(folder: Path, args) -> None:
+    """``xd-eval`` of one run folder with the parsed arguments ``args``."""
+    import json
+
+    from rich.console import Console
+
+    from xdtrain import casetables, checkpoint, display, provenance
+    from xdtrain.config import load_config
+    from xdtrain.data import build_loader
+    from xdtrain.errors import UserError, first_line
+    from xdtrain.fileio import atomic_write
+    from xdtrain.models import get_model
+    from xdtrain.progress import make_progress
+    from xdtrain.shards.tar import file_sha256
+    from xdtrain.train import resolve
+
     if not (folder / "config.yaml").is_file():
         raise UserError(f"{folder}: no config.yaml; pass a run folder written by xd-train")
     config, task = resolve(load_config(folder / "config.yaml"))
@@ -224,12 +296,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.shards:  # moved since the run: the same content elsewhere
         data = replace(data, shards=str(Path(args.shards).resolve()))
     config = replace(config, data=data)
-    path = {"final": folder / "final.pt", "last": folder / "last.pt"}.get(
+    path = {n: folder / f"{n}.pt" for n in ("final", "last", "best")}.get(
         args.checkpoint, Path(args.checkpoint)
     )
     if not path.is_file():
         if path.name == "final.pt":
             hint = " (the run has not finished; try --checkpoint last)"
+        elif path.name == "best.pt":
+            hint = " (written with train.save_best, at the first validation)"
         elif path.name == "last.pt":
             hint = ""
         else:
@@ -265,12 +339,21 @@ def main(argv: list[str] | None = None) -> int:
         model.to(memory_format=torch.channels_last)
     amp = precision(config.train.amp, world.device)
     kind = {"simclr": "simclr"}.get(task.name, loader.shardset.layout.kind)
-    collector = _Collector(kind, args.overlays)
+    collector = Collector(kind, args.overlays)
     metrics = task.metrics(classes, config)
-    result = evaluate(
-        model, loader, task, classes, config, world.device, amp, collect=collector, metrics=metrics
-    )
-    written = _plots(collector, metrics, classes, folder, name)
+    tables = casetables.Tables(kind, loader.shardset, metrics, args.bootstrap)
+
+    def collect(batch, outputs):
+        collector(batch, outputs)
+        tables(batch, outputs)
+
+    with make_progress(every=config.train.log_every) as progress:
+        result = evaluate(
+            model, loader, task, classes, config, world.device, amp,
+            collect=collect, metrics=metrics, progress=progress, label=args.split,
+        )  # fmt: skip
+    written = write_plots(collector, metrics, classes, folder, name, loader.shardset)
+    tabled = tables.write(folder, name)
     report = {
         "run": str(folder.resolve()),
         "split": args.split,
@@ -278,18 +361,20 @@ def main(argv: list[str] | None = None) -> int:
         "checkpoint_sha256": digest,
         "metrics": result,
         "plots": written,
+        "tables": tabled,
     }
+    if tables.bootstrap:
+        report["bootstrap"] = tables.bootstrap
     if changed:
         report["encoder_changed"] = changed
     atomic_write(out, json.dumps(report, indent=1, default=_json_value) + "\n")
-    table = Table(title=f"{folder.name}: {args.split} ({path.name})")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for key, value in result.items():
-        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
-    Console().print(table)
-    print(f"wrote {out}" + "".join(f"\nwrote {p}" for p in written))
-    return 0
+    console = Console()
+    names = list(getattr(metrics, "names", []))
+    for table in display.tables(result, names, f"{folder.name}: {args.split} ({path.name})"):
+        console.print(table)
+    for note in display.notes(result):
+        console.print(note, soft_wrap=True, highlight=False)
+    print(f"wrote {out}" + "".join(f"\nwrote {p}" for p in written + tabled), flush=True)
 
 
 def output_name(split: str, choice: str, path: Path) -> str:
@@ -297,7 +382,7 @@ def output_name(split: str, choice: str, path: Path) -> str:
     other checkpoint file: scores of different checkpoints never share a file."""
     if choice == "final":
         return split
-    return f"{split}_{'last' if choice == 'last' else path.stem}"
+    return f"{split}_{choice if choice in ('last', 'best') else path.stem}"
 
 
 def _check_overwrite(out: Path, digest: str, force: bool) -> None:

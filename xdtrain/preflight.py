@@ -51,6 +51,10 @@ def check_config(config, task, world, source: str) -> None:
         )
     _check_batch_norm(config, world_size)
     _check_model_input(config, task)
+    if config.run.mlflow:
+        from xdtrain.mlflow_log import check_installed
+
+        check_installed()
 
 
 def _check_model_input(config, task) -> None:

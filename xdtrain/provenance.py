@@ -24,7 +24,7 @@ ENV = "env.json"
 KEPT = "finished_epoch"  # + the epoch: the folder a finished run's results are kept in
 # what a finished run leaves: moved (results of that finish) or copied (still in use)
 FINISHED_MOVED = ("final.pt", "encoder.pt", "eval_*.json", "roc_*.png", "confusion_*.png",
-                  "overlays_*.png", "dice_*.png")  # fmt: skip
+                  "overlays_*.png", "dice_*.png", "cases_*.csv", "classes_*.csv")  # fmt: skip
 FINISHED_COPIED = ("config.yaml", ENV, "metrics.jsonl")
 
 

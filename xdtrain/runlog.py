@@ -1,6 +1,11 @@
 """What a run leaves behind besides checkpoints: ``metrics.jsonl``, TensorBoard events,
 ``env.json`` and the learning-curve plot. Only rank 0 writes.
 
+TensorBoard gets every number of ``metrics.jsonl`` as a scalar (``<kind>/<name>``), the
+validation figures as images (:meth:`RunLog.figures`) and, at the end, the run's
+hyperparameters with its final scores (:meth:`RunLog.hparams`, TensorBoard's HParams tab);
+with ``run.mlflow``, MLflow gets the same (:mod:`xdtrain.mlflow_log`).
+
 ``metrics.jsonl`` holds one JSON object per line, each with ``kind`` (``train``, ``val``,
 ``test``), ``epoch`` and ``step`` (the global optimiser step). A resumed run first drops the
 rows written after its checkpoint (and the test row of a run that goes on training), so
@@ -34,8 +39,9 @@ def _clean(value):
 
 
 class RunLog:
-    def __init__(self, run_dir: Path, keep_until_step: int | None = None):
+    def __init__(self, run_dir: Path, keep_until_step: int | None = None, mlflow=None):
         self.run_dir = Path(run_dir)
+        self.mlflow = mlflow  # an xdtrain.mlflow_log.MlflowLog, or None
         self.path = self.run_dir / METRICS
         if keep_until_step is not None:
             kept = [
@@ -58,19 +64,76 @@ class RunLog:
         row = {k: _clean(v) for k, v in row.items()} | {"time": round(time.time(), 3)}
         self._fh.write(json.dumps(row) + "\n")
         self._fh.flush()
-        for key, value in row.items():
-            if key not in ("kind", "epoch", "step", "time") and isinstance(value, int | float):
-                self.tb.add_scalar(f"{row['kind']}/{key}", value, row["step"])
+        numbers = {
+            key: value
+            for key, value in row.items()
+            if key not in ("kind", "epoch", "step", "time")
+            and isinstance(value, int | float)
+            and not isinstance(value, bool)
+        }
+        for key, value in numbers.items():
+            self.tb.add_scalar(f"{row['kind']}/{key}", value, row["step"])
+        if self.mlflow is not None:
+            self.mlflow.metrics(row["kind"], numbers, row["step"])
+
+    def figures(self, paths: dict[str, Path], step: int) -> None:
+        """PNG figures (``{tag: path}``) as TensorBoard images at ``step``, and as MLflow
+        artifacts under ``figures/step_<step>``."""
+        import numpy as np
+        from PIL import Image
+
+        for tag, path in paths.items():
+            with Image.open(path) as image:
+                pixels = np.asarray(image.convert("RGB"))
+            self.tb.add_image(tag, pixels, step, dataformats="HWC")
+            if self.mlflow is not None:
+                self.mlflow.artifact(Path(path), f"figures/step_{step}")
+
+    def hparams(self, params: dict[str, object], scores: dict[str, float]) -> None:
+        """The run's hyperparameters (``{name: int, float, str or bool}``) with its final
+        scores (``{scalar tag: value}``, tags already written as scalars) in TensorBoard's
+        HParams tab, written to this run's own event file (not a sub-run)."""
+        from torch.utils.tensorboard.summary import hparams
+
+        experiment, start, end = hparams(params, scores)
+        writer = self.tb._get_file_writer()
+        for summary in (experiment, start, end):
+            writer.add_summary(summary)
 
     def sync(self) -> None:
         self._fh.flush()
         os.fsync(self._fh.fileno())
         self.tb.flush()
 
-    def close(self) -> None:
+    def close(self, status: str | None = None) -> None:
+        """Flush and close; ``status`` (MLflow's FINISHED, KILLED, FAILED) ends the MLflow
+        run too."""
+        if self.closed:
+            return
         self.sync()
         self._fh.close()
         self.tb.close()
+        if self.mlflow is not None and status is not None:
+            self.mlflow.finish(status)
+
+    @property
+    def closed(self) -> bool:
+        return self._fh.closed
+
+
+def flat_params(tree: dict, prefix: str = "") -> dict[str, object]:
+    """A nested config as ``{"train.epochs": 50, …}`` with values TensorBoard's and MLflow's
+    hyperparameters take: numbers, texts and booleans; lists and None as their text."""
+    out: dict[str, object] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out |= flat_params(value, f"{name}.")
+        elif isinstance(value, bool | int | float | str):
+            out[name] = value
+        else:
+            out[name] = json.dumps(value)
+    return out
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -130,11 +193,9 @@ def _git() -> dict | None:
 
 
 def plot_curves(run_dir: Path, primary: str, out: Path | None = None) -> Path | None:
-    """``learning_curve.png``: training loss by step and the primary validation metric."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """``learning_curve.png``: training loss by optimiser step (left axis) and the primary
+    validation metric (right axis), one legend for both, titled with the run's name."""
+    from xdtrain.plots import _pyplot, _save
 
     rows = read_metrics(Path(run_dir) / METRICS)
     train = [(r["step"], r["loss"]) for r in rows if r["kind"] == "train" and r.get("loss")]
@@ -142,20 +203,22 @@ def plot_curves(run_dir: Path, primary: str, out: Path | None = None) -> Path | 
     val = [(s, v) for s, v in val if v is not None]
     if not train and not val:
         return None
-    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=100)
+    fig, ax = _pyplot().subplots(figsize=(6.4, 3.8), dpi=100)
     if train:
-        ax.plot(*zip(*train, strict=True), color="tab:blue", label="train loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("train loss", color="tab:blue")
+        ax.plot(*zip(*train, strict=True), color="tab:blue", label="train loss (left)")
+    ax.set_xlabel("optimiser step")
+    ax.set_ylabel("train loss (mean over each log interval)", color="tab:blue")
+    handles, labels = ax.get_legend_handles_labels()
     if val:
         other = ax.twinx()
-        other.plot(*zip(*val, strict=True), "o-", color="tab:orange", label=f"val {primary}")
+        other.plot(
+            *zip(*val, strict=True), "o--", color="tab:orange", label=f"val {primary} (right)"
+        )
         other.set_ylabel(f"val {primary}", color="tab:orange")
-    ax.set_title(Path(run_dir).name)
-    fig.tight_layout()
-    target = Path(out or Path(run_dir) / "learning_curve.png")
-    tmp = target.with_name(f".{target.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, target)
-    return target
+        more = other.get_legend_handles_labels()
+        handles, labels = handles + more[0], labels + more[1]
+    (other if val else ax).legend(  # below the axes: it hides no point of either curve
+        handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, fontsize=8
+    )
+    ax.set_title(f"{Path(run_dir).name}: learning curve", fontsize=10)
+    return _save(fig, Path(out or Path(run_dir) / "learning_curve.png"))

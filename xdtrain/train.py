@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import logging
 import math
@@ -22,6 +23,7 @@ import random
 import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -29,26 +31,26 @@ from pathlib import Path
 import numpy as np
 import torch
 from rich.console import Console
-from rich.table import Table
 
-from xdtrain import checkpoint, distributed, preflight, provenance
+from xdtrain import checkpoint, display, distributed, memcheck, preflight, provenance
 from xdtrain.config import (
     Config,
     add_config_arguments,
     config_to_dict,
     dump_config,
     load_config,
-    run_folder,
     save_config,
+    seed_runs,
 )
 from xdtrain.data import build_loader, shard_folder
 from xdtrain.errors import Interrupted, Stopped, UserError, run_cli
-from xdtrain.evaluate import evaluate, precision, to_device
+from xdtrain.evaluate import Collector, evaluate, precision, to_device, write_plots
+from xdtrain.mlflow_log import MlflowLog
 from xdtrain.models import export_encoder, get_model, parse_name
 from xdtrain.monitor import KnnMonitor
 from xdtrain.optim import build_optimizer, build_scheduler
-from xdtrain.progress import make_progress
-from xdtrain.runlog import METRICS, RunLog, environment, plot_curves, read_metrics
+from xdtrain.progress import LineProgress, clock, make_progress, stamp
+from xdtrain.runlog import METRICS, RunLog, environment, flat_params, plot_curves, read_metrics
 from xdtrain.tasks import Task, get_task
 
 log = logging.getLogger("xdtrain.train")
@@ -58,6 +60,7 @@ OWN_FILES = (
     "metrics.jsonl",
     "last.pt",
     "final.pt",
+    "best.pt",
     "encoder.pt",
     "learning_curve.png",
     "tensorboard",
@@ -68,6 +71,12 @@ RESUMABLE_CHANGES = {
     ("train", "epochs"),
     ("train", "log_every"),
     ("train", "checkpoint_minutes"),
+    ("train", "checkpoint_epochs"),
+    ("train", "keep_last"),
+    ("train", "save_best"),
+    ("train", "figures_every"),
+    ("run", "mlflow"),
+    ("run", "mlflow_uri"),
     ("train", "max_nonfinite"),
     ("data", "workers"),
 }
@@ -210,6 +219,11 @@ def _differences(a: dict, b: dict, prefix=()) -> list[tuple[str, ...]]:
     return out
 
 
+def owned(folder: Path) -> bool:
+    """Whether ``folder`` holds anything xd-train writes."""
+    return any((folder / name).exists() for name in OWN_FILES)
+
+
 def clear_folder(folder: Path) -> None:
     """Remove what xd-train wrote in ``folder`` (``--force``), and nothing else."""
     for name in OWN_FILES + tuple(p.name for p in folder.glob(f"{provenance.KEPT}*")):
@@ -244,7 +258,15 @@ class Trainer:
     run then only scores the test split); :meth:`fit` then raises :class:`Stopped`. One
     during the final test evaluation is ignored: the run finishes."""
 
-    def __init__(self, config: Config, task: Task, world, folder: Path, resume: bool):
+    def __init__(
+        self,
+        config: Config,
+        task: Task,
+        world,
+        folder: Path,
+        resume: bool,
+        source: str = "the config",
+    ):
         self.config, self.task, self.world, self.folder = config, task, world, folder
         self.resume = resume
         self.console = Console(stderr=True)
@@ -258,6 +280,8 @@ class Trainer:
         loaders = distributed.agree(self._loaders)
         self.train_loader, self.val_loader, self.test_loader = loaders
         self.classes = list(self.train_loader.shardset.classes)
+        # the classes or regions of the task's per-name scores, to show them grouped
+        self.names = list(task.metrics(self.classes, config).names)
         self.monitor = None
         if config.monitor.every:
             self.monitor = distributed.agree(lambda: KnnMonitor(config, world.rank, world.size))
@@ -266,6 +290,8 @@ class Trainer:
             self.steps_per_epoch = min(self.steps_per_epoch, train.limit_batches)
         self.amp = precision(train.amp, world.device)
         self.model = self._wrap(distributed.agree(self._model))
+        if world.main and world.device.type == "cpu":
+            memcheck.check_step_memory(self.raw_model, config, source)
         global_batch = config.data.batch_size * world.size
         self.optimizer = build_optimizer(self.raw_model, config.optim, global_batch)
         self.scheduler = build_scheduler(
@@ -280,6 +306,10 @@ class Trainer:
         self.best: dict | None = None
         self.log: RunLog | None = None
         self.stop = StopSignals()
+        self.progress = make_progress(self.console, enabled=False)
+        self.lines = False  # job-log lines in place of the bar (no terminal)
+        self.started = (time.monotonic(), 0)  # when and at which step this process began
+        self.saved_at = time.monotonic()  # when last.pt was last written (or the start)
 
     def _loaders(self) -> tuple:
         """The train, val and test loaders of this rank (the test split is opened now, so a
@@ -347,6 +377,7 @@ class Trainer:
 
     def save(self, name: str) -> None:
         """Every rank calls this (the RNG states of all ranks are gathered); rank 0 writes."""
+        self.saved_at = time.monotonic()
         rngs = distributed.gather_objects(checkpoint.rng_state())
         loaders = distributed.gather_objects(json.dumps(_loader_state(self.train_loader)))
         if self.world.main:
@@ -357,15 +388,41 @@ class Trainer:
     def save_final(self) -> None:
         """The final model without what only resuming needs (optimiser, scheduler, scaler, RNG
         states): ``last.pt`` holds those, and leaving them out halves a finished run's size."""
+        self.save_weights("final.pt", "final: the model the test score is of")
+
+    def save_weights(self, name: str, role: str, epoch: int | None = None) -> None:
+        """Rank 0 writes the model's weights as ``name``, with what they are (``role``) and
+        the epochs trained (default: those finished)."""
         if self.world.main:
             state = {
                 "model": self.raw_model.state_dict(),
-                "epoch": self.epoch,
+                "epoch": self.epoch if epoch is None else epoch,
                 "global_step": self.global_step,
                 "best": json.dumps(self.best),
+                "role": role,
                 "config": json.dumps(config_to_dict(self.config)),
             }
-            checkpoint.save(self.folder / "final.pt", state)
+            checkpoint.save(self.folder / name, state)
+
+    def drop_stale_best(self) -> None:
+        """A ``best.pt`` written after the step resumed from (a run killed between two
+        checkpoints) holds weights this run's history no longer has: removed, with a line;
+        the next better validation writes a new one."""
+        path = self.folder / "best.pt"
+        if not path.exists():
+            return
+        try:
+            step = checkpoint.load(path).get("global_step", 0)
+        except UserError:  # a torn file is as stale as a later one
+            step = self.global_step + 1
+        if step > self.global_step:
+            path.unlink()
+            self.console.print(
+                f"{path}: written after step {self.global_step}, where the run resumes; "
+                "removed (the next better validation writes it again)",
+                soft_wrap=True,
+                highlight=False,
+            )
 
     def restore(self, path: Path) -> None:
         state = checkpoint.load(path)
@@ -403,6 +460,8 @@ class Trainer:
         last = self.folder / "last.pt"
         if self.resume and last.exists():
             distributed.agree(lambda: self.restore(last))
+            if world.main:
+                self.drop_stale_best()
             finished = [r for r in read_metrics(self.folder / METRICS) if r["kind"] == "test"]
             if self.epoch >= cfg.train.epochs and finished:
                 if world.main:
@@ -431,33 +490,61 @@ class Trainer:
                 **identity,
             }
             provenance.write_env(self.folder, env, self.global_step if self.resume else None)
-            self.log = RunLog(self.folder, self.global_step if self.resume else None)
-        distributed.barrier()
-        if self.monitor is not None and self.global_step == 0:
-            self.watch(0)  # the untrained encoder: the baseline training must rise above
-        progress = make_progress(self.console, enabled=world.main and sys.stderr.isatty())
-        with self.stop:
-            with progress:
+            tracker = None
+            if cfg.run.mlflow:
+                params = flat_params(config_to_dict(cfg))
+                tracker = MlflowLog(self.folder, cfg, params, self.resume)
+            self.log = RunLog(self.folder, self.global_step if self.resume else None, tracker)
+        try:
+            distributed.barrier()
+            if self.monitor is not None and self.global_step == 0:
+                self.watch(0)  # the untrained encoder: the baseline training must rise above
+            progress = make_progress(self.console, enabled=world.main, every=cfg.train.log_every)
+            self.progress = progress
+            self.lines = world.main and isinstance(progress, LineProgress)
+            self.started = (time.monotonic(), self.global_step)
+            with self.stop, progress:
                 while self.epoch < cfg.train.epochs:
                     if self.train_epoch(progress):
                         raise self.stopped()
                     self.validate()
                     self.step_in_epoch = 0
                     self.epoch += 1
-                    self.save("last.pt")
+                    # a signal during validation (or the epoch's last step) stops here
+                    stop = distributed.any_true([self.stop.signum is not None], world.device)[0]
+                    due = distributed.any_true([self.checkpoint_overdue()], world.device)[0]
+                    if stop or due or self.epoch_checkpoint_due():
+                        self.save("last.pt")
                     if world.main:
                         plot_curves(self.folder, self.task.primary)
-                    # a signal during validation (or the epoch's last step) stops here
-                    if distributed.any_true([self.stop.signum is not None], world.device)[0]:
+                    if stop:
                         raise self.stopped()
-            return self.finish()
+                return self.finish()
+        except BaseException:
+            if self.log is not None and not self.log.closed:  # MLflow: not left RUNNING
+                self.log.close("FAILED")
+            raise
+
+    def checkpoint_overdue(self) -> bool:
+        """Whether ``train.checkpoint_minutes`` have passed since ``last.pt`` was last
+        written by this process (or since it started), across epochs."""
+        return time.monotonic() - self.saved_at > self.config.train.checkpoint_minutes * 60
+
+    def epoch_checkpoint_due(self) -> bool:
+        """Whether ``last.pt`` is written after the epoch just finished: every
+        ``train.checkpoint_epochs``-th epoch, and after the last one when ``train.keep_last``
+        (without it, ``final.pt`` and the test row mark the finished run)."""
+        train = self.config.train
+        if self.epoch >= train.epochs:
+            return train.keep_last
+        return bool(train.checkpoint_epochs) and self.epoch % train.checkpoint_epochs == 0
 
     def stopped(self) -> Stopped:
         """What every rank raises once they agreed to stop, ``last.pt`` written: the signal
         a rank received (perhaps another rank) and where the run stopped."""
         signum = next(s for s in distributed.gather_objects(self.stop.signum) if s is not None)
         if self.log is not None:
-            self.log.close()
+            self.log.close("KILLED")
         if self.step_in_epoch:
             where = f"at epoch {self.epoch + 1} step {self.step_in_epoch}"
         else:
@@ -489,11 +576,10 @@ class Trainer:
         for _ in range(self.step_in_epoch):  # a mid-epoch checkpoint: replay to the position
             next(batches)
         bar = progress.add_task(
-            f"epoch {self.epoch + 1}/{train.epochs}", total=self.steps_per_epoch
+            f"epoch {self.epoch + 1}/{train.epochs}", total=self.steps_per_epoch, loss=None, lr=None
         )
         progress.update(bar, completed=self.step_in_epoch)
         window = _window()
-        saved_at = time.monotonic()
         while self.step_in_epoch < self.steps_per_epoch:
             tick = time.perf_counter()
             batch = next(batches)
@@ -503,7 +589,7 @@ class Trainer:
             with self.amp.autocast():
                 loss, _ = self.task.forward(model, batch, cfg)
             value = float(loss.detach())  # the step's one wait for the device
-            due = time.monotonic() - saved_at > train.checkpoint_minutes * 60
+            due = self.checkpoint_overdue()
             # one collective per step: every rank skips a non-finite step, saves and stops
             # together (stops even when a stop signal reached one rank only)
             nonfinite, due, stop = distributed.any_true(
@@ -516,20 +602,18 @@ class Trainer:
                 self.optimise(loss)
                 window["loss"] += value
                 window["count"] += 1
-            window["lr"] = self.optimizer.param_groups[0]["lr"]  # the rate this step used
+            lr = window["lr"] = self.optimizer.param_groups[0]["lr"]  # the rate this step used
             self.scheduler.step()
             window["samples"] += len(batch["keys"])
             self.step_in_epoch += 1
             self.global_step += 1
-            shown = f"epoch {self.epoch + 1}/{train.epochs} loss {value:.3f}"
-            progress.update(bar, advance=1, description=shown)
+            progress.update(bar, advance=1, loss=value, lr=lr)
             last = self.step_in_epoch == self.steps_per_epoch
             if self.global_step % train.log_every == 0 or last:
                 self.log_train(window)
                 window = _window()
             if (due or stop) and not last:  # at the last step, fit saves after validation
                 self.save("last.pt")
-                saved_at = time.monotonic()
                 if stop:
                     break
         progress.remove_task(bar)
@@ -589,9 +673,32 @@ class Trainer:
             row["max_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         if self.log is not None:
             self.log.write(row)
+        if self.lines:
+            self.console.print(self.train_line(row), soft_wrap=True, highlight=False)
+
+    def train_line(self, row: dict) -> str:
+        """A job log's line for a ``train`` row: where the run is, the mean loss and the
+        throughput of the steps since the last line, and the time the run still needs (the
+        mean time per step of this process, validation included, times the steps left)."""
+        train = self.config.train
+        since, first = self.started
+        done = self.global_step - first
+        total = train.epochs * self.steps_per_epoch
+        eta = (time.monotonic() - since) / done * (total - self.global_step) if done else None
+        loss = "n/a" if row["loss"] is None else f"{row['loss']:.4f}"
+        return (
+            f"{stamp()} epoch {row['epoch']}/{train.epochs} step "
+            f"{self.step_in_epoch}/{self.steps_per_epoch} (run {self.global_step}/{total}) "
+            f"loss {loss} lr {row['lr']:.3e} {row['samples_per_s']:.1f} samples/s "
+            f"data wait {100 * row['data_wait']:.0f} % ETA {clock(eta)}"
+        )
 
     def validate(self) -> None:
         distributed.broadcast_buffers(self.raw_model)  # every rank scores rank 0's model
+        collector = None
+        if self.log is not None and self.figures_due():
+            collector = Collector(self.val_loader.shardset.layout.kind, FIGURE_SAMPLES)
+        metrics = self.task.metrics(self.classes, self.config)
         result = evaluate(
             self.model,
             self.val_loader,
@@ -600,7 +707,13 @@ class Trainer:
             self.config,
             self.world.device,
             self.amp,
+            collect=collector,
+            metrics=metrics,
+            progress=self.progress,
+            label=f"val epoch {self.epoch + 1}/{self.config.train.epochs}",
         )
+        if collector is not None:
+            self.log_figures(collector, metrics)
         value = result.get(self.task.primary)
         better = value is not None and (
             self.best is None
@@ -612,6 +725,12 @@ class Trainer:
         )
         if better:
             self.best = {"epoch": self.epoch + 1, "value": value, "metric": self.task.primary}
+            if self.config.train.save_best:
+                role = (
+                    f"best validation epoch {self.epoch + 1} ({self.task.primary} {value:.4f}); "
+                    "chosen on the validation split, never the model of the reported test score"
+                )
+                self.save_weights("best.pt", role, self.epoch + 1)
         row = {"kind": "val", "epoch": self.epoch + 1, "step": self.global_step, **result}
         row["best_epoch"] = self.best["epoch"] if self.best else None
         if self.log is not None:
@@ -621,6 +740,28 @@ class Trainer:
         if self.monitor is not None and self.monitor.due(self.epoch + 1, self.config.train.epochs):
             self.watch(self.epoch + 1)
         self.model.train()
+
+    def figures_due(self) -> bool:
+        """Whether this epoch's validation draws figures for TensorBoard: every
+        ``train.figures_every``-th epoch and the last (not for SimCLR, which has none)."""
+        every, epochs = self.config.train.figures_every, self.config.train.epochs
+        epoch = self.epoch + 1
+        return (
+            self.task.model_kind != "simclr"
+            and bool(every)
+            and (epoch % every == 0 or epoch >= epochs)
+        )
+
+    def log_figures(self, collector: Collector, metrics) -> None:
+        """The validation figures xd-eval draws (ROC curves, confusion matrix, overlays, Dice
+        per case; rank 0's part of the split under DDP) as TensorBoard images ``val/<name>``
+        at this step."""
+        with tempfile.TemporaryDirectory(dir=self.folder, prefix=".figures-") as tmp:
+            paths = write_plots(
+                collector, metrics, self.classes, Path(tmp), "val", self.val_loader.shardset
+            )
+            tags = {f"val/{Path(p).stem.rsplit('_', 1)[0]}": Path(p) for p in paths}
+            self.log.figures(tags, self.global_step)
 
     def watch(self, epoch: int) -> None:
         """A ``monitor`` row: the kNN score of the encoder after ``epoch`` (0: untrained)."""
@@ -639,14 +780,17 @@ class Trainer:
         )
 
     def summary(self, row: dict) -> None:
-        table = Table(title=f"{self.folder.name}: epoch {row['epoch']}/{self.config.train.epochs}")
-        table.add_column("val metric")
-        table.add_column("value", justify="right")
-        shown = [k for k in row if k not in ("kind", "epoch", "step") and "/" not in k]
-        for key in shown:
-            value = row[key]
-            table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
-        self.console.print(table)
+        """Every metric of a ``val`` row: tables on a terminal, lines in a job log."""
+        epoch = f"epoch {row['epoch']}/{self.config.train.epochs}"
+        if self.lines:
+            head = f"{stamp()} val {epoch}: "
+            for line in display.lines(row, self.names, head):
+                self.console.print(line, soft_wrap=True, highlight=False)
+            return
+        for table in display.tables(row, self.names, f"{self.folder.name}: val, {epoch}"):
+            self.console.print(table)
+        for note in display.notes(row):
+            self.console.print(note, soft_wrap=True, highlight=False)
 
     def finish(self) -> dict:
         world = self.world
@@ -662,6 +806,8 @@ class Trainer:
             self.config,
             world.device,
             self.amp,
+            progress=self.progress,
+            label="test",
         )
         row = {"kind": "test", "epoch": self.epoch, "step": self.global_step, **result}
         row["checkpoint"] = "final.pt"
@@ -669,9 +815,24 @@ class Trainer:
         row["best_val_value"] = self.best["value"] if self.best else None
         if self.log is not None:
             self.log.write(row)
-            self.log.close()
-            plot_curves(self.folder, self.task.primary)
+            scores = {
+                f"test/{k}": v
+                for k, v in row.items()
+                if isinstance(v, int | float) and not isinstance(v, bool) and k not in NOT_SCORES
+            }
+            self.log.hparams(flat_params(config_to_dict(self.config)), scores)
+            curve = plot_curves(self.folder, self.task.primary)
+            if curve is not None and self.log.mlflow is not None:
+                self.log.mlflow.artifact(curve, "")
+            self.log.close("FINISHED")
+        if world.main and not self.config.train.keep_last:
+            # the test row marks the run finished; what only training on needed goes
+            (self.folder / "last.pt").unlink(missing_ok=True)
         return row
+
+
+FIGURE_SAMPLES = 4  # segmentation slices drawn in TensorBoard's validation overlays
+NOT_SCORES = ("epoch", "step", "time", "samples", "best_val_epoch", "best_val_value")
 
 
 def _loader_state(loader) -> dict:
@@ -696,38 +857,83 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true", help="continue the run in its folder")
     parser.add_argument("--force", action="store_true", help="start the run folder over")
     parser.add_argument("--run-dir", help="run folder (default: run.output_dir/run.name)")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        metavar="SEED",
+        help="one run per seed, one after the other in this process (run.seed=SEED, run folder "
+        "<folder>_s<SEED>): the imports and start-up are paid once",
+    )
     parser.add_argument("--print-config", action="store_true", help="print the resolved config")
     args = parser.parse_args(argv)
     config, task = resolve(load_config(args.config, args.set))
     if args.print_config:
         sys.stdout.write(dump_config(config))
         return 0
-    folder = run_folder(config, args.config, args.run_dir)
-    resume = prepare_folder(folder, config, args.resume, args.force)
+    runs = seed_runs(config, args.config, args.run_dir, args.seeds)
+    resumes = [prepare_folder(folder, cfg, args.resume, args.force) for cfg, folder in runs]
     world = distributed.init(config.data.device)
+    try:
+        for (cfg, folder), resume in zip(runs, resumes, strict=True):
+            train_one(cfg, task, world, folder, resume, args)
+    finally:
+        distributed.shutdown()
+    return 0
+
+
+def train_one(config: Config, task: Task, world, folder: Path, resume: bool, args) -> None:
+    """One run of ``xd-train`` in ``folder``; on rank 0, its test scores on stdout."""
     try:
         distributed.agree(lambda: preflight.check_config(config, task, world, args.config))
         distributed.barrier()  # every rank has looked at the folder before rank 0 changes it
         if world.main and args.force:
             clear_folder(folder)
-        row = Trainer(config, task, world, folder, resume).fit()
+        done = finished_without_last(folder, config) if args.resume and not resume else None
+        if done is None and args.resume and not resume and world.main and owned(folder):
+            # nothing to resume from (stopped before its first checkpoint): started over,
+            # without the events, scores and best.pt of the attempt before
+            print(f"{folder}: no last.pt to resume from; the run starts over", file=sys.stderr)
+            clear_folder(folder)
+        if done is not None:
+            if world.main:
+                print(f"{folder}: finished already; nothing to do", file=sys.stderr)
+                print(f"run: {folder}")
+                print("\n".join(display.lines(done, display.names_in(done), "test: ")))
+            return
+        trainer = Trainer(config, task, world, folder, resume, args.config)
+        row, names = trainer.fit(), trainer.names
+        del trainer  # its loaders' pipelines and threads, before the next seed's
+        gc.collect()
     except Stopped as stop:
         advice = f"{stop}; {resume_advice(folder, args.force)}"
         raise Stopped(advice, stop.signum, quiet=stop.quiet) from None
     except KeyboardInterrupt:
         raise Interrupted(resume_advice(folder, args.force), quiet=not world.main) from None
-    finally:
-        distributed.shutdown()
     if world.main:
-        shown = {k: v for k, v in row.items() if isinstance(v, int | float) and "/" not in k}
         print(f"run: {folder}")
-        print(
-            "test: "
-            + ", ".join(
-                f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items()
-            )
+        print("\n".join(display.lines(row, names, "test: ")), flush=True)
+
+
+def finished_without_last(folder: Path, config: Config) -> dict | None:
+    """The test row of a run in ``folder`` that finished without keeping ``last.pt``
+    (``train.keep_last: false``): its ``final.pt`` and test row exist; None otherwise.
+
+    Raises UserError when such a run is asked for more epochs than it trained: without
+    ``last.pt`` (optimiser, schedule and data order) it cannot go on."""
+    if (folder / "last.pt").exists() or not (folder / "final.pt").exists():
+        return None
+    tests = [r for r in read_metrics(folder / METRICS) if r.get("kind") == "test"]
+    if not tests:
+        return None
+    row = tests[-1]
+    if row.get("epoch", 0) < config.train.epochs:
+        raise UserError(
+            f"{folder}: finished at epoch {row.get('epoch')} without keeping last.pt "
+            f"(train.keep_last: false), so it cannot train on to {config.train.epochs} "
+            f"epochs; start it over with --force, or keep train.epochs={row.get('epoch')}"
         )
-    return 0
+    return row
 
 
 def resume_advice(folder: Path, forced: bool) -> str:

@@ -31,13 +31,13 @@ from xdtrain.queue.jobsfile import Line, jobs
 
 @dataclass
 class Effects:
-    """The absolute paths a job reads, writes (makes) and writes into; ``run``: an
-    ``xd-train`` run folder."""
+    """The absolute paths a job reads, writes (makes) and writes into; ``runs``: the
+    ``xd-train`` run folders (one per seed with ``--seeds``)."""
 
     reads: list[Path] = field(default_factory=list)
     writes: list[Path] = field(default_factory=list)
     touches: list[Path] = field(default_factory=list)  # written into, not made (xd-eval RUN)
-    run: Path | None = None
+    runs: list[Path] = field(default_factory=list)
 
 
 def _train_parser() -> argparse.ArgumentParser:
@@ -45,6 +45,7 @@ def _train_parser() -> argparse.ArgumentParser:
     parser.add_argument("config")
     parser.add_argument("--set", action="append", default=[])
     parser.add_argument("--run-dir")
+    parser.add_argument("--seeds", type=int, nargs="+")
     return parser
 
 
@@ -92,13 +93,13 @@ def effects(argv: list[str], cwd: Path, where: str) -> Effects:
             (found.writes if name == "--out" else found.reads).append(path(value))
     subcommand = argv[0] in ("xd-shard", "xd-analyze")  # xd-shard verify DIR, xd-analyze cka …
     found.reads += [path(p) for p in positional[1 if subcommand else 0 :]]
-    if argv[0] == "xd-eval" and positional:
-        found.touches.append(path(positional[0]))  # it writes eval_<split>.json into the run
+    if argv[0] == "xd-eval":  # it writes eval_<split>.json into each run
+        found.touches += [path(p) for p in positional]
     return found
 
 
 def _train_effects(argv: list[str], cwd: Path, where: str) -> Effects:
-    from xdtrain.config import load_config, run_folder
+    from xdtrain.config import load_config, seed_runs
     from xdtrain.data import shard_folder
 
     args, _ = _train_parser().parse_known_args(argv[1:])
@@ -106,12 +107,14 @@ def _train_effects(argv: list[str], cwd: Path, where: str) -> Effects:
         config = load_config(cwd / args.config, args.set)
     except UserError as exc:
         raise UserError(f"{where}: {exc}") from None
-    run = (cwd / run_folder(config, args.config, args.run_dir)).resolve()
+    runs = [
+        (cwd / f).resolve() for _, f in seed_runs(config, args.config, args.run_dir, args.seeds)
+    ]
     reads = [cwd / shard_folder(config.data)]
     for extra in (config.model.encoder_weights, config.monitor.shards):
         if extra:
             reads.append(cwd / Path(extra).expanduser())
-    return Effects(reads=[p.resolve() for p in reads], writes=[run], run=run)
+    return Effects(reads=[p.resolve() for p in reads], writes=runs, runs=runs)
 
 
 def dependencies(path: Path, lines: list[Line], cwd: Path) -> dict[int, set[int]]:
@@ -181,7 +184,7 @@ def _resolve_after(ref: str, path: Path, line: Line, found: dict[int, Effects], 
     named = [
         number
         for number, effect in found.items()
-        if effect.run is not None and (effect.run.name == ref or effect.run == target)
+        if any(run.name == ref or run == target for run in effect.runs)
     ]
     if len(named) != 1:
         what = "no" if not named else "more than one"

@@ -13,7 +13,12 @@ import torch
 
 
 class Metrics:
-    """Streaming metrics of one split: ``update`` per batch, ``compute`` to a flat dict."""
+    """Streaming metrics of one split: ``update`` per batch, ``compute`` to a flat dict.
+
+    ``names``: the classes or regions its per-name scores are keyed by (``auroc/<class>``,
+    ``dice_<region>``), so that they can be shown grouped (:mod:`xdtrain.display`)."""
+
+    names: list[str] = []
 
     def update(self, outputs: Any, batch: dict) -> None:  # pragma: no cover - interface
         raise NotImplementedError

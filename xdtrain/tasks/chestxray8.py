@@ -30,6 +30,7 @@ class AUROC(Metrics):
         for name, value in result["auroc"].items():
             flat[f"auroc/{name}"] = value
         flat["auroc_classes"] = result["classes_averaged"]
+        flat["auroc_left_out"] = result["left_out"]
         return {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in flat.items()}
 
 

@@ -79,6 +79,7 @@ class ClassScores(Metrics):
             flat[f"auroc/{name}"] = value
         flat["auroc_classes"] = result["classes_averaged"]
         flat["auroc_undefined"] = [n for n, v in result["auroc"].items() if np.isnan(v)]
+        flat["auroc_left_out"] = result["left_out"]
         if single.item() > 0:
             flat.update(accuracy)
         return {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in flat.items()}
