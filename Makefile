@@ -6,9 +6,11 @@ BIN := $(VENV)/bin
 # add their extra (pytest, ruff, MONAI and MLflow as references).
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
-# no wheel cache: the environment is several GB already (torch's CUDA build); no byte-code
-# compilation of every installed module (tens of seconds): Python compiles what it imports
-PIP := $(BIN)/python -m pip install --quiet --no-cache-dir --no-compile
+# No wheel cache: the environment is several GB already (torch's CUDA build). Byte-code is
+# compiled at install (about 45 s on two cores): where PYTHONDONTWRITEBYTECODE is set, as in
+# many containers and CI images, Python would otherwise compile torch again in every process
+# (about 6 s each, and the demo and the tests start hundreds).
+PIP := $(BIN)/python -m pip install --quiet --no-cache-dir
 
 .PHONY: install test lint demo clean-demo
 

@@ -48,7 +48,7 @@ def test_base_chain_merges_and_child_wins():
     assert cfg.loss.temperature == 0.5  # from pt_simclr_imagenet.yaml
     assert cfg.train.channels_last is True  # from base.yaml
     assert cfg.train.log_every == 10  # demo/base.yaml, the second base, overrides base.yaml
-    assert cfg.data.image_size == 64  # demo/base.yaml overrides 256
+    assert cfg.data.image_size == 32  # demo/base.yaml overrides 256
     assert cfg.optim.name == "adamw"  # the demo file itself overrides lars
     assert cfg.model.projection_dims == [512, 128]
 

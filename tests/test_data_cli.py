@@ -20,7 +20,7 @@ def test_describes_a_batch_of_the_config(packed, capsys):
     ]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "2 × float32 [4, 3, 64, 64]" in out
+    assert "2 × float32 [4, 3, 32, 32]" in out
     assert "batches per epoch of 4; preset simclr_small" in out
 
 

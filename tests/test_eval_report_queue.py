@@ -43,7 +43,11 @@ def test_eval_reproduces_the_runs_own_test_row_and_draws(grid_runs, capsys):
     for plot in report["plots"]:
         assert Path(plot).read_bytes()[:4] == b"\x89PNG"
     assert {Path(p).name for p in report["plots"]} == {"overlays_test.png", "dice_test.png"}
-    assert "dice_liver" in capsys.readouterr().out
+    # dice_liver is shown in the per-region table: row liver, column dice
+    out = capsys.readouterr().out.splitlines()
+    (head,) = [line for line in out if "class / region" in line]
+    liver = f"{report['metrics']['dice_liver']:.4f}"
+    assert "dice" in head and any("liver" in line and liver in line for line in out), out
 
 
 def test_eval_classification_plots(packed, tmp_path):
@@ -210,7 +214,7 @@ def test_report_splits_runs_that_differ_in_a_defining_setting(
         "optim.lr": "0.002",
         "train.epochs": "25",  # configs/demo/ft_lits.yaml
         "data.batch_size": "32",
-        "data.image_size": "64",
+        "data.image_size": "32",
         "train.deterministic": "false",
         "world_size": "1",
         "auroc_classes": "14, auroc_without=–",

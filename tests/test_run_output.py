@@ -222,7 +222,8 @@ def test_a_gpu_config_on_a_cpu_machine_is_named_at_the_start(monkeypatch, caplog
     from xdtrain.models import get_model
 
     config = load_config("configs/demo/ft_imagenet.yaml")
-    model = get_model("resnet18", num_classes=10, in_channels=3, image_size=64)
+    size, batch = config.data.image_size, config.data.batch_size
+    model = get_model("resnet18", num_classes=10, in_channels=3, image_size=size)
     monkeypatch.setattr(memcheck, "available_bytes", lambda: 64 * 2**30)
     with caplog.at_level(logging.WARNING, "xdtrain.memcheck"):
         small = memcheck.check_step_memory(model, config, "configs/demo/ft_imagenet.yaml")
@@ -231,7 +232,8 @@ def test_a_gpu_config_on_a_cpu_machine_is_named_at_the_start(monkeypatch, caplog
     with caplog.at_level(logging.WARNING, "xdtrain.memcheck"):
         memcheck.check_step_memory(model, config, "my.yaml")
     (record,) = caplog.records
-    assert record.getMessage().startswith("my.yaml is a GPU config: one step (32 samples at 64 px)")
+    said = record.getMessage()
+    assert said.startswith(f"my.yaml is a GPU config: one step ({batch} samples at {size} px)")
 
 
 def test_mlflow_missing_is_one_line_with_the_install_command(monkeypatch):

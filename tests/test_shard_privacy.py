@@ -434,6 +434,7 @@ def flow(tmp_path_factory):
         *("--set", f"data.shards={out}", "--set", f"run.output_dir={runs}"),
         *("--set", "train.epochs=1", "--set", "data.image_size=32"),
         *("--set", "data.batch_size=8", "--set", "data.workers=1"),
+        *("--set", "train.keep_last=true"),  # the checkpoint is searched for identifiers too
     ]
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(root)

@@ -41,17 +41,19 @@ def rows(run: Path, kind: str) -> list[dict]:
 
 
 class _ShiftedLoss:
-    """Metrics that add ``shift`` to the validation loss they report."""
+    """Metrics that add the next of ``shifts`` to the loss each computation reports (taken
+    when computed, not when built: the trainer also builds metrics to learn their names)."""
 
-    def __init__(self, metrics, shift: float):
-        self.metrics, self.shift = metrics, shift
+    def __init__(self, metrics, shifts):
+        self.metrics, self.shifts = metrics, shifts
+        self.names = metrics.names
 
     def update(self, outputs, batch) -> None:
         self.metrics.update(outputs, batch)
 
     def compute(self) -> dict:
         result = self.metrics.compute()
-        return result | {"loss": result["loss"] + self.shift}
+        return result | {"loss": result["loss"] + next(self.shifts, 0.0)}
 
 
 def test_simclr_run_writes_a_complete_run_folder(packed, tmp_path, monkeypatch):
@@ -62,7 +64,7 @@ def test_simclr_run_writes_a_complete_run_folder(packed, tmp_path, monkeypatch):
     task = tasks.TASKS["simclr"]
     shifts = iter([10.0, 0.0, 20.0])  # validation of epochs 1, 2, 3; then the test split
     shifted = dataclasses.replace(
-        task, metrics=lambda c, cfg: _ShiftedLoss(task.metrics(c, cfg), next(shifts, 0.0))
+        task, metrics=lambda c, cfg: _ShiftedLoss(task.metrics(c, cfg), shifts)
     )
     monkeypatch.setitem(tasks.TASKS, "simclr", shifted)
     run = tmp_path / "simclr"
