@@ -7,9 +7,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 # No wheel cache: the environment is several GB already (torch's CUDA build). Byte-code is
-# compiled at install (about 45 s on two cores): where PYTHONDONTWRITEBYTECODE is set, as in
-# many containers and CI images, Python would otherwise compile torch again in every process
-# (about 6 s each, and the demo and the tests start hundreds).
+# compiled at install (about 45 s of CPU): where PYTHONDONTWRITEBYTECODE is set, as in many
+# containers and CI images, Python would otherwise compile torch again in every process
+# (about 6 s each; the demo starts about 30 processes, the tests many more).
 PIP := $(BIN)/python -m pip install --quiet --no-cache-dir
 
 .PHONY: install test lint demo clean-demo
