@@ -117,6 +117,80 @@ def test_local_slots_start_no_job_before_the_one_whose_output_it_reads(tmp_path,
     assert first == "" and second.startswith("failed: ")
 
 
+def _fake_programs(tmp_path: Path, monkeypatch) -> Path:
+    """Every xd-* program of a jobs file is a shell script that records when it ran and the
+    OMP_NUM_THREADS it was given in ``<tmp_path>/trace/<its first argument>``, then exits
+    with its second argument after printing a last line."""
+    script = tmp_path / "fake-xd"
+    trace = tmp_path / "trace"
+    trace.mkdir()
+    script.write_text(
+        "#!/bin/sh\n"
+        f'out="{trace}/$1"\n'
+        'echo "start $(date +%s.%N) threads ${OMP_NUM_THREADS:-unset}" > "$out"\n'
+        "sleep 1\n"
+        'echo "end $(date +%s.%N)" >> "$out"\n'
+        'echo "error: $1 went wrong; rerun it"\n'
+        'exit "$2"\n'
+    )
+    script.chmod(0o755)
+    monkeypatch.setattr("xdtrain.queue.jobsfile.executable", lambda name: str(script))
+    monkeypatch.setattr("xdtrain.queue.local.executable", lambda name: str(script))
+    return trace
+
+
+def _ran(trace: Path, name: str) -> tuple[float, float, str]:
+    first, second = (trace / name).read_text().split("\n")[:2]
+    return float(first.split()[1]), float(second.split()[1]), first.split()[3]
+
+
+def test_local_cpu_slots_run_jobs_side_by_side_with_a_share_of_the_cores(
+    tmp_path, monkeypatch, capsys
+):
+    """--jobs 2: two jobs at once, each with half the cores as OMP_NUM_THREADS (two PyTorch
+    processes of all the cores each make both several times slower); one slot sets
+    nothing; the user's OMP_NUM_THREADS is kept; a failure names its log and last line."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr("xdtrain.queue.local.cpu_cores", lambda: 4)
+    trace = _fake_programs(tmp_path, monkeypatch)
+    pair = _write(tmp_path / "pair.csv", "xd-synth a 0", "xd-synth b 0", "xd-synth c 0")
+    assert queue_main([str(pair), "--jobs", "2"]) == 0
+    (a0, a1, a_threads), (b0, b1, b_threads) = _ran(trace, "a"), _ran(trace, "b")
+    c0, _, _ = _ran(trace, "c")
+    assert a_threads == b_threads == _ran(trace, "c")[2] == "2"  # 4 cores, 2 slots
+    assert a0 < b1 and b0 < a1  # side by side
+    assert c0 >= min(a1, b1)  # the third waited for a free slot
+    out = capsys.readouterr().out
+    assert "up to 2 jobs at once, 2 CPU thread(s) each (OMP_NUM_THREADS)" in out
+    assert re.search(r"\d\d:\d\d:\d\d done: line 2 after 0:00:0[12]: xd-synth a 0", out)
+
+    one = _write(tmp_path / "one.csv", "xd-synth d 0", "xd-synth e 0")
+    assert queue_main([str(one)]) == 0
+    (_, d1, d_threads), (e0, _, _) = _ran(trace, "d"), _ran(trace, "e")
+    assert d_threads == "unset" and e0 >= d1  # one at a time, PyTorch chooses its threads
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    failing = _write(tmp_path / "failing.csv", "xd-synth f 3", "xd-synth g 0")
+    assert queue_main([str(failing), "--jobs", "2"]) == 1
+    assert _ran(trace, "f")[2] == _ran(trace, "g")[2] == "3"
+    out = capsys.readouterr().out
+    log = tmp_path / "failing.csv.logs" / "job0002.log"
+    assert f"failed: line 2 after 0:00:01: xd-synth f 3\n  its log: {log}; it ends: " in out
+    assert "it ends: error: f went wrong; rerun it" in out
+    assert [line.status for line in parse(failing) if line.command] == [f"failed: {log}", "done"]
+
+
+def test_threads_per_job_shares_the_cores(monkeypatch):
+    from xdtrain.queue.local import threads_per_job
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert threads_per_job(2, cores=2) == 1
+    assert threads_per_job(3, cores=16) == 5
+    assert threads_per_job(8, cores=2) == 1  # never 0
+    assert threads_per_job(1, cores=16) is None  # one job: as PyTorch chooses
+
+
 class FakeSlurm:
     """squeue and sacct answers from fixed tables, as a cluster would print them."""
 
@@ -324,6 +398,9 @@ def test_options_are_checked_before_anything_runs_or_is_submitted(tmp_path, monk
         (["--executor", "slurm", "--poll", "0"], "--poll is more than 0"),
         (["--executor", "slurm", "--slurm-arg", "gres=gpu:8"], "--gres is set by xd-queue"),
         (["--executor", "slurm", "--slurm-arg", "array=0-3"], "--array is set by xd-queue"),
+        (["--executor", "slurm", "--jobs", "2"], "--gpus and --jobs are for the local executor"),
+        (["--jobs", "0"], "--jobs is a number of jobs at once, 1 or more"),
+        (["--jobs", "2", "--gpus", "0,1"], "with --gpus the queue runs one job per GPU"),
     ]
     for extra, message in cases:
         with pytest.raises(UserError, match=re.escape(message)):

@@ -51,15 +51,25 @@ def _queue_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="xd-queue",
         allow_abbrev=False,  # --slurm (a line's option) must not pass for --slurm-arg
-        description="Run the xd-* commands of a jobs file, resumably: here (one job per GPU "
-        "slot) or on Slurm (one Slurm job per line). Jobs wait for the jobs whose outputs "
-        "they read. Also: xd-queue status JOBS, xd-queue grid …",
+        description="Run the xd-* commands of a jobs file, resumably: here (one job per GPU, "
+        "or --jobs N at once on the CPU) or on Slurm (one Slurm job per line). Jobs wait for "
+        "the jobs whose outputs they read. Also: xd-queue status JOBS, xd-queue grid …",
     )
     parser.add_argument("jobs", help="CSV file: command,status")
     parser.add_argument("--executor", choices=["local", "slurm"], default="local")
     parser.add_argument("--logs", help="log folder (default: <jobs>.logs/)")
     local = parser.add_argument_group("local executor")
     local.add_argument("--gpus", help="e.g. 0,1,2,3: one job per GPU at a time")
+    local.add_argument(
+        "--jobs",
+        dest="cpu_jobs",  # "jobs" is the jobs file
+        type=int,
+        default=None,
+        metavar="N",
+        help="without GPUs: N jobs at once on the CPU (default 1). With more than one slot "
+        "(jobs or GPUs) each job gets an equal share of the cores as its threads "
+        "(OMP_NUM_THREADS), unless OMP_NUM_THREADS is set",
+    )
     slurm = parser.add_argument_group("slurm executor (sbatch options of every job)")
     slurm.add_argument("--partition")
     slurm.add_argument("--account")
@@ -179,8 +189,16 @@ def main(argv: list[str] | None = None) -> int:
     args = _queue_parser().parse_args(argv)
     path = Path(args.jobs)
     logs = logs_of(path, args.logs)
-    if args.executor == "slurm" and args.gpus:
-        raise UserError("--gpus is for the local executor; on Slurm give --gpus-per-job")
+    if args.executor == "slurm" and (args.gpus or args.cpu_jobs is not None):
+        raise UserError(
+            "--gpus and --jobs are for the local executor; on Slurm give --gpus-per-job "
+            "(each line is a Slurm job, run as the cluster's resources allow)"
+        )
+    if args.cpu_jobs is not None and (args.cpu_jobs < 1 or args.gpus):
+        raise UserError(
+            "--jobs is a number of jobs at once, 1 or more, on a machine without GPUs; with "
+            "--gpus the queue runs one job per GPU"
+        )
     given = [name for name in SLURM_ONLY if getattr(args, name) not in (None, False, [])]
     if args.executor == "local" and given:
         flags = ", ".join("--" + name.replace("_", "-") for name in given)
@@ -196,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         if options is not None:
             return submit_jobs(path, lines, depends.order(waits), waits, options, logs)
         gpus = [g.strip() for g in args.gpus.split(",")] if args.gpus else None
-        return run_jobs(path, lines, waits, gpus, logs)
+        return run_jobs(path, lines, waits, gpus, logs, args.cpu_jobs or 1)
 
 
 def entry() -> None:

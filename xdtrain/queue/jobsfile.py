@@ -33,6 +33,7 @@ from __future__ import annotations
 import codecs
 import contextlib
 import csv
+import datetime
 import fcntl
 import io
 import os
@@ -40,6 +41,7 @@ import re
 import shlex
 import shutil
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -213,9 +215,27 @@ def alive(pid: int, program: str) -> bool:
     return program in cmdline
 
 
-def announce(line: Line) -> None:
-    """Say that a job ended: ``done: line 7: xd-train …`` or ``failed: line 7: …``."""
-    print(f"{line.status.split(':')[0]}: line {line.number}: {line.command}", flush=True)
+def clock() -> str:
+    """The local time as the queue's lines and the trainer's job-log lines begin: HH:MM:SS."""
+    return time.strftime("%H:%M:%S")
+
+
+def announce(line: Line, seconds: float | None = None) -> None:
+    """Say that a job ended: ``12:00:07 done: line 7 after 0:01:05: xd-train …`` (how long it
+    ran, where known) or ``… failed: line 7 …``, a failure followed by its log and the log's
+    last line (the one-line error of an ``xd-*`` program)."""
+    word, _, log = line.status.partition(": ")
+    took = f" after {datetime.timedelta(seconds=round(seconds))}" if seconds is not None else ""
+    print(f"{clock()} {word}: line {line.number}{took}: {line.command}", flush=True)
+    if word == "failed" and log:
+        path = Path(log.split(" (")[0])
+        last = ""
+        with contextlib.suppress(OSError):
+            with open(path, "rb") as fh:
+                fh.seek(max(0, path.stat().st_size - 4096))
+                tail = fh.read().decode("utf-8", "replace").strip().splitlines()
+            last = tail[-1].strip() if tail else ""
+        print(f"  its log: {log}" + (f"; it ends: {last}" if last else ""), flush=True)
 
 
 def executable(name: str) -> str:

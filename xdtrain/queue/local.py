@@ -1,6 +1,10 @@
-"""The local executor: jobs run on this machine, one per slot (``--gpus 0,1,…``: one per GPU,
-through ``CUDA_VISIBLE_DEVICES``), each after the jobs it waits for
-(:mod:`xdtrain.queue.depends`).
+"""The local executor: jobs run on this machine, one per slot, each after the jobs it waits for
+(:mod:`xdtrain.queue.depends`). Slots are the GPUs (``--gpus 0,1,…``: one job per GPU, through
+``CUDA_VISIBLE_DEVICES``) or, on a machine without GPUs, ``--jobs N`` jobs at once on the CPU.
+With more than one slot each job gets an equal share of the CPU cores as its thread count
+(``OMP_NUM_THREADS``, which PyTorch's intra-op pool, OpenMP and BLAS follow), as torchrun does
+for its workers: two PyTorch processes that each take every core make both several times slower,
+not twice. An ``OMP_NUM_THREADS`` set by the user is left as it is.
 
 A job found ``running: pid N`` when the queue starts was interrupted: its process group is
 stopped if it outlived the queue, and it runs again, an ``xd-train`` job with ``--resume``.
@@ -23,6 +27,7 @@ from xdtrain.queue.jobsfile import (
     alive,
     announce,
     check_programs,
+    clock,
     done_word,
     executable,
     jobs,
@@ -40,8 +45,33 @@ def refuse_slurm_lines(path: Path, lines: list[Line]) -> None:
             )
 
 
-def run_jobs(path: Path, lines: list[Line], waits: dict[int, set[int]], gpus, logs: Path) -> int:
-    """Run the jobs of ``lines`` that are not finished; returns 1 if one failed, else 0."""
+def cpu_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask, as Slurm or taskset set it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def threads_per_job(slots: int, cores: int | None = None) -> int | None:
+    """``OMP_NUM_THREADS`` for each of ``slots`` jobs at once: ⌊cores / slots⌋, at least 1;
+    None for a single slot (the job takes the machine, PyTorch chooses) or when the user set
+    ``OMP_NUM_THREADS``."""
+    if slots <= 1 or "OMP_NUM_THREADS" in os.environ:
+        return None
+    return max(1, (cpu_cores() if cores is None else cores) // slots)
+
+
+def run_jobs(
+    path: Path,
+    lines: list[Line],
+    waits: dict[int, set[int]],
+    gpus: list[str] | None,
+    logs: Path,
+    cpu_jobs: int = 1,
+) -> int:
+    """Run the jobs of ``lines`` that are not finished, one per GPU of ``gpus`` at a time, or
+    ``cpu_jobs`` at a time without GPUs; returns 1 if one failed, else 0."""
     refuse_slurm_lines(path, lines)
     save = writer(path)
     by_number = {line.number: line for line in jobs(lines)}
@@ -49,8 +79,12 @@ def run_jobs(path: Path, lines: list[Line], waits: dict[int, set[int]], gpus, lo
     word = done_word(lines)
     check_programs(path, lines)
     logs.mkdir(parents=True, exist_ok=True)
-    slots = gpus or [None]
-    running: dict[subprocess.Popen, tuple[Line, str | None]] = {}
+    slots: list[str | None] = list(gpus) if gpus else [None] * max(1, cpu_jobs)
+    threads = threads_per_job(len(slots))
+    if len(slots) > 1 and any(not line.finished for line in todo):
+        share = f", {threads} CPU thread(s) each (OMP_NUM_THREADS)" if threads else ""
+        print(f"{path}: up to {len(slots)} jobs at once{share}; their logs: {logs}/", flush=True)
+    running: dict[subprocess.Popen, tuple[Line, int]] = {}
     failed: set[int] = set()
     pending = list(todo)
     stuck: list[Line] = []  # they wait for a failed job
@@ -73,27 +107,29 @@ def run_jobs(path: Path, lines: list[Line], waits: dict[int, set[int]], gpus, lo
         while True:
             stuck += [line for line in pending if blocked(line)]
             pending = [line for line in pending if line not in stuck]
-            busy = {slot for _, slot in running.values()}
-            free = [s for s in slots if s not in busy]
+            busy = {index for _, index in running.values()}
+            free = [i for i in range(len(slots)) if i not in busy]
             for line in [line for line in pending if ready(line)][: len(free)]:
                 pending.remove(line)
-                proc = start(line, free.pop(0), logs)
-                running[proc] = (line, proc.slot)
+                index = free.pop(0)
+                proc = start(line, slots[index], logs, threads)
+                running[proc] = (line, index)
                 line.status = f"running: pid {proc.pid}"
                 save(lines)
-                slot = f" (GPU {proc.slot})" if proc.slot else ""
-                print(f"started: line {line.number}: {line.command}{slot}", flush=True)
+                slot = f" (GPU {slots[index]})" if slots[index] is not None else ""
+                print(f"{clock()} started: line {line.number}{slot}: {line.command}", flush=True)
             if not running:
                 break
             for proc in [p for p in running if p.poll() is not None]:
                 line, _ = running.pop(proc)
+                took = time.monotonic() - proc.started
                 if proc.returncode == 0:
                     line.status = word
                 else:
                     line.status = f"failed: {log_path(logs, line)}"
                     failed.add(line.number)
                 save(lines)
-                announce(line)
+                announce(line, took)
             time.sleep(0.2)
     except KeyboardInterrupt:
         for proc in running:
@@ -115,14 +151,18 @@ def log_path(logs: Path, line: Line) -> Path:
     return logs / f"job{line.number:04d}.log"
 
 
-def start(line: Line, slot: str | None, logs: Path) -> subprocess.Popen:
+def start(line: Line, gpu: str | None, logs: Path, threads: int | None = None) -> subprocess.Popen:
+    """Start the job of ``line`` on ``gpu`` (None: no GPU chosen) with ``threads`` CPU threads
+    (None: as inherited), its output appended to its log."""
     argv = list(line.argv)
     if line.pid is not None or line.status.startswith("failed"):
         stop_leftover(line)
         argv = resumed(argv)  # it was interrupted or failed: continue its run folder
     env = dict(os.environ)
-    if slot is not None:
-        env["CUDA_VISIBLE_DEVICES"] = slot
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpu
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
     with open(log_path(logs, line), "ab") as fh:
         fh.write(f"$ {shlex.join(argv)}\n".encode())
         fh.flush()
@@ -134,7 +174,7 @@ def start(line: Line, slot: str | None, logs: Path) -> subprocess.Popen:
             start_new_session=True,  # its own process group, stopped as one
             preexec_fn=_die_with_parent,
         )
-    proc.slot = slot
+    proc.started = time.monotonic()
     return proc
 
 
