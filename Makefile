@@ -6,11 +6,14 @@ BIN := $(VENV)/bin
 # add their extra (pytest, ruff, MONAI and MLflow as references).
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
-# No wheel cache: the environment is several GB already (torch's CUDA build). Byte-code is
-# compiled at install (about 45 s of CPU): where PYTHONDONTWRITEBYTECODE is set, as in many
-# containers and CI images, Python would otherwise compile torch again in every process
-# (about 6 s each; the demo starts about 30 processes, the tests many more).
-PIP := $(BIN)/python -m pip install --quiet --no-cache-dir
+# No wheel cache: the environment is several GB already (torch's CUDA build). No byte-code
+# compiled at install (about 30 s of the install's 85 s on two cores): Python writes it at
+# the first import of each module, so the demo pays only for what it imports. Where
+# PYTHONDONTWRITEBYTECODE is set, as in many containers and CI images, nothing would be
+# written and every process would compile torch again (about 5 s each; the demo starts
+# about 30 processes, the tests many more): make's commands run without it.
+PIP := $(BIN)/python -m pip install --quiet --no-cache-dir --no-compile
+unexport PYTHONDONTWRITEBYTECODE
 
 .PHONY: install test lint demo clean-demo
 
@@ -43,13 +46,24 @@ test: lint
 # Budgets are shortened with --set so that the whole flow fits in minutes on two CPU
 # cores (the feature-space analysis on 256 samples per data set, not 512 and 1,024);
 # configs/demo/base.yaml keeps the checkpoints a finished demo run needs only.
+#
+# The demo is a jobs file run by xd-queue, as a study's grid is: each command starts once
+# what it reads is written (xd-queue infers the order from the paths), DEMO_SLOTS at a time,
+# each with its share of the CPU cores (two processes of one thread each finish the grid
+# about a quarter sooner than one of two threads on two cores). The terminal shows each
+# job as it starts and ends; every job's output, as a job log, is in $(DEMO_JOBS).logs/.
+# The file keeps each job's status: `make demo` again, after a stop or a failure, runs what
+# is not done (an interrupted xd-train resumes); the file is written anew only when the
+# commands change.
 DEMO_DIR := datasets
 SHARD_DIR := shards
 RUNS := checkpoints/demo
 REPORT := report/demo
+DEMO_JOBS := $(RUNS)-jobs.csv
+DEMO_SLOTS := 2
 SEEDS := 0 1
 FIRST_SEED := $(firstword $(SEEDS))
-DEMO_TASKS := imagenet chestxray8 brats lits
+DEMO_TASKS := brats lits chestxray8 imagenet
 EPOCHS_imagenet := 2
 EPOCHS_chestxray8 := 3
 EPOCHS_lits := 8
@@ -59,36 +73,48 @@ EPOCHS_brats := 4
 EPOCHS_ct := 2
 # The demo's pseudonym key: beside the raw data, never inside the export or the shards
 KEY := $(DEMO_DIR)/pseudonym.key
-# xd-train TASK PRETRAIN EPOCHS ARGS: one cell of the grid, every seed in one process
-define finetune
-$(BIN)/xd-train configs/demo/ft_$(1).yaml --resume --seeds $(SEEDS) --set train.epochs=$(3) $(4) \
-  --set run.name=ft_$(1)_$(2) \
-  $(if $(filter scratch,$(2)),,--set model.encoder_weights=$(RUNS)/pt_$(subst -,_,$(2))/encoder.pt)
+define newline
+
 
 endef
+space := $(subst ,, )
+# finetune TASK PRETRAIN: one cell of the grid, every seed in one process
+finetune = xd-train configs/demo/ft_$(1).yaml --resume --seeds $(SEEDS) \
+  --set train.epochs=$(EPOCHS_$(1)) $(ARGS_$(1)) --set run.name=ft_$(1)_$(2)\
+  $(if $(filter scratch,$(2)),, --set model.encoder_weights=$(RUNS)/pt_$(subst -,_,$(2))/encoder.pt)
+FIRST_RUNS = $(foreach task,$(DEMO_TASKS),$(foreach pre,scratch simclr-imagenet,\
+  $(RUNS)/ft_$(task)_$(pre)_s$(FIRST_SEED))) $(foreach pre,scratch simclr-imagenet simclr-ct,\
+  $(RUNS)/ft_ct_$(pre)_s$(FIRST_SEED))
+# the jobs, one per line, in the order they start when several are ready (longest first)
+DEMO_COMMANDS = \
+  xd-synth imagenet --out $(DEMO_DIR) --count 100 --seed 0 \
+  @xd-synth dicom --out $(DEMO_DIR) --count 30 --seed 0 \
+  @xd-synth chestxray8 --out $(DEMO_DIR) --count 800 --seed 0 \
+  @xd-synth brats --out $(DEMO_DIR) --count 16 --seed 0 \
+  @xd-synth lits-nifti --out $(DEMO_DIR) --count 16 --seed 0 \
+  @xd-shard --dataset imagenet --src $(DEMO_DIR)/imagenet --out $(SHARD_DIR)/imagenet \
+  @xd-shard --dataset dicom --src $(DEMO_DIR)/dicom --out $(SHARD_DIR)/ct --size 64 \
+    --labels $(DEMO_DIR)/dicom/labels.csv --key-file $(KEY) \
+  @xd-shard --dataset chestxray8 --src $(DEMO_DIR)/chestxray8 --out $(SHARD_DIR)/chestxray8 --size 128 \
+  @xd-shard --dataset brats --src $(DEMO_DIR)/brats --out $(SHARD_DIR)/brats \
+  @xd-shard --dataset lits --src $(DEMO_DIR)/lits-nifti --out $(SHARD_DIR)/lits \
+  @xd-shard verify $(SHARD_DIR)/brats \
+  @xd-train configs/demo/pt_simclr_imagenet.yaml --resume --set train.epochs=2 \
+  @xd-train configs/demo/pt_simclr_ct.yaml --resume --set train.epochs=2 \
+  $(foreach pre,scratch simclr-imagenet,$(foreach task,$(DEMO_TASKS) ct,@$(call finetune,$(task),$(pre)))) \
+  @$(call finetune,ct,simclr-ct) \
+  @xd-analyze grid $(RUNS) --out $(REPORT)/analysis --samples 256 --train-samples 256 \
+  @xd-eval $(FIRST_RUNS) --split test \
+  @xd-report $(RUNS) --out $(REPORT)
+DEMO_JOBLIST = command,status$(newline)$(subst $(space)@,$(newline),$(strip $(DEMO_COMMANDS)))$(newline)
+
 demo: $(STAMP)
-	$(BIN)/xd-synth imagenet --out $(DEMO_DIR) --count 100 --seed 0
-	$(BIN)/xd-synth chestxray8 --out $(DEMO_DIR) --count 800 --seed 0
-	$(BIN)/xd-synth brats --out $(DEMO_DIR) --count 16 --seed 0
-	$(BIN)/xd-synth lits-nifti --out $(DEMO_DIR) --count 16 --seed 0
-	$(BIN)/xd-synth dicom --out $(DEMO_DIR) --count 30 --seed 0
-	$(BIN)/xd-shard --dataset imagenet --src $(DEMO_DIR)/imagenet --out $(SHARD_DIR)/imagenet
-	$(BIN)/xd-shard --dataset chestxray8 --src $(DEMO_DIR)/chestxray8 --out $(SHARD_DIR)/chestxray8 --size 128
-	$(BIN)/xd-shard --dataset brats --src $(DEMO_DIR)/brats --out $(SHARD_DIR)/brats
-	$(BIN)/xd-shard --dataset lits --src $(DEMO_DIR)/lits-nifti --out $(SHARD_DIR)/lits
-	$(BIN)/xd-shard --dataset dicom --src $(DEMO_DIR)/dicom --out $(SHARD_DIR)/ct --size 64 \
-	  --labels $(DEMO_DIR)/dicom/labels.csv --key-file $(KEY)
-	$(BIN)/xd-shard verify $(SHARD_DIR)/brats
-	$(BIN)/xd-train configs/demo/pt_simclr_imagenet.yaml --resume --set train.epochs=2
-	$(BIN)/xd-train configs/demo/pt_simclr_ct.yaml --resume --set train.epochs=2
-	$(foreach task,$(DEMO_TASKS),$(foreach pre,scratch simclr-imagenet,\
-	  $(call finetune,$(task),$(pre),$(EPOCHS_$(task)),$(ARGS_$(task)))))
-	$(foreach pre,scratch simclr-imagenet simclr-ct,$(call finetune,ct,$(pre),$(EPOCHS_ct),))
-	$(BIN)/xd-eval $(RUNS)/ft_*_s$(FIRST_SEED) --split test > /dev/null
-	$(BIN)/xd-analyze grid $(RUNS) --out $(REPORT)/analysis --samples 256 --train-samples 256
-	$(BIN)/xd-report $(RUNS) --out $(REPORT)
-	@echo "demo: data in $(DEMO_DIR)/ and $(SHARD_DIR)/, runs in $(RUNS)/, report in $(REPORT)/ (results.md, heatmap.png, curves.png, analysis/)"
+	$(file >$(DEMO_JOBS).new,$(DEMO_JOBLIST))
+	@if [ -f $(DEMO_JOBS) ] && cut -d, -f1 $(DEMO_JOBS) | cmp -s - $(DEMO_JOBS).new; \
+	then rm $(DEMO_JOBS).new; else mv $(DEMO_JOBS).new $(DEMO_JOBS) && rm -rf $(DEMO_JOBS).logs; fi
+	$(BIN)/xd-queue $(DEMO_JOBS) --jobs $(DEMO_SLOTS)
+	@echo "demo: data in $(DEMO_DIR)/ and $(SHARD_DIR)/, runs in $(RUNS)/, report in $(REPORT)/ (results.md, heatmap.png, curves.png, analysis/); job logs in $(DEMO_JOBS).logs/"
 
 clean-demo:
 	rm -rf $(DEMO_DIR) $(SHARD_DIR)/imagenet $(SHARD_DIR)/chestxray8 $(SHARD_DIR)/brats $(SHARD_DIR)/lits \
-	  $(SHARD_DIR)/ct $(RUNS) $(REPORT)
+	  $(SHARD_DIR)/ct $(RUNS) $(REPORT) $(DEMO_JOBS) $(DEMO_JOBS).logs

@@ -37,7 +37,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-OUTPUTS = ("datasets", "shards", "checkpoints/demo", "report/demo")
+OUTPUTS = (
+    "datasets",
+    "shards",
+    "checkpoints/demo",
+    "checkpoints/demo-jobs.csv.logs",
+    "report/demo",
+)
 
 
 def folder_bytes(path: Path) -> int:
