@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -68,6 +69,67 @@ def test_adamw_and_sgd_with_scaled_lr(name, cls):
     assert isinstance(optimiser, cls)
     assert optimiser.param_groups[0]["lr"] == pytest.approx(0.2)
     assert [g["weight_decay"] for g in optimiser.param_groups] == [0.05, 0.0]
+
+
+def _steps(optimiser, params, grads):
+    for grad in grads:
+        for p, g in zip(params, grad, strict=True):
+            p.grad = g.clone()
+        optimiser.step()
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd"])
+def test_fused_kernels_give_the_reference_update_and_resume_across_paths(name):
+    """build_optimizer takes torch's fused kernels on the CPU; five steps of random gradients
+    give the parameters of torch's single-tensor (for-loop) implementation, and a state saved
+    by that implementation resumes as it would have gone on."""
+    torch.manual_seed(0)
+    model = get_model("resnet18", num_classes=3)
+    config = OptimConfig(name=name, lr=0.01, weight_decay=0.05, momentum=0.9)
+    fused = build_optimizer(model, config, global_batch=256)
+    assert fused.defaults["fused"] is True
+    reference_model = get_model("resnet18", num_classes=3)
+    reference_model.load_state_dict(model.state_dict())
+    groups = param_groups(reference_model, 0.05)
+    for group in groups:
+        group.pop("adapt")
+    cls = torch.optim.AdamW if name == "adamw" else torch.optim.SGD
+    extra = {} if name == "adamw" else {"momentum": 0.9}
+    reference = cls(groups, lr=0.01, foreach=False, **extra)
+    params = [p for g in fused.param_groups for p in g["params"]]
+    reference_params = [p for g in reference.param_groups for p in g["params"]]
+    grads = [[torch.randn_like(p) for p in params] for _ in range(8)]
+    _steps(fused, params, grads[:5])
+    _steps(reference, reference_params, grads[:5])
+    for mine, theirs in zip(params, reference_params, strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
+    # a checkpoint of the single-tensor path (an older run's) resumes as it would have gone
+    # on: its settings are part of its state, the kernels too
+    resumed = build_optimizer(model, config, global_batch=256)
+    resumed.load_state_dict(copy.deepcopy(reference.state_dict()))  # as through a file
+    assert resumed.param_groups[0]["fused"] is None
+    with torch.no_grad():
+        for mine, theirs in zip(params, reference_params, strict=True):
+            mine.copy_(theirs)
+    _steps(resumed, params, grads[5:])
+    _steps(reference, reference_params, grads[5:])
+    for mine, theirs in zip(params, reference_params, strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_first_adamw_step_is_the_papers_formula():
+    """Loshchilov & Hutter (2019), Algorithm 2, first step: with bias correction m̂ = g and
+    v̂ = g², so w ← w − lr·wd·w − lr·g / (|g| + eps)."""
+    torch.manual_seed(1)
+    model = torch.nn.Linear(4, 3)
+    before = model.weight.detach().clone()
+    optimiser = build_optimizer(model, OptimConfig(name="adamw", lr=0.1, weight_decay=0.5), 256)
+    assert optimiser.defaults["fused"] is True
+    grad = torch.randn_like(model.weight)
+    model.weight.grad, model.bias.grad = grad, torch.zeros_like(model.bias)
+    optimiser.step()
+    expected = before - 0.1 * 0.5 * before - 0.1 * grad / (grad.abs() + 1e-8)
+    torch.testing.assert_close(model.weight.detach(), expected, rtol=1e-6, atol=1e-7)
 
 
 def test_cosine_with_warmup():
