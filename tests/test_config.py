@@ -46,7 +46,9 @@ def test_base_chain_merges_and_child_wins():
     cfg = load_config(Path(__file__).parent.parent / "configs/demo/pt_simclr_imagenet.yaml")
     assert cfg.task == "simclr"  # from pt_simclr_imagenet.yaml
     assert cfg.loss.temperature == 0.5  # from pt_simclr_imagenet.yaml
-    assert cfg.train.channels_last is True  # from base.yaml
+    assert cfg.run.seed == 0 and cfg.train.channels_last is False  # base.yaml; demo/base.yaml
+    full = Path(__file__).parent.parent / "configs/pt_simclr_imagenet.yaml"
+    assert load_config(full).train.channels_last is True  # the GPU configs keep NHWC
     assert cfg.train.log_every == 10  # demo/base.yaml, the second base, overrides base.yaml
     assert cfg.data.image_size == 32  # demo/base.yaml overrides 256
     assert cfg.optim.name == "adamw"  # the demo file itself overrides lars
