@@ -92,7 +92,7 @@ class LossConfig:
 class OptimConfig:
     """Optimiser and its hyperparameters."""
 
-    name: Literal["lars", "adamw", "sgd"] = "adamw"  # LARS skips biases and norm weights
+    name: Literal["lars", "adamw", "sgd"] = "adamw"  # LARS skips biases, norms; AdamW, SGD fused
     lr: float = 1e-3  # base learning rate (before scale_lr)
     weight_decay: float = 0.0  # on weights only, never biases or normalisation
     momentum: float = 0.9  # LARS and SGD
@@ -116,7 +116,7 @@ class TrainConfig:
 
     epochs: int = 50  # may be raised when resuming
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"  # auto: bf16/fp16 on GPU, fp32 CPU
-    channels_last: bool = True  # NHWC memory layout (faster convolutions on GPUs)
+    channels_last: bool = True  # NHWC memory layout (faster on GPUs; the demo configs use NCHW)
     compile: bool = False  # torch.compile the model
     grad_clip: float | None = None  # clip the gradient norm to this value
     sync_bn: bool = False  # batch-norm statistics over all GPUs (SyncBatchNorm)
