@@ -146,11 +146,12 @@ def build_optimizer(model: nn.Module, optim, global_batch: int) -> torch.optim.O
     AdamW and SGD use torch's fused kernels (``fused=True``: one kernel over every tensor)
     where they apply (:func:`fused_kernels`), else its multi-tensor ``foreach`` path; both
     compute the same update (Loshchilov & Hutter 2019 for AdamW), the fused one in a fraction
-    of the time: on one CPU core AdamW's step over a ResNet-18 U-Net took 86 ms by
-    ``foreach`` and 28 ms fused, a third of a training step at the demo's scale. GradScaler
-    unscales inside the fused kernel. A checkpoint resumes with the kernels it was saved
-    with (they are among the optimiser's settings in its state), so a run started before
-    this choice continues exactly as it would have."""
+    of the time: on one CPU core AdamW's step over a ResNet-18 U-Net took 91 ms by
+    ``foreach`` and 18 ms fused, beside 131 ms of forward and backward at the demo's scale
+    (``tools/bench_step.py``, docs/benchmarks.md). GradScaler unscales inside the fused
+    kernel. A checkpoint resumes with the kernels it was saved with (they are among the
+    optimiser's settings in its state), so a run started before this choice continues
+    exactly as it would have."""
     lr = scaled_lr(optim.lr, global_batch, optim.scale_lr)
     groups = param_groups(model, optim.weight_decay)
     if optim.name == "lars":
