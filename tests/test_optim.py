@@ -10,7 +10,14 @@ import torch
 
 from xdtrain.config import OptimConfig, ScheduleConfig
 from xdtrain.models import get_model
-from xdtrain.optim import LARS, build_optimizer, build_scheduler, lr_factor, param_groups
+from xdtrain.optim import (
+    LARS,
+    build_optimizer,
+    build_scheduler,
+    load_optimizer_state,
+    lr_factor,
+    param_groups,
+)
 
 
 def test_biases_and_norm_parameters_get_no_decay_or_adaptation():
@@ -115,6 +122,47 @@ def test_fused_kernels_give_the_reference_update_and_resume_across_paths(name):
     _steps(reference, reference_params, grads[5:])
     for mine, theirs in zip(params, reference_params, strict=True):
         torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd"])
+@pytest.mark.parametrize("unscale", [False, True])
+def test_a_run_saved_before_the_fused_kernels_resumes_under_a_grad_scaler(name, unscale):
+    """A checkpoint of a non-fused optimiser (every run before the fused kernels) loaded into
+    build_optimizer's: it keeps its kernels, and GradScaler's step (fp16 AMP; the clip path
+    unscales first) works and gives the update the old optimiser gives."""
+    torch.manual_seed(0)
+    config = OptimConfig(name=name, lr=0.01, weight_decay=0.05, momentum=0.9)
+    old_model, new_model = torch.nn.Linear(6, 3), torch.nn.Linear(6, 3)
+    new_model.load_state_dict(old_model.state_dict())
+    old = build_optimizer(old_model, config, 256)
+    for group in old.param_groups:  # as built before: torch's default kernels
+        group["fused"] = None
+    old._step_supports_amp_scaling = False
+
+    def step(model, optimiser, scaler):
+        loss = model(torch.ones(2, 6)).square().sum()
+        optimiser.zero_grad()
+        scaler.scale(loss).backward()
+        if unscale:
+            scaler.unscale_(optimiser)
+        scaler.step(optimiser)
+        scaler.update()
+
+    old_scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    step(old_model, old, old_scaler)
+    new = build_optimizer(new_model, config, 256)
+    new_model.load_state_dict(old_model.state_dict())
+    load_optimizer_state(new, copy.deepcopy(old.state_dict()))
+    new_scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    new_scaler.load_state_dict(old_scaler.state_dict())
+    step(new_model, new, new_scaler)  # raised in torch's single-tensor step before
+    step(old_model, old, old_scaler)
+    torch.testing.assert_close(new_model.weight, old_model.weight)
+    # a fused run's own checkpoint resumes fused, the scaler handled by the kernel
+    again = build_optimizer(new_model, config, 256)
+    load_optimizer_state(again, build_optimizer(new_model, config, 256).state_dict())
+    assert again._step_supports_amp_scaling and again.param_groups[0]["fused"] is True
+    step(new_model, again, new_scaler)
 
 
 def test_first_adamw_step_is_the_papers_formula():

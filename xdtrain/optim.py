@@ -144,14 +144,15 @@ def build_optimizer(model: nn.Module, optim, global_batch: int) -> torch.optim.O
     parameters (already on their device), with the decay/no-decay groups above.
 
     AdamW and SGD use torch's fused kernels (``fused=True``: one kernel over every tensor)
-    where they apply (:func:`fused_kernels`), else its multi-tensor ``foreach`` path; both
-    compute the same update (Loshchilov & Hutter 2019 for AdamW), the fused one in a fraction
-    of the time: on one CPU core AdamW's step over a ResNet-18 U-Net took 91 ms by
-    ``foreach`` and 18 ms fused, beside 131 ms of forward and backward at the demo's scale
+    where they apply (:func:`fused_kernels`), else torch's default for the device (on the
+    CPU one tensor at a time); all compute the same update (Loshchilov & Hutter 2019 for
+    AdamW), the fused one in a fraction of the time: on one CPU core AdamW's step over a
+    ResNet-18 U-Net took 94 ms one tensor at a time, 91 ms multi-tensor (``foreach``) and
+    18 ms fused, beside 131 ms of forward and backward at the demo's scale
     (``tools/bench_step.py``, docs/benchmarks.md). GradScaler unscales inside the fused
-    kernel. A checkpoint resumes with the kernels it was saved with (they are among the
-    optimiser's settings in its state), so a run started before this choice continues
-    exactly as it would have."""
+    kernel. A checkpoint resumes with the kernels it was saved with
+    (:func:`load_optimizer_state`), so a run started before this choice continues exactly
+    as it would have."""
     lr = scaled_lr(optim.lr, global_batch, optim.scale_lr)
     groups = param_groups(model, optim.weight_decay)
     if optim.name == "lars":
@@ -188,3 +189,17 @@ def build_scheduler(optimizer, schedule, steps_per_epoch: int, epochs: int):
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(schedule, step, steps_per_epoch, epochs)
     )
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load ``state`` (an optimiser's ``state_dict``) into ``optimizer``, as saved: its
+    groups' settings come back with it, the choice of kernels (``fused``, ``foreach``)
+    among them, so a run resumes with the arithmetic it started with. Whether the optimiser
+    unscales a GradScaler's gradients itself follows the loaded groups: torch decides it
+    once, when the optimiser is built, and a fused optimiser given a non-fused run's state
+    would otherwise be handed the scale and fail at its first step."""
+    optimizer.load_state_dict(state)
+    if hasattr(optimizer, "_step_supports_amp_scaling"):
+        optimizer._step_supports_amp_scaling = all(
+            group.get("fused") for group in optimizer.param_groups
+        )

@@ -48,7 +48,7 @@ from xdtrain.evaluate import Collector, evaluate, precision, to_device, write_pl
 from xdtrain.mlflow_log import MlflowLog
 from xdtrain.models import export_encoder, get_model, parse_name
 from xdtrain.monitor import KnnMonitor
-from xdtrain.optim import build_optimizer, build_scheduler
+from xdtrain.optim import build_optimizer, build_scheduler, load_optimizer_state
 from xdtrain.progress import LineProgress, clock, make_progress, stamp
 from xdtrain.runlog import METRICS, RunLog, environment, flat_params, plot_curves, read_metrics
 from xdtrain.tasks import Task, get_task
@@ -427,7 +427,7 @@ class Trainer:
     def restore(self, path: Path) -> None:
         state = checkpoint.load(path)
         self.raw_model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
