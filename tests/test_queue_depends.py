@@ -3,6 +3,7 @@ reconcile with Slurm's answers (fake squeue/sacct output), and the job command o
 
 from __future__ import annotations
 
+import os
 import pickle
 import re
 import subprocess
@@ -165,6 +166,11 @@ def test_local_cpu_slots_run_jobs_side_by_side_with_a_share_of_the_cores(
     assert "up to 2 jobs at once, 2 CPU thread(s) each (OMP_NUM_THREADS)" in out
     assert re.search(r"\d\d:\d\d:\d\d done: line 2 after 0:00:0[12]: xd-synth a 0", out)
 
+    many = _write(tmp_path / "many.csv", "xd-synth m 0", "xd-synth n 0")
+    assert queue_main([str(many), "--jobs", "1000000000000"]) == 0  # as many slots as jobs
+    assert _ran(trace, "m")[2] == _ran(trace, "n")[2] == "2"  # 4 cores, 2 jobs
+    assert "up to 2 jobs at once, 2 CPU thread(s) each" in capsys.readouterr().out
+
     one = _write(tmp_path / "one.csv", "xd-synth d 0", "xd-synth e 0")
     assert queue_main([str(one)]) == 0
     (_, d1, d_threads), (e0, _, _) = _ran(trace, "d"), _ran(trace, "e")
@@ -189,6 +195,60 @@ def test_threads_per_job_shares_the_cores(monkeypatch):
     assert threads_per_job(3, cores=16) == 5
     assert threads_per_job(8, cores=2) == 1  # never 0
     assert threads_per_job(1, cores=16) is None  # one job: as PyTorch chooses
+    monkeypatch.setenv("OMP_NUM_THREADS", "")  # empty: not a choice
+    assert threads_per_job(2, cores=4) == 2
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert threads_per_job(2, cores=4) is None
+
+
+def test_cpu_cores_follow_the_affinity_and_a_containers_quota(tmp_path):
+    from xdtrain.queue.local import cpu_cores
+
+    mask = len(os.sched_getaffinity(0))
+    quota = tmp_path / "cpu.max"
+    quota.write_text("max 100000\n")  # no limit
+    assert cpu_cores(quota) == mask
+    quota.write_text("150000 100000\n")  # docker --cpus 1.5
+    assert cpu_cores(quota) == min(mask, 2)
+    quota.write_text("50000 100000\n")
+    assert cpu_cores(quota) == 1
+    assert cpu_cores(tmp_path / "absent") == mask
+
+
+def test_gpus_are_counted_from_the_drivers_list(tmp_path):
+    from xdtrain.queue.local import gpus_present
+
+    assert gpus_present(tmp_path / "no-driver") == 0
+    for bus in ("0000:17:00.0", "0000:65:00.0"):
+        (tmp_path / bus).mkdir()
+    assert gpus_present(tmp_path) == 2
+
+
+def test_a_failures_last_line_is_plain_short_and_says_when_there_was_none(tmp_path, capsys):
+    """The line after a failure: the log's last line without terminal control sequences,
+    at most 200 characters; ``(no output)`` for a job that wrote nothing; a Slurm job's
+    ``(lost)`` mark and a log folder with a parenthesis in its name kept apart."""
+    from xdtrain.queue.jobsfile import Line, announce
+
+    logs = tmp_path / "logs (run 2)"
+    logs.mkdir()
+    log = logs / "job0002.log"
+    cases = [
+        (b"$ xd-quiet\n", "it ends: (no output)"),
+        (
+            b"$ xd-x\nstep 1\n\x1b[2J\x1b]0;title\x07error: \x1b[31mred\x1b[0m\x00 thing\n\n",
+            "it ends: error: red thing\n",
+        ),
+        (b"$ xd-x\n" + b"a" * 10_000 + b"\n", "it ends: " + "a" * 199 + "…\n"),
+    ]
+    for content, expected in cases:
+        log.write_bytes(content)
+        for status in (f"failed: {log}", f"failed: {log} (lost)"):
+            announce(Line(text="", command="xd-x", status=status, number=2), 3.0)
+            out = capsys.readouterr().out
+            assert "failed: line 2 after 0:00:03: xd-x\n" in out
+            assert f"  its log: {status[len('failed: ') :]}; {expected}" in out
+            assert "\x1b" not in out and "\x00" not in out
 
 
 class FakeSlurm:
@@ -399,7 +459,8 @@ def test_options_are_checked_before_anything_runs_or_is_submitted(tmp_path, monk
         (["--executor", "slurm", "--slurm-arg", "gres=gpu:8"], "--gres is set by xd-queue"),
         (["--executor", "slurm", "--slurm-arg", "array=0-3"], "--array is set by xd-queue"),
         (["--executor", "slurm", "--jobs", "2"], "--gpus and --jobs are for the local executor"),
-        (["--jobs", "0"], "--jobs is a number of jobs at once, 1 or more"),
+        (["--jobs", "0"], "--jobs 0: a number of jobs at once, 1 or more"),
+        (["--jobs", "-1"], "--jobs -1: a number of jobs at once, 1 or more"),
         (["--jobs", "2", "--gpus", "0,1"], "with --gpus the queue runs one job per GPU"),
     ]
     for extra, message in cases:

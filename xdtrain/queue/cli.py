@@ -194,10 +194,11 @@ def main(argv: list[str] | None = None) -> int:
             "--gpus and --jobs are for the local executor; on Slurm give --gpus-per-job "
             "(each line is a Slurm job, run as the cluster's resources allow)"
         )
-    if args.cpu_jobs is not None and (args.cpu_jobs < 1 or args.gpus):
+    if args.cpu_jobs is not None and args.cpu_jobs < 1:
+        raise UserError(f"--jobs {args.cpu_jobs}: a number of jobs at once, 1 or more")
+    if args.cpu_jobs is not None and args.gpus:
         raise UserError(
-            "--jobs is a number of jobs at once, 1 or more, on a machine without GPUs; with "
-            "--gpus the queue runs one job per GPU"
+            "--jobs is for a machine without GPUs; with --gpus the queue runs one job per GPU"
         )
     given = [name for name in SLURM_ONLY if getattr(args, name) not in (None, False, [])]
     if args.executor == "local" and given:

@@ -223,19 +223,37 @@ def clock() -> str:
 def announce(line: Line, seconds: float | None = None) -> None:
     """Say that a job ended: ``12:00:07 done: line 7 after 0:01:05: xd-train …`` (how long it
     ran, where known) or ``… failed: line 7 …``, a failure followed by its log and the log's
-    last line (the one-line error of an ``xd-*`` program)."""
+    last line (the one-line error of an ``xd-*`` program; see :func:`last_words`)."""
     word, _, log = line.status.partition(": ")
     took = f" after {datetime.timedelta(seconds=round(seconds))}" if seconds is not None else ""
     print(f"{clock()} {word}: line {line.number}{took}: {line.command}", flush=True)
     if word == "failed" and log:
-        path = Path(log.split(" (")[0])
-        last = ""
-        with contextlib.suppress(OSError):
-            with open(path, "rb") as fh:
-                fh.seek(max(0, path.stat().st_size - 4096))
-                tail = fh.read().decode("utf-8", "replace").strip().splitlines()
-            last = tail[-1].strip() if tail else ""
+        path = Path(LOST.sub("", log))
+        last = last_words(path)
         print(f"  its log: {log}" + (f"; it ends: {last}" if last else ""), flush=True)
+
+
+LOST = re.compile(r" \(lost\)$")  # the Slurm executor's mark on a job Slurm forgot
+CONTROL = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|[\x00-\x1f\x7f]")
+
+
+def last_words(path: Path, limit: int = 200) -> str:
+    """The last line a job wrote to its log at ``path``, without terminal control sequences
+    or other control characters, at most ``limit`` characters; ``(no output)`` when the job
+    wrote nothing after the ``$ command`` line the queue starts its log with; ``""`` when the
+    log cannot be read."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(max(0, path.stat().st_size - 8192))
+            text = fh.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    lines = [CONTROL.sub("", line).strip() for line in text.splitlines()]
+    lines = [line for line in lines if line]
+    if not lines or lines[-1].startswith("$ "):
+        return "(no output)"
+    last = lines[-1]
+    return last if len(last) <= limit else last[: limit - 1] + "…"
 
 
 def executable(name: str) -> str:

@@ -14,6 +14,7 @@ A job whose wait ended in a failure is not started; it stays to do for the next 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import shlex
 import signal
@@ -45,21 +46,41 @@ def refuse_slurm_lines(path: Path, lines: list[Line]) -> None:
             )
 
 
-def cpu_cores() -> int:
-    """The CPU cores this process may run on (its affinity mask, as Slurm or taskset set it)."""
+CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # cgroup v2: "QUOTA PERIOD" or "max PERIOD"
+NVIDIA_GPUS = Path("/proc/driver/nvidia/gpus")  # one folder per GPU the driver sees
+
+
+def cpu_cores(cpu_max: Path = CPU_MAX) -> int:
+    """The CPU cores this process may use: its affinity mask (as Slurm or taskset set it),
+    and no more than its cgroup's CPU quota (a container's ``--cpus``), rounded up."""
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return cores
 
 
 def threads_per_job(slots: int, cores: int | None = None) -> int | None:
     """``OMP_NUM_THREADS`` for each of ``slots`` jobs at once: ⌊cores / slots⌋, at least 1;
     None for a single slot (the job takes the machine, PyTorch chooses) or when the user set
-    ``OMP_NUM_THREADS``."""
-    if slots <= 1 or "OMP_NUM_THREADS" in os.environ:
+    ``OMP_NUM_THREADS`` (to anything but an empty value)."""
+    if slots <= 1 or os.environ.get("OMP_NUM_THREADS", "").strip():
         return None
     return max(1, (cpu_cores() if cores is None else cores) // slots)
+
+
+def gpus_present(folder: Path = NVIDIA_GPUS) -> int:
+    """How many NVIDIA GPUs the driver lists on this machine (0 without the driver)."""
+    try:
+        return sum(1 for _ in folder.iterdir())
+    except OSError:
+        return 0
 
 
 def run_jobs(
@@ -79,11 +100,18 @@ def run_jobs(
     word = done_word(lines)
     check_programs(path, lines)
     logs.mkdir(parents=True, exist_ok=True)
-    slots: list[str | None] = list(gpus) if gpus else [None] * max(1, cpu_jobs)
+    # no more CPU slots than jobs to run: their threads share the cores among those
+    slots: list[str | None] = list(gpus) if gpus else [None] * max(1, min(cpu_jobs, len(todo)))
     threads = threads_per_job(len(slots))
-    if len(slots) > 1 and any(not line.finished for line in todo):
+    if len(slots) > 1:
         share = f", {threads} CPU thread(s) each (OMP_NUM_THREADS)" if threads else ""
         print(f"{path}: up to {len(slots)} jobs at once{share}; their logs: {logs}/", flush=True)
+        if not gpus and gpus_present():
+            print(
+                f"{path}: this machine has {gpus_present()} GPU(s) and every job sees all of "
+                "them; --gpus 0,1,… runs one job per GPU",
+                flush=True,
+            )
     running: dict[subprocess.Popen, tuple[Line, int]] = {}
     failed: set[int] = set()
     pending = list(todo)
