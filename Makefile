@@ -49,17 +49,18 @@ test: lint
 #
 # The demo is a jobs file run by xd-queue, as a study's grid is: each command starts once
 # what it reads is written (xd-queue infers the order from the paths), DEMO_SLOTS at a time,
-# each with its share of the CPU cores (two processes of one thread each finish the grid
-# about a quarter sooner than one of two threads on two cores). The terminal shows each
-# job as it starts and ends; every job's output, as a job log, is in $(DEMO_JOBS).logs/.
-# The file keeps each job's status: `make demo` again, after a stop or a failure, runs what
-# is not done (an interrupted xd-train resumes); the file is written anew only when the
-# commands change.
+# each with its share of the CPU cores (two jobs of one PyTorch thread each finish the grid
+# about a fifth sooner than one job of two threads on two cores: docs/benchmarks.md). The
+# terminal shows each job as it starts and ends; every job's output, as a job log, is in
+# $(DEMO_JOBS).logs/.
+# The file, in the runs' folder, keeps each job's status: `make demo` again, after a stop
+# or a failure, runs what is not done (an interrupted xd-train resumes); it is written anew
+# when the commands change. After editing configs/demo/, make clean-demo first.
 DEMO_DIR := datasets
 SHARD_DIR := shards
 RUNS := checkpoints/demo
 REPORT := report/demo
-DEMO_JOBS := $(RUNS)-jobs.csv
+DEMO_JOBS := $(RUNS)/jobs.csv
 DEMO_SLOTS := 2
 SEEDS := 0 1
 FIRST_SEED := $(firstword $(SEEDS))
@@ -75,10 +76,6 @@ EPOCHS_brats := 6
 EPOCHS_ct := 2
 # The demo's pseudonym key: beside the raw data, never inside the export or the shards
 KEY := $(DEMO_DIR)/pseudonym.key
-define newline
-
-
-endef
 space := $(subst ,, )
 # finetune TASK PRETRAIN: one cell of the grid, every seed in one process
 finetune = xd-train configs/demo/ft_$(1).yaml --resume --seeds $(SEEDS) \
@@ -108,15 +105,17 @@ DEMO_COMMANDS = \
   @xd-analyze grid $(RUNS) --out $(REPORT)/analysis --samples 256 --train-samples 256 \
   @xd-eval $(FIRST_RUNS) --split test \
   @xd-report $(RUNS) --out $(REPORT)
-DEMO_JOBLIST = command,status$(newline)$(subst $(space)@,$(newline),$(strip $(DEMO_COMMANDS)))$(newline)
 
 demo: $(STAMP)
-	$(file >$(DEMO_JOBS).new,$(DEMO_JOBLIST))
+	@mkdir -p $(dir $(DEMO_JOBS))
+	@printf '%s\n' command,status '$(subst $(space)@,' ',$(strip $(DEMO_COMMANDS)))' > $(DEMO_JOBS).new
 	@if [ -f $(DEMO_JOBS) ] && [ "$$(cut -d, -f1 $(DEMO_JOBS))" = "$$(cut -d, -f1 $(DEMO_JOBS).new)" ]; \
 	then rm $(DEMO_JOBS).new; else mv $(DEMO_JOBS).new $(DEMO_JOBS) && rm -rf $(DEMO_JOBS).logs; fi
 	$(BIN)/xd-queue $(DEMO_JOBS) --jobs $(DEMO_SLOTS)
+	@test -f $(REPORT)/results.md || { echo "demo: $(DEMO_JOBS) says every job is done, but \
+	$(REPORT)/results.md is missing (deleted by hand?): make clean-demo, then make demo" >&2; exit 1; }
 	@echo "demo: data in $(DEMO_DIR)/ and $(SHARD_DIR)/, runs in $(RUNS)/, report in $(REPORT)/ (results.md, heatmap.png, curves.png, analysis/); job logs in $(DEMO_JOBS).logs/"
 
 clean-demo:
 	rm -rf $(DEMO_DIR) $(SHARD_DIR)/imagenet $(SHARD_DIR)/chestxray8 $(SHARD_DIR)/brats $(SHARD_DIR)/lits \
-	  $(SHARD_DIR)/ct $(RUNS) $(REPORT) $(DEMO_JOBS) $(DEMO_JOBS).logs
+	  $(SHARD_DIR)/ct $(RUNS) $(REPORT)

@@ -18,22 +18,28 @@ from xdtrain.queue.depends import dependencies
 pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
 
 
-def _make_demo(tmp_path: Path, *variables: str) -> Path:
-    """``make demo`` with ``BIN`` a folder whose ``xd-queue`` records its arguments; returns
-    the jobs file the recipe wrote."""
+def _make_demo(tmp_path: Path, *variables: str, check: bool = True):
+    """``make demo`` with ``BIN`` a folder whose ``xd-queue`` records its arguments and
+    writes the report's ``results.md`` as the real jobs would; returns the jobs file the
+    recipe wrote (or, with ``check=False``, the finished process)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     stand_in = bin_dir / "xd-queue"
-    stand_in.write_text(f'#!/bin/sh\necho "$@" >> "{tmp_path}/queue-calls"\n')
+    report = tmp_path / "report"
+    stand_in.write_text(
+        f'#!/bin/sh\necho "$@" >> "{tmp_path}/queue-calls"\n'
+        f'[ -e "{tmp_path}/skip-report" ] || '
+        f'{{ mkdir -p "{report}"; touch "{report}/results.md"; }}\n'
+    )
     stand_in.chmod(0o755)
     jobs = tmp_path / "demo-jobs.csv"
-    subprocess.run(
+    done = subprocess.run(
         ["make", "-s", "-o", ".venv/.installed", "demo", f"BIN={bin_dir}", f"DEMO_JOBS={jobs}",
-         *variables],
-        cwd=ROOT, check=True, capture_output=True,
+         f"REPORT={report}", *variables],
+        cwd=ROOT, check=check, capture_output=True, text=True,
     )  # fmt: skip
     assert not jobs.with_name(jobs.name + ".new").exists()
-    return jobs
+    return jobs if check else done
 
 
 def _names(lines) -> dict[str, int]:
@@ -103,3 +109,23 @@ def test_a_rerun_keeps_the_statuses_and_new_commands_replace_them(tmp_path):
     text = jobs.read_text()
     assert ",done" not in text and not logs.exists()
     assert "--seeds 3 4 5 " in text and "checkpoints/demo/ft_lits_scratch_s3 " in text
+
+
+def test_a_finished_demo_whose_report_was_deleted_says_so(tmp_path):
+    """Every job done, but the report deleted by hand: the statuses would run nothing, so
+    make fails with one line that says what to do instead of announcing the report."""
+    jobs = _make_demo(tmp_path)
+    jobs.write_text(
+        "".join(
+            line + (",done\n" if i else "\n")
+            for i, line in enumerate(jobs.read_text().splitlines())
+        )
+    )
+    (tmp_path / "report" / "results.md").unlink()
+    (tmp_path / "skip-report").touch()
+    done = _make_demo(tmp_path, check=False)
+    assert done.returncode != 0
+    assert (
+        "results.md is missing (deleted by hand?): make clean-demo, then make demo" in done.stderr
+    )
+    assert "report in" not in done.stdout

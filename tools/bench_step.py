@@ -8,8 +8,8 @@ U-Net), so only the arithmetic is timed, not the data. Each setting runs ``--war
 then ``--steps`` timed ones; the figure is their median. Settings compared side by side:
 
 - ``--optimizer`` ``fused`` (what ``build_optimizer`` chooses on the CPU and CUDA),
-  ``foreach`` (torch's multi-tensor path, its default before) or ``single`` (one tensor at a
-  time);
+  ``foreach`` (torch's multi-tensor path, its default on CUDA) or ``single`` (one tensor at
+  a time, its default on the CPU);
 - ``--layout`` ``nchw`` or ``channels_last`` (``train.channels_last``).
 
 Set ``OMP_NUM_THREADS`` to time it as one of the demo's jobs (one thread each). Example::

@@ -40,8 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 OUTPUTS = (
     "datasets",
     "shards",
-    "checkpoints/demo",
-    "checkpoints/demo-jobs.csv.logs",
+    "checkpoints/demo",  # with the jobs file and its logs
     "report/demo",
 )
 
