@@ -7,11 +7,12 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 # No wheel cache: the environment is several GB already (torch's CUDA build). No byte-code
-# compiled at install (about 30 s of the install's 85 s on two cores): Python writes it at
-# the first import of each module, so the demo pays only for what it imports. Where
-# PYTHONDONTWRITEBYTECODE is set, as in many containers and CI images, nothing would be
-# written and every process would compile torch again (about 5 s each; the demo starts
-# about 30 processes, the tests many more): make's commands run without it.
+# compiled at install (on two cores the install took 83 s without it and 112 s with it, the
+# latter beside an apt-get): Python writes it at the first import of each module, so the
+# demo pays only for what it imports. Where PYTHONDONTWRITEBYTECODE is set, as in many
+# containers and CI images, nothing would be written and every process would compile torch
+# again (about 5 s each; the demo starts about 30 processes, the tests many more): make's
+# commands run without it.
 PIP := $(BIN)/python -m pip install --quiet --no-cache-dir --no-compile
 unexport PYTHONDONTWRITEBYTECODE
 
