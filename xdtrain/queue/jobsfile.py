@@ -33,7 +33,6 @@ from __future__ import annotations
 import codecs
 import contextlib
 import csv
-import datetime
 import fcntl
 import io
 import os
@@ -41,12 +40,12 @@ import re
 import shlex
 import shutil
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from xdtrain.errors import UserError
 from xdtrain.fileio import atomic_write
+from xdtrain.progress import clock, stamp
 
 HEADER = "command,status"
 TO_DO = ("", "open")
@@ -215,18 +214,13 @@ def alive(pid: int, program: str) -> bool:
     return program in cmdline
 
 
-def clock() -> str:
-    """The local time as the queue's lines and the trainer's job-log lines begin: HH:MM:SS."""
-    return time.strftime("%H:%M:%S")
-
-
 def announce(line: Line, seconds: float | None = None) -> None:
     """Say that a job ended: ``12:00:07 done: line 7 after 0:01:05: xd-train …`` (how long it
     ran, where known) or ``… failed: line 7 …``, a failure followed by its log and the log's
     last line (the one-line error of an ``xd-*`` program; see :func:`last_words`)."""
     word, _, log = line.status.partition(": ")
-    took = f" after {datetime.timedelta(seconds=round(seconds))}" if seconds is not None else ""
-    print(f"{clock()} {word}: line {line.number}{took}: {line.command}", flush=True)
+    took = f" after {clock(seconds)}" if seconds is not None else ""
+    print(f"{stamp()} {word}: line {line.number}{took}: {line.command}", flush=True)
     if word == "failed" and log:
         path = Path(LOST.sub("", log))
         last = last_words(path)

@@ -23,12 +23,12 @@ import time
 from pathlib import Path
 
 from xdtrain.errors import UserError
+from xdtrain.progress import stamp
 from xdtrain.queue.jobsfile import (
     Line,
     alive,
     announce,
     check_programs,
-    clock,
     done_word,
     executable,
     jobs,
@@ -106,9 +106,10 @@ def run_jobs(
     if len(slots) > 1:
         share = f", {threads} CPU thread(s) each (OMP_NUM_THREADS)" if threads else ""
         print(f"{path}: up to {len(slots)} jobs at once{share}; their logs: {logs}/", flush=True)
-        if not gpus and gpus_present():
+        present = 0 if gpus else gpus_present()
+        if present:
             print(
-                f"{path}: this machine has {gpus_present()} GPU(s) and every job sees all of "
+                f"{path}: this machine has {present} GPU(s) and every job sees all of "
                 "them; --gpus 0,1,… runs one job per GPU",
                 flush=True,
             )
@@ -145,7 +146,7 @@ def run_jobs(
                 line.status = f"running: pid {proc.pid}"
                 save(lines)
                 slot = f" (GPU {slots[index]})" if slots[index] is not None else ""
-                print(f"{clock()} started: line {line.number}{slot}: {line.command}", flush=True)
+                print(f"{stamp()} started: line {line.number}{slot}: {line.command}", flush=True)
             if not running:
                 break
             for proc in [p for p in running if p.poll() is not None]:
